@@ -1,0 +1,87 @@
+"""Pytree helpers for stacks of vectors: leaves of shape ``(k, *leaf.shape)``.
+
+A *stack* holds k pytree vectors (the columns of an n-by-k matrix such as S, Y or Psi) with the
+same structure as the parameters, each leaf carrying a leading axis of size k. The helpers below
+are the only O(n k) operations of the L-SR1 and OBS code; everything else works on k-by-k
+matrices. All products run at ``Precision.HIGHEST`` so that float32 stays float32 on GPUs (no
+TF32, METHOD.md section 7).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _flat(leaf: jax.Array, k: int) -> jax.Array:
+  return jnp.reshape(leaf, (k, -1))
+
+
+def stack_size(stack: PyTree) -> int:
+  """Returns k, the leading-axis size shared by every leaf of ``stack``."""
+  return jax.tree.leaves(stack)[0].shape[0]
+
+
+def gram(a: PyTree, b: PyTree) -> jax.Array:
+  """Returns the k-by-l matrix ``A^T B`` of two stacks: ``[i, j] = <a_i, b_j>``."""
+  ka, kb = stack_size(a), stack_size(b)
+  parts = jax.tree.map(
+      lambda x, y: jnp.matmul(_flat(x, ka), _flat(y, kb).T, precision=_HIGHEST), a, b)
+  return sum(jax.tree.leaves(parts))
+
+
+def dot(stack: PyTree, v: PyTree) -> jax.Array:
+  """Returns the k-vector ``A^T v``: ``[i] = <a_i, v>``."""
+  k = stack_size(stack)
+  parts = jax.tree.map(
+      lambda x, y: jnp.matmul(_flat(x, k), jnp.reshape(y, (-1,)), precision=_HIGHEST), stack, v)
+  return sum(jax.tree.leaves(parts))
+
+
+def combine(stack: PyTree, coef: jax.Array) -> PyTree:
+  """Returns the pytree vector ``A c = sum_i c_i a_i``."""
+  return jax.tree.map(lambda x: jnp.tensordot(coef.astype(x.dtype), x, axes=1,
+                                              precision=_HIGHEST), stack)
+
+
+def combine_matrix(stack: PyTree, coef: jax.Array) -> PyTree:
+  """Returns the stack ``A C`` (column j = sum_i C[i, j] a_i) for a k-by-l matrix C."""
+  return jax.tree.map(lambda x: jnp.tensordot(coef.T.astype(x.dtype), x, axes=1,
+                                              precision=_HIGHEST), stack)
+
+
+def check_like(tree: PyTree, reference: PyTree, name: str, *, leading: int | None = None) -> None:
+  """Raises ValueError unless ``tree`` has the structure and leaf shapes of ``reference``.
+
+  Args:
+    tree: the pytree to check (a vector such as a gradient or a step).
+    reference: the pytree it must match; with ``leading`` set, a stack whose leaves carry an
+      extra leading axis of that size which ``tree`` must not have.
+    name: how the error message calls ``tree``.
+    leading: the size of the leading axis of ``reference`` to ignore, if any.
+  """
+  ref_def, tree_def = jax.tree.structure(reference), jax.tree.structure(tree)
+  if ref_def != tree_def:
+    raise ValueError(f"{name} has pytree structure {tree_def}, expected {ref_def}.")
+  for r, t in zip(jax.tree.leaves(reference), jax.tree.leaves(tree)):
+    want = r.shape[1:] if leading is not None else r.shape
+    if tuple(t.shape) != tuple(want):
+      raise ValueError(f"{name} has a leaf of shape {tuple(t.shape)}, expected {tuple(want)}.")
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+      raise ValueError(f"{name} has a leaf of dtype {t.dtype}; floating arrays are required.")
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """Returns a bool scalar: every entry of every leaf is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def tree_dtype(tree: PyTree) -> jnp.dtype:
+  """Returns the common floating dtype of a pytree's leaves (the promoted one if they differ)."""
+  return jnp.result_type(*jax.tree.leaves(tree))
