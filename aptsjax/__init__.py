@@ -2,5 +2,10 @@
 
 from aptsjax import lsr1
 from aptsjax import obs
+from aptsjax.trust_region import GENERAL_MIN_RADIUS
+from aptsjax.trust_region import Hyperparams
+from aptsjax.trust_region import TrustRegionState
+from aptsjax.trust_region import trust_region
+from aptsjax.trust_region import value_and_grad_from_state
 
 __version__ = "0.1.0"

@@ -1,0 +1,321 @@
+"""The trust-region (TR) method as small pure pieces and as an optax transformation.
+
+One TR iteration at theta with gradient g and radius Delta (METHOD.md section 2):
+
+  s     = argmin g.s + 0.5 s.B s over |s| <= Delta   (B = 0: first order; L-SR1 + OBS: second)
+  rho   = (f(theta) - f(theta + s)) / (-m(s))
+  theta <- theta + s            if rho > eta_accept
+  Delta <- min(beta Delta, Delta_max)   if rho > eta2                                    (7)
+           max(alpha Delta, Delta_min)  if rho < eta1
+  (s, grad f(theta + s) - g) goes to the L-SR1 memory whether or not s is accepted.
+
+The ratio is evaluated as comparisons (no division): accept iff pred > 0 and
+actual > eta_accept * pred; shrink unless pred > 0 and actual >= eta1 * pred; grow iff pred > 0
+and actual > eta2 * pred. A non-positive or non-finite predicted reduction, or a non-finite
+trial loss or gradient, therefore means rejection and a smaller radius.
+
+The same ``iterate`` function is the global step of APTS and, with a step cap, its local step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from aptsjax import _stack
+from aptsjax import lsr1
+from aptsjax import obs
+
+PyTree = Any
+LossFn = Callable[[PyTree, Any], jax.Array]
+
+
+class Hyperparams(NamedTuple):
+  """The trust-region constants: one table, the same for every problem (no learning rate).
+
+  Defaults are the paper's (ML_APTS, utils/utility.py and optimizers/TR.py at commit 92d8443;
+  METHOD.md section 2). ``aptsjax.apts`` uses them as they are. ``aptsjax.trust_region`` uses
+  them too except ``min_radius``, which it lowers to ``GENERAL_MIN_RADIUS`` so that it can
+  converge to tight gradient tolerances as a general optimizer (pass ``min_radius=1e-3`` for
+  the paper's plain TR).
+
+  Attributes:
+    init_radius: Delta_0, the initial radius.
+    min_radius: Delta_min, the floor of the radius (a first-order step is never shorter).
+    max_radius: Delta_max, the ceiling of the radius.
+    eta_accept: accept the step iff rho > eta_accept (the authors' code: any decrease).
+    eta1: shrink the radius iff rho < eta1.
+    eta2: grow the radius iff rho > eta2.
+    alpha: shrink factor.
+    beta: growth factor.
+  """
+  init_radius: float = 0.01
+  min_radius: float = 0.001
+  max_radius: float = 4.0
+  eta_accept: float = 0.0
+  eta1: float = 0.25
+  eta2: float = 0.75
+  alpha: float = 0.5
+  beta: float = 2.0
+
+  def validate(self) -> "Hyperparams":
+    """Returns self, or raises ValueError for an inconsistent table."""
+    if not 0.0 < self.min_radius <= self.init_radius <= self.max_radius:
+      raise ValueError("need 0 < min_radius <= init_radius <= max_radius, got "
+                       f"{self.min_radius}, {self.init_radius}, {self.max_radius}.")
+    if not 0.0 <= self.eta_accept <= self.eta1 <= self.eta2 < 1.0:
+      raise ValueError("need 0 <= eta_accept <= eta1 <= eta2 < 1, got "
+                       f"{self.eta_accept}, {self.eta1}, {self.eta2}.")
+    if not (0.0 < self.alpha < 1.0 < self.beta):
+      raise ValueError(f"need 0 < alpha < 1 < beta, got alpha={self.alpha}, beta={self.beta}.")
+    return self
+
+  def scaled(self, factor: float) -> "Hyperparams":
+    """The table with every radius divided by ``factor`` (APTS local regions: Delta / N)."""
+    return self._replace(init_radius=self.init_radius / factor,
+                         min_radius=self.min_radius / factor, max_radius=self.max_radius / factor)
+
+
+GENERAL_MIN_RADIUS = 1e-10
+
+
+def ratio_test(actual: jax.Array, predicted: jax.Array, hp: Hyperparams
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Acceptance and radius decisions from the actual and predicted reductions.
+
+  Args:
+    actual: f(theta) - f(theta + s); non-finite counts as rho = -inf.
+    predicted: -m(s); a value <= 0 or non-finite counts as rho = -inf.
+    hp: the thresholds.
+
+  Returns:
+    ``(accept, shrink, grow)`` bool scalars.
+  """
+  ok = (predicted > 0) & jnp.isfinite(predicted) & jnp.isfinite(actual)
+  accept = ok & (actual > hp.eta_accept * predicted)
+  shrink = ~(ok & (actual >= hp.eta1 * predicted))
+  grow = ok & (actual > hp.eta2 * predicted)
+  return accept, shrink, grow
+
+
+def update_radius(radius: jax.Array, shrink: jax.Array, grow: jax.Array, hp: Hyperparams
+                  ) -> jax.Array:
+  """The radius update (7): grow by beta up to max_radius, shrink by alpha down to min_radius."""
+  grown = jnp.minimum(hp.beta * radius, hp.max_radius)
+  shrunk = jnp.maximum(hp.alpha * radius, hp.min_radius)
+  return jnp.where(grow, grown, jnp.where(shrink, shrunk, radius)).astype(radius.dtype)
+
+
+def model_step(grad: PyTree, memory: lsr1.LSR1State | None, radius: jax.Array) -> obs.OBSResult:
+  """The model minimiser in the region: OBS for an L-SR1 memory, the first-order step for None."""
+  if memory is None:
+    return obs.first_order_step(grad, radius)
+  return obs.solve(grad, memory, radius)
+
+
+class Iterate(NamedTuple):
+  """The outcome of one trust-region iteration (see ``iterate``)."""
+  params: PyTree
+  loss: jax.Array
+  grad: PyTree
+  radius: jax.Array
+  memory: lsr1.LSR1State | None
+  accepted: jax.Array
+  stalled: jax.Array
+  step: PyTree
+  predicted: jax.Array
+  actual: jax.Array
+
+
+def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params: PyTree,
+            loss: jax.Array, grad: PyTree, radius: jax.Array, memory: lsr1.LSR1State | None,
+            hp: Hyperparams, step_cap: jax.Array | None = None) -> Iterate:
+  """One TR iteration from ``params`` with known ``loss`` and ``grad`` (one value-and-grad call).
+
+  Args:
+    value_and_grad: params -> (loss, grad) of the objective (on fixed data).
+    params: the current point.
+    loss: the objective at ``params``.
+    grad: its gradient at ``params``.
+    radius: the trust-region radius.
+    memory: the L-SR1 memory (second order) or None (first order).
+    hp: the constants.
+    step_cap: optional extra bound on the step length (APTS: the room left in the local region);
+      the step is solved with radius min(radius, step_cap); the radius update uses ``radius``.
+
+  Returns:
+    An ``Iterate``: the new point with its loss and gradient (the trial's when accepted), the
+    new radius and memory, whether the step was accepted, whether a rejection happened at the
+    radius floor (``stalled``), the trial step and the predicted and actual reductions.
+  """
+  solve_radius = radius if step_cap is None else jnp.minimum(radius, step_cap)
+  result = model_step(grad, memory, solve_radius)
+  trial = optax.apply_updates(params, result.step)
+  trial_loss, trial_grad = value_and_grad(trial)
+  actual = loss - trial_loss
+  finite_grad = _stack.all_finite(trial_grad)
+  accept, shrink, grow = ratio_test(jnp.where(finite_grad, actual, -jnp.inf),
+                                    result.predicted_reduction, hp)
+  if memory is not None:
+    y = jax.tree.map(lambda a, b: a - b, trial_grad, grad)
+    memory = lsr1.update(memory, result.step, y)
+  choose = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
+  return Iterate(
+      params=choose(trial, params), loss=jnp.where(accept, trial_loss, loss),
+      grad=choose(trial_grad, grad), radius=update_radius(radius, shrink, grow, hp),
+      memory=memory, accepted=accept, stalled=~accept & (radius <= hp.min_radius),
+      step=result.step, predicted=result.predicted_reduction, actual=actual)
+
+
+class TrustRegionState(NamedTuple):
+  """State of ``aptsjax.trust_region`` (a pytree; save and restore it like any optax state).
+
+  Attributes:
+    radius: the current radius.
+    loss: the loss at the current parameters (after the last update) on the last batch.
+    grad: the gradient there, on the last batch: with full-batch data, pass it (and ``loss``
+      as ``value``) to the next ``update`` instead of recomputing (see
+      ``value_and_grad_from_state``).
+    accepted: whether the last step was taken.
+    stalled: whether the last step was rejected at the radius floor.
+    nonfinite: whether the last update saw a non-finite loss or gradient at the current point
+      (then it was a no-op: zero updates, unchanged state apart from the counters and flags).
+    iteration: number of updates so far.
+    num_accepted: number of accepted steps so far.
+    predicted_reduction: -m(s) of the last trial step.
+    actual_reduction: f(theta) - f(theta + s) of the last trial step.
+    memory: the L-SR1 memory (None for the first-order method).
+  """
+  radius: jax.Array
+  loss: jax.Array
+  grad: PyTree
+  accepted: jax.Array
+  stalled: jax.Array
+  nonfinite: jax.Array
+  iteration: jax.Array
+  num_accepted: jax.Array
+  predicted_reduction: jax.Array
+  actual_reduction: jax.Array
+  memory: lsr1.LSR1State | None
+
+
+def make_hyperparams(base: Hyperparams, **overrides: float) -> Hyperparams:
+  """``base`` with keyword overrides, validated; unknown names raise ValueError."""
+  unknown = set(overrides) - set(Hyperparams._fields)
+  if unknown:
+    raise ValueError(f"unknown trust-region option(s) {sorted(unknown)}; "
+                     f"known: {list(Hyperparams._fields)}.")
+  return base._replace(**{k: float(v) for k, v in overrides.items()}).validate()
+
+
+def scalar_loss(loss_fn: LossFn, params: PyTree, batch: Any) -> jax.Array:
+  """Calls ``loss_fn`` and raises ValueError (at trace time) unless it returns a scalar."""
+  value = loss_fn(params, batch)
+  if jnp.shape(value) != ():
+    raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(value)}.")
+  return value
+
+
+def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
+                 **hyperparams: float) -> optax.GradientTransformationExtraArgs:
+  """The trust-region method as an optax transformation: one TR iteration per ``update``.
+
+  ``update(grads, state, params, batch=None, value=None)`` takes ``grads`` = grad loss_fn at
+  ``params`` on ``batch`` and returns the updates (zero when the step is rejected). Cost of one
+  update: one loss evaluation at ``params`` (skipped when ``value`` is given) and one loss and
+  gradient evaluation at the trial point; with full-batch data the gradient for the next update
+  is ``state.grad`` and the value ``state.loss``, so a full-batch iteration costs one forward and
+  one backward pass in total. The transformation is the whole optimizer: nothing may rescale
+  its updates afterwards (the ratio test has already judged that exact step), though it can sit
+  in an ``optax.chain`` with transformations that leave its output alone.
+
+  Non-finite loss or gradient at ``params``: a no-op (zero updates, ``state.nonfinite`` set,
+  radius, memory, loss and gradient unchanged). Non-finite trial loss or gradient: the step is
+  rejected and the radius shrinks; the pair is not stored.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    memory: number of L-SR1 pairs (second order); 10 by default (the paper's code uses 5).
+    second_order: L-SR1 model solved by OBS (True) or the first-order model (False).
+    **hyperparams: overrides of ``Hyperparams`` (``init_radius``, ``min_radius``,
+      ``max_radius``, ``eta_accept``, ``eta1``, ``eta2``, ``alpha``, ``beta``). ``min_radius``
+      defaults to ``GENERAL_MIN_RADIUS`` = 1e-10 here.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  hyperparams.setdefault("min_radius", GENERAL_MIN_RADIUS)
+  hp = make_hyperparams(Hyperparams(), **hyperparams)
+  if second_order and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
+    raise ValueError(f"memory must be an integer >= 1, got {memory!r}.")
+
+  def init_fn(params: PyTree) -> TrustRegionState:
+    dtype = _stack.tree_dtype(params)
+    return TrustRegionState(
+        radius=jnp.asarray(hp.init_radius, dtype), loss=jnp.asarray(jnp.inf, dtype),
+        grad=optax.tree.zeros_like(params), accepted=jnp.array(False), stalled=jnp.array(False),
+        nonfinite=jnp.array(False), iteration=jnp.zeros((), jnp.int32),
+        num_accepted=jnp.zeros((), jnp.int32), predicted_reduction=jnp.zeros((), dtype),
+        actual_reduction=jnp.zeros((), dtype),
+        memory=lsr1.init(params, memory) if second_order else None)
+
+  def update_fn(grads: PyTree, state: TrustRegionState, params: PyTree | None = None,
+                *, batch: Any = None, value: jax.Array | None = None, **extra_args: Any
+                ) -> tuple[PyTree, TrustRegionState]:
+    del extra_args
+    if params is None:
+      raise ValueError("trust_region needs params: call update(grads, state, params, batch=...).")
+    _stack.check_like(params, state.grad, "params")
+    _stack.check_like(grads, params, "grads")
+    loss = scalar_loss(loss_fn, params, batch) if value is None else jnp.asarray(value)
+    if jnp.shape(loss) != ():
+      raise ValueError(f"value must be a scalar, got shape {jnp.shape(loss)}.")
+    loss = loss.astype(state.radius.dtype)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    value_and_grad = jax.value_and_grad(lambda p: scalar_loss(loss_fn, p, batch))
+    out = iterate(value_and_grad, params, loss, grads, state.radius, state.memory, hp)
+    ok = jnp.isfinite(loss) & _stack.all_finite(grads)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    accepted = ok & out.accepted
+    updates = jax.tree.map(lambda a, b: jnp.where(accepted, a, jnp.zeros_like(a)),
+                           out.step, params)
+    new_state = TrustRegionState(
+        radius=keep(out.radius, state.radius), loss=jnp.where(ok, out.loss, state.loss),
+        grad=keep(out.grad, state.grad), accepted=accepted, stalled=ok & out.stalled,
+        nonfinite=~ok, iteration=state.iteration + 1,
+        num_accepted=state.num_accepted + accepted.astype(jnp.int32),
+        predicted_reduction=jnp.where(ok, out.predicted, 0.0).astype(loss.dtype),
+        actual_reduction=jnp.where(ok, out.actual, 0.0).astype(loss.dtype),
+        memory=keep(out.memory, state.memory))
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def value_and_grad_from_state(loss_fn: LossFn) -> Callable[..., tuple[jax.Array, PyTree]]:
+  """Returns ``fn(params, batch, *, state)`` that reuses the optimizer's loss and gradient.
+
+  For full-batch training: after the first update, ``state.loss`` and ``state.grad`` are the
+  loss and gradient at the current parameters on the same data, so recomputing them is wasted
+  work. ``fn`` returns them when ``state.iteration > 0`` and the last update was not a no-op, and
+  evaluates ``jax.value_and_grad(loss_fn)`` otherwise (inside ``lax.cond``: one of the two runs).
+  Only valid when every update uses the same batch.
+  """
+  vg = jax.value_and_grad(loss_fn)
+
+  def fn(params: PyTree, batch: Any = None, *, state: TrustRegionState
+         ) -> tuple[jax.Array, PyTree]:
+    reuse = (state.iteration > 0) & ~state.nonfinite & jnp.isfinite(state.loss)
+    return jax.lax.cond(reuse, lambda: (state.loss.astype(state.radius.dtype), state.grad),
+                        lambda: _cast_loss(vg(params, batch), state))
+
+  return fn
+
+
+def _cast_loss(value_grad: tuple[jax.Array, PyTree], state: TrustRegionState):
+  loss, grad = value_grad
+  return loss.astype(state.radius.dtype), jax.tree.map(lambda g, r: g.astype(r.dtype),
+                                                       grad, state.grad)
