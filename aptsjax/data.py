@@ -1,0 +1,291 @@
+"""Batch layouts for APTS: subdomain blocks, shared (overlap) rows, and SAPTS minibatches.
+
+A batch is any pytree whose leaves (numpy or jax arrays) share a leading row axis, e.g. a tuple
+``(x, y)``. Functions that return a batch return the same pytree with leaves of the same kind.
+
+``apts`` splits a batch of ``rows`` rows into N equal contiguous blocks, subdomain i holding rows
+``[i b, (i + 1) b)`` (:func:`split_subdomains`). Overlap between subdomains is a layout made
+beforehand by :func:`overlapping_subdomains`, by the exact rule of METHOD.md section 5
+(:func:`overlap_layout`): for a batch of m rows and overlap o (shared rows / own rows),
+
+  c = floor(o m / (N + o))   shared rows: the LAST c rows of the batch,
+  b = floor((m - c) / N)     own rows per block: block i owns rows [i b, (i + 1) b),
+
+the m - c - N b rows in between are dropped, and the laid-out batch has N (b + c) rows, block i
+being its own b rows followed by the c shared rows. Example: m = 1000, N = 2, o = 0.05 gives
+c = 24, b = 488 and two blocks of 512 rows. With o = 0 it is the plain split, remainder dropped.
+
+Multi-process loading: every process computes the same global indices and materializes only
+the blocks of its own devices (shared rows included), e.g.::
+
+  blocks = overlap_layout(m, N, o).reshape(N, -1)           # (N, b + c) global row indices
+  local = take_rows(data, blocks[first:last].reshape(-1))   # this process's blocks, in order
+  # then jax.make_array_from_process_local_data(sharding, local_leaf) for each leaf
+
+SAPTS minibatches (:func:`minibatches`, :func:`iterate_minibatches`) come from a seeded
+permutation per epoch, ``np.random.default_rng((seed, epoch)).permutation(num_rows)``; each
+minibatch after the first starts with the last ``round(overlap * batch_size)`` rows of the previous
+one, followed by fresh rows of the permutation. Fresh rows that cannot fill a whole minibatch are
+dropped (4,000 rows, batch 660, overlap 0: 6 minibatches, 40 rows unused).
+"""
+
+from __future__ import annotations
+
+import fractions
+import math
+import operator
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+Batch = Any
+
+
+def _as_int(name: str, value: Any, minimum: int) -> int:
+  try:
+    result = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{name} must be an integer, got {value!r}") from None
+  if result < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {result}")
+  return result
+
+
+def _as_overlap(overlap: Any) -> float:
+  try:
+    result = float(overlap)
+  except (TypeError, ValueError):
+    raise ValueError(f"overlap must be a number in [0, 1), got {overlap!r}") from None
+  if not 0.0 <= result < 1.0:  # False for NaN as well.
+    raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+  return result
+
+
+def _row_count(batch: Batch) -> int:
+  """Returns the common leading size of the leaves of ``batch`` (ValueError if there is none)."""
+  leaves = jax.tree_util.tree_leaves(batch)
+  if not leaves:
+    raise ValueError("the batch has no array leaves")
+  counts = set()
+  for leaf in leaves:
+    shape = np.shape(leaf)
+    if not shape:
+      raise ValueError(f"every batch leaf needs a leading row axis; got a leaf of shape {shape}")
+    counts.add(int(shape[0]))
+  if len(counts) != 1:
+    raise ValueError(f"batch leaves disagree on the number of rows: {sorted(counts)}")
+  return counts.pop()
+
+
+def layout_sizes(num_rows: int, num_subdomains: int, overlap: float = 0.0) -> tuple[int, int]:
+  """Own and shared row counts of the overlap layout (METHOD.md section 5).
+
+  The overlap is read as the decimal it prints as (``repr(float(overlap))``) and the floors are
+  taken in exact rational arithmetic, so every process gets the same counts and o = 0.3, m = 13,
+  N = 1 gives exactly c = 3.
+
+  Args:
+    num_rows: m, the number of rows of the batch.
+    num_subdomains: N >= 1.
+    overlap: o in [0, 1), shared rows / own rows.
+
+  Returns:
+    ``(b, c)``: b = floor((m - c) / N) own rows per block, c = floor(o m / (N + o)) shared rows.
+
+  Raises:
+    ValueError: invalid arguments, or b = 0 (too few rows for N blocks).
+  """
+  m = _as_int("num_rows", num_rows, 0)
+  n = _as_int("num_subdomains", num_subdomains, 1)
+  o = fractions.Fraction(repr(_as_overlap(overlap)))
+  shared = math.floor(o * m / (n + o))
+  own = (m - shared) // n
+  if own < 1:
+    raise ValueError(
+        f"{m} rows are too few for {n} subdomains with overlap {float(o)}: no own rows per block")
+  return own, shared
+
+
+def overlap_layout(num_rows: int, num_subdomains: int, overlap: float = 0.0) -> np.ndarray:
+  """Global row indices of the overlap layout (METHOD.md section 5); the single source of truth.
+
+  Args:
+    num_rows: m, the number of rows of the batch.
+    num_subdomains: N >= 1.
+    overlap: o in [0, 1), shared rows / own rows.
+
+  Returns:
+    An int64 array of N (b + c) row indices into the batch: block i is
+    ``[i b, ..., (i + 1) b - 1, m - c, ..., m - 1]``. ``reshape(N, -1)`` gives one row per block.
+  """
+  own, shared = layout_sizes(num_rows, num_subdomains, overlap)
+  n = int(num_subdomains)
+  own_rows = np.arange(n * own, dtype=np.int64).reshape(n, own)
+  shared_rows = np.broadcast_to(np.arange(num_rows - shared, num_rows, dtype=np.int64), (n, shared))
+  return np.concatenate([own_rows, shared_rows], axis=1).reshape(-1)
+
+
+def take_rows(batch: Batch, rows: np.ndarray) -> Batch:
+  """Gathers ``rows`` (integer indices) along the leading axis of every leaf.
+
+  Args:
+    batch: pytree of arrays sharing a leading row axis.
+    rows: 1-D integer indices, each in ``[0, rows of batch)``.
+
+  Returns:
+    The pytree of ``leaf[rows]``, with leaves of the same kind as the input.
+  """
+  count = _row_count(batch)
+  rows = np.asarray(rows)
+  if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+    raise ValueError(f"rows must be a 1-D integer array, got shape {rows.shape} {rows.dtype}")
+  if rows.size and (rows.min() < 0 or rows.max() >= count):
+    raise ValueError(f"row indices must lie in [0, {count}), got [{rows.min()}, {rows.max()}]")
+  return jax.tree_util.tree_map(lambda leaf: leaf[rows], batch)
+
+
+def overlapping_subdomains(batch: Batch, num_subdomains: int, overlap: float = 0.0) -> Batch:
+  """Lays out ``batch`` as N contiguous blocks of own rows plus the shared rows.
+
+  Args:
+    batch: pytree of arrays sharing a leading row axis of m rows.
+    num_subdomains: N >= 1.
+    overlap: o in [0, 1), shared rows / own rows (see :func:`overlap_layout`).
+
+  Returns:
+    The batch with N (b + c) rows, ready for ``apts(num_subdomains=N)``. With no shared rows it
+    is a plain slice of the first N b rows (the batch itself when nothing is dropped).
+  """
+  count = _row_count(batch)
+  own, shared = layout_sizes(count, num_subdomains, overlap)
+  if shared == 0:
+    return trim_rows(batch, int(num_subdomains))
+  return take_rows(batch, overlap_layout(count, num_subdomains, overlap))
+
+
+def check_batch(batch: Batch, num_subdomains: int) -> int:
+  """Checks that ``batch`` splits into ``num_subdomains`` equal blocks (usable at trace time).
+
+  Args:
+    batch: pytree of arrays sharing a leading row axis.
+    num_subdomains: N >= 1.
+
+  Returns:
+    The number of rows of the batch.
+
+  Raises:
+    ValueError: no leaves, a leaf without a row axis, leaves with different row counts, or a row
+      count not divisible by N.
+  """
+  n = _as_int("num_subdomains", num_subdomains, 1)
+  count = _row_count(batch)
+  if count % n:
+    raise ValueError(
+        f"the batch has {count} rows, not divisible by num_subdomains={n}; lay it out with "
+        "aptsjax.data.overlapping_subdomains or trim it with aptsjax.data.trim_rows")
+  return count
+
+
+def split_subdomains(batch: Batch, num_subdomains: int) -> Batch:
+  """Reshapes every leaf ``(rows, ...)`` to ``(N, rows // N, ...)``; subdomain i = rows [i b, (i+1) b).
+
+  Args:
+    batch: pytree of arrays sharing a leading row axis divisible by N.
+    num_subdomains: N >= 1.
+
+  Returns:
+    The pytree of reshaped leaves (same kind as the input).
+  """
+  count = check_batch(batch, num_subdomains)
+  n = int(num_subdomains)
+  return jax.tree_util.tree_map(
+      lambda leaf: leaf.reshape((n, count // n) + tuple(leaf.shape[1:])), batch)
+
+
+def trim_rows(batch: Batch, multiple: int) -> Batch:
+  """Drops trailing rows so that the row count is a multiple of ``multiple``.
+
+  Args:
+    batch: pytree of arrays sharing a leading row axis.
+    multiple: >= 1, at most the number of rows.
+
+  Returns:
+    The batch itself when nothing is dropped, else the pytree of ``leaf[:keep]``.
+  """
+  k = _as_int("multiple", multiple, 1)
+  count = _row_count(batch)
+  keep = count - count % k
+  if keep == 0:
+    raise ValueError(f"the batch has {count} rows, fewer than multiple={k}")
+  if keep == count:
+    return batch
+  return jax.tree_util.tree_map(lambda leaf: leaf[:keep], batch)
+
+
+def _minibatch_sizes(num_rows: int, batch_size: int, overlap: float) -> tuple[int, int]:
+  """Validates the iterator's arguments; returns (carried rows, number of minibatches)."""
+  m = _as_int("num_rows", num_rows, 1)
+  size = _as_int("batch_size", batch_size, 1)
+  if size > m:
+    raise ValueError(f"batch_size={size} exceeds num_rows={m}")
+  carried = round(_as_overlap(overlap) * size)
+  if carried >= size:
+    raise ValueError(f"overlap={overlap} carries all {size} rows over: no fresh rows per minibatch")
+  return carried, 1 + (m - size) // (size - carried)
+
+
+def num_minibatches(num_rows: int, batch_size: int, overlap: float = 0.0) -> int:
+  """Minibatches per epoch of :func:`minibatches`: 1 + floor((m - B) / (B - round(o B)))."""
+  return _minibatch_sizes(num_rows, batch_size, overlap)[1]
+
+
+def minibatches(num_rows: int, batch_size: int, *, overlap: float = 0.0, seed: int = 0,
+                epoch: int = 0) -> list[np.ndarray]:
+  """Row indices of one epoch's SAPTS minibatches (METHOD.md section 5).
+
+  The epoch's order is ``np.random.default_rng((seed, epoch)).permutation(num_rows)``. The first
+  minibatch is its first ``batch_size`` rows; each later one is the last k = round(overlap *
+  batch_size) rows of the previous minibatch (Python's round, half to even) followed by the next
+  ``batch_size - k`` fresh rows of the permutation. Every row is fresh at most once per epoch;
+  the fresh rows left over that cannot fill a whole minibatch (fewer than ``batch_size - k``)
+  are dropped for this epoch.
+
+  Args:
+    num_rows: m >= 1, rows of the data set.
+    batch_size: B in [1, m], rows of every minibatch.
+    overlap: in [0, 1), the fraction of a minibatch carried over from the previous one.
+    seed: non-negative integer seed.
+    epoch: non-negative epoch number (a different permutation per epoch).
+
+  Returns:
+    A list of int64 index arrays, each of length ``batch_size``.
+  """
+  carried, count = _minibatch_sizes(num_rows, batch_size, overlap)
+  seed = _as_int("seed", seed, 0)
+  epoch = _as_int("epoch", epoch, 0)
+  order = np.random.default_rng((seed, epoch)).permutation(num_rows).astype(np.int64)
+  fresh = batch_size - carried
+  batches = [order[:batch_size]]
+  for j in range(1, count):
+    start = batch_size + (j - 1) * fresh
+    batches.append(np.concatenate([batches[-1][fresh:], order[start:start + fresh]]))
+  return batches
+
+
+def iterate_minibatches(data: Batch, batch_size: int, *, overlap: float = 0.0, seed: int = 0,
+                        epoch: int = 0) -> Iterator[Batch]:
+  """Yields one epoch of minibatches of ``data``, gathered by :func:`minibatches`.
+
+  Args:
+    data: pytree of arrays sharing a leading row axis (the whole training set).
+    batch_size: rows per minibatch.
+    overlap: fraction of each minibatch carried over from the previous one.
+    seed: non-negative integer seed.
+    epoch: epoch number.
+
+  Returns:
+    An iterator of batches like ``data`` with ``batch_size`` rows each.
+  """
+  rows = minibatches(_row_count(data), batch_size, overlap=overlap, seed=seed, epoch=epoch)
+  return (take_rows(data, index) for index in rows)  # Arguments are checked before iteration.
