@@ -1,6 +1,11 @@
 """aptsjax: trust-region methods and data-parallel APTS for JAX, as optax transformations."""
 
 from aptsjax import lsr1
+from aptsjax.apts import APTSState
+from aptsjax.apts import LocalSolver
+from aptsjax.apts import apts
+from aptsjax.apts import state_specs
+from aptsjax.apts import trust_region_local_solver
 from aptsjax import obs
 from aptsjax.trust_region import GENERAL_MIN_RADIUS
 from aptsjax.trust_region import Hyperparams

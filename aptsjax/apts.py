@@ -1,0 +1,346 @@
+"""Data-parallel APTS and SAPTS (Algorithm 1 of the paper, lines 4-10) as an optax transformation.
+
+One ``update`` at theta^k with global gradient g^k = ``grads`` and global radius Delta^k
+(METHOD.md section 5):
+
+1. Split the batch into N equal contiguous blocks D_i (the subdomains; a device holds N / D of
+   them) and compute every block's loss and gradient g_i at theta^k (vmapped, one forward and
+   backward pass over the batch).
+2. Local TR on f_i(theta) = f(theta; D_i) + <g^k - g_i, theta - theta^k>   (3)-(4), so that
+   grad f_i(theta^k) = g^k, on every subdomain under ``jax.vmap``, starting from radius
+   Delta^k / N (bounds Delta_min / N, Delta_max / N), each trial step limited to the room left in
+   |theta_i - theta^k| <= Delta^k / N, for at most ``local_steps`` iterations, stopping early once
+   |theta_i - theta^k| >= (1 - 1e-3) Delta^k / N. Nothing is communicated inside this loop.
+3. s~ = sum_i (theta_i - theta^k), so |s~| <= Delta^k                                        (5)
+   rho = (f(theta^k) - f(theta^k + s~)) / sum_i (f_i(theta^k) - f_i(theta_i))              (6)
+   accept when rho > eta_accept; radius update (7).
+4. ``global_steps`` TR iterations on the global objective from there (default 1).
+
+Communication per update with ``axis_name`` set: one all-reduce of s~ (n floats), one of the
+gradient at theta^k + s~ (n), one per global step (n), plus a few scalars; with the caller's
+all-reduce of g^k that is 4 n + O(1) floats for global_steps = 1, independent of local_steps.
+Forward and backward passes over the batch per update: 1 (theta^k) + up to ``local_steps`` (the
+local trials) + 1 (theta^k + s~) + ``global_steps``.
+
+Each subdomain keeps its own L-SR1 memory across updates: with the same data every iteration
+(APTS) its pairs stay pairs of the same f(.; D_i) (the linear term r_i cancels in y), so the
+curvature model keeps improving; with minibatches (SAPTS) it is the usual stochastic
+quasi-Newton memory. The local radius restarts at Delta^k / N each update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+
+from aptsjax import _stack
+from aptsjax import lsr1
+from aptsjax import trust_region as tr
+
+PyTree = Any
+LossFn = Callable[[PyTree, Any], jax.Array]
+ValueAndGrad = Callable[[PyTree], tuple[jax.Array, PyTree]]
+
+LOCAL_STOP = 1e-3  # stop the local iterations once |theta_i - theta^k| >= (1 - LOCAL_STOP) bound.
+
+
+class LocalResult(NamedTuple):
+  """What a local solver returns for one subdomain."""
+  params: PyTree
+  loss: jax.Array
+  state: PyTree
+  num_steps: jax.Array
+
+
+class LocalSolver(NamedTuple):
+  """A pluggable local optimizer for APTS subdomains.
+
+  Attributes:
+    init: ``params -> state`` of one subdomain (APTS stacks N of them).
+    run: ``(value_and_grad, params, loss, grad, state, bound) -> LocalResult``: minimise the
+      local objective from ``params`` (where it has ``loss`` and ``grad``) while keeping
+      |result - params| <= ``bound``. Pure and vmappable; it must not communicate.
+  """
+  init: Callable[[PyTree], PyTree]
+  run: Callable[..., LocalResult]
+
+
+def trust_region_local_solver(hp: tr.Hyperparams, num_steps: int, second_order: bool,
+                              memory: int) -> LocalSolver:
+  """The library's TR as the local solver (METHOD.md section 5).
+
+  Args:
+    hp: the local constants (radii already divided by N).
+    num_steps: nu, the maximum number of local TR iterations.
+    second_order: L-SR1 + OBS (True) or the first-order model.
+    memory: L-SR1 pairs per subdomain.
+
+  Returns:
+    A ``LocalSolver`` whose state is the subdomain's L-SR1 memory (None for first order).
+  """
+  def init(params):
+    return lsr1.init(params, memory) if second_order else None
+
+  def run(value_and_grad, params, loss, grad, state, bound):
+    dist = lambda p: optax.tree.norm(optax.tree.sub(p, params))
+
+    def cond(c):
+      it, done = c[0], c[-1]
+      return (it < num_steps) & ~done
+
+    def body(c):
+      it, p, f, g, radius, mem, _ = c
+      out = tr.iterate(value_and_grad, p, f, g, radius, mem, hp, step_cap=bound - dist(p))
+      done = dist(out.params) >= (1.0 - LOCAL_STOP) * bound
+      return it + 1, out.params, out.loss, out.grad, out.radius, out.memory, done
+
+    start = (jnp.zeros((), jnp.int32), params, loss, grad, jnp.asarray(bound, loss.dtype), state,
+             jnp.asarray(False))
+    it, p, f, _, _, mem, _ = jax.lax.while_loop(cond, body, start)
+    return LocalResult(params=p, loss=f, state=mem, num_steps=it)
+
+  return LocalSolver(init=init, run=run)
+
+
+class APTSState(NamedTuple):
+  """State of ``aptsjax.apts`` (a pytree; same global shapes on one device or many).
+
+  Attributes:
+    radius: the global radius Delta.
+    loss: the global loss at the parameters after the update (on the last batch).
+    grad: the global gradient there (reusable for the next update on the same data).
+    accepted: whether the parameters changed in the last update (APTS or global step taken).
+    apts_accepted: whether the summed local step s~ was accepted.
+    stalled: whether the last global trust-region step was rejected at the radius floor.
+    nonfinite: whether the last update saw a non-finite loss or gradient at the current point
+      (then it was a no-op).
+    iteration: number of updates.
+    predicted_reduction: sum_i (f_i(theta^k) - f_i(theta_i)), the denominator of (6).
+    actual_reduction: f(theta^k) - f(theta^k + s~).
+    local_steps: ``(N,)`` local iterations each subdomain took in the last update.
+    local_state: per-subdomain local solver states, leaves with a leading axis N.
+    global_memory: the L-SR1 memory of the global steps (None for first order).
+  """
+  radius: jax.Array
+  loss: jax.Array
+  grad: PyTree
+  accepted: jax.Array
+  apts_accepted: jax.Array
+  stalled: jax.Array
+  nonfinite: jax.Array
+  iteration: jax.Array
+  predicted_reduction: jax.Array
+  actual_reduction: jax.Array
+  local_steps: jax.Array
+  local_state: PyTree
+  global_memory: lsr1.LSR1State | None
+
+  PER_SUBDOMAIN = ("local_steps", "local_state")
+
+
+def state_specs(state: NamedTuple, axis_name: str = "data") -> NamedTuple:
+  """PartitionSpecs for a state: P(axis_name) on per-subdomain leaves, P() on the rest.
+
+  This is what ``jax.shard_map`` takes as the state's in_specs/out_specs, and what a
+  ``NamedSharding`` for checkpointing uses. Works for every aptsjax state (a
+  ``TrustRegionState`` is fully replicated).
+  """
+  per = getattr(type(state), "PER_SUBDOMAIN", ())
+  return type(state)(**{
+      name: jax.tree.map(lambda _, spec=PartitionSpec(axis_name) if name in per else PartitionSpec(): spec, value)
+      for name, value in state._asdict().items()})
+
+
+def to_varying(tree: PyTree, axis_name: str | None) -> PyTree:
+  """Marks a device-invariant pytree as varying over ``axis_name`` (no-op when None or varying).
+
+  Inside ``jax.shard_map`` with check_vma=True, differentiating a shard's loss with respect to
+  invariant parameters would return the psum of the shard gradients; casting first keeps each
+  device's gradient its own (and keeps all-reduces out of the local iterations).
+  """
+  if axis_name is None:
+    return tree
+
+  def cast(x):
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    if manual is not None and axis_name in manual.varying:
+      return x
+    return jax.lax.pcast(x, axis_name, to="varying")
+
+  return jax.tree.map(cast, tree)
+
+
+def _device_count(axis_name: str | None) -> int:
+  if axis_name is None:
+    return 1
+  try:
+    return jax.lax.axis_size(axis_name)
+  except NameError as e:
+    raise ValueError(f"axis_name {axis_name!r} is not bound: call update inside jax.shard_map or "
+                     "jax.pmap over that axis, or use axis_name=None on one device.") from e
+
+
+def split_blocks(batch: Any, num_blocks: int) -> Any:
+  """Reshapes every leaf (rows, ...) to (num_blocks, rows // num_blocks, ...), in order."""
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ValueError("apts needs a batch with at least one array.")
+  rows = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+  if len(rows) != 1 or None in rows:
+    raise ValueError(f"all batch leaves must share a leading row axis, got row counts {rows}.")
+  (m,) = rows
+  if m % num_blocks:
+    raise ValueError(f"the batch has {m} rows on this device, not divisible by its {num_blocks} "
+                     "subdomains; trim it (aptsjax.data.trim_rows) or change num_subdomains.")
+  return jax.tree.map(lambda x: jnp.reshape(x, (num_blocks, m // num_blocks) + jnp.shape(x)[1:]),
+                      batch)
+
+
+def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
+         second_order: bool = True, axis_name: str | None = None, memory: int = 10,
+         global_steps: int = 1, local_solver: LocalSolver | None = None,
+         **hyperparams: float) -> optax.GradientTransformationExtraArgs:
+  """APTS: additively preconditioned trust-region training, one iteration per ``update``.
+
+  ``update(grads, state, params, batch=...)``: ``grads`` is the gradient of the global
+  objective (loss_fn on the whole batch, the mean of the N subdomain losses) at ``params``; inside
+  ``jax.shard_map`` with check_vma=True get it as
+  ``jax.grad(lambda p: jax.lax.pmean(loss_fn(p, shard), axis_name))(params)``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch.
+    num_subdomains: N, the total number of subdomains (in every mode).
+    local_steps: nu, the maximum local TR iterations per update.
+    second_order: L-SR1 models (local and global) or first-order models.
+    axis_name: None on one device; the mesh/pmap axis name across devices (its size D must
+      divide N; each device's shard of the batch holds its N / D subdomains).
+    memory: L-SR1 pairs per memory (each subdomain's and the global one).
+    global_steps: global TR iterations after the APTS step (the paper: 1).
+    local_solver: a ``LocalSolver`` replacing the default TR local solver.
+    **hyperparams: overrides of ``aptsjax.Hyperparams`` (the paper's defaults: init_radius
+      0.01, min_radius 0.001, max_radius 4.0, eta_accept 0, eta1 0.25, eta2 0.75, alpha 0.5,
+      beta 2); local radii are these divided by N.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with ``APTSState``.
+  """
+  for name, v, low in (("num_subdomains", num_subdomains, 1), ("local_steps", local_steps, 1),
+                       ("memory", memory, 1), ("global_steps", global_steps, 0)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+      raise ValueError(f"{name} must be an integer >= {low}, got {v!r}.")
+  hp = tr.make_hyperparams(tr.Hyperparams(), **hyperparams)
+  solver = local_solver or trust_region_local_solver(hp.scaled(num_subdomains), local_steps,
+                                                     second_order, memory)
+  n_sub = num_subdomains
+
+  def init_fn(params: PyTree) -> APTSState:
+    dtype = _stack.tree_dtype(params)
+    local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub, axis=0), solver.init(params))
+    zero = jnp.zeros((), dtype)
+    return APTSState(
+        radius=jnp.asarray(hp.init_radius, dtype), loss=jnp.asarray(jnp.inf, dtype),
+        grad=optax.tree.zeros_like(params), accepted=jnp.array(False),
+        apts_accepted=jnp.array(False), stalled=jnp.array(False), nonfinite=jnp.array(False),
+        iteration=jnp.zeros((), jnp.int32), predicted_reduction=zero, actual_reduction=zero,
+        local_steps=jnp.zeros((n_sub,), jnp.int32), local_state=local,
+        global_memory=lsr1.init(params, memory) if second_order else None)
+
+  def update_fn(grads: PyTree, state: APTSState, params: PyTree | None = None, *,
+                batch: Any = None, **extra_args: Any) -> tuple[PyTree, APTSState]:
+    del extra_args  # ``value`` and the like: f(theta^k) comes from the block losses.
+    if params is None:
+      raise ValueError("apts needs params: call update(grads, state, params, batch=...).")
+    _stack.check_like(params, state.grad, "params")
+    _stack.check_like(grads, params, "grads")
+    num_devices = _device_count(axis_name)
+    if n_sub % num_devices:
+      raise ValueError(f"num_subdomains={n_sub} is not divisible by the {num_devices} devices "
+                       f"of axis {axis_name!r}.")
+    n_local = n_sub // num_devices
+    if state.local_steps.shape != (n_local,):
+      raise ValueError(f"the state holds {state.local_steps.shape[0]} subdomains here, expected "
+                       f"{n_local}: shard it with aptsjax.state_specs (shard_map) or "
+                       "aptsjax.pmap_state (pmap).")
+    blocks = split_blocks(batch, n_local)
+    dtype = state.radius.dtype
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+    def total(x):  # sum over this device's subdomains, then over devices.
+      x = jnp.sum(x, axis=0)
+      return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+    def block_value_and_grad(p):
+      def one(blk):
+        return jax.value_and_grad(lambda q: tr.scalar_loss(loss_fn, q, blk))(to_varying(p, axis_name))
+      return jax.vmap(one)(blocks)
+
+    def global_value_and_grad(p):
+      losses, block_grads = block_value_and_grad(p)
+      return (total(losses) / n_sub).astype(dtype), jax.tree.map(lambda g: total(g) / n_sub, block_grads)
+
+    losses, block_grads = block_value_and_grad(params)
+    loss_k = (total(losses) / n_sub).astype(dtype)
+    ok = jnp.isfinite(loss_k) & _stack.all_finite(grads)
+
+    # Local trust-region iterations on f_i, vmapped over this device's subdomains.
+    bound = state.radius / n_sub
+    theta_k = to_varying(params, axis_name)
+    g_k = to_varying(grads, axis_name)
+
+    def local(blk, r_i, loss_i, solver_state):
+      def f_i(q):
+        return tr.scalar_loss(loss_fn, q, blk) + optax.tree.vdot(r_i, optax.tree.sub(q, theta_k))
+      res = solver.run(jax.value_and_grad(f_i), theta_k, loss_i.astype(dtype), g_k, solver_state,
+                       bound)
+      step = optax.tree.sub(res.params, theta_k)
+      good = jnp.isfinite(res.loss) & _stack.all_finite(step) & jnp.isfinite(loss_i)
+      step = jax.tree.map(lambda s: jnp.where(good, s, 0.0), step)
+      return step, jnp.where(good, loss_i - res.loss, 0.0), res.state, res.num_steps
+
+    r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, block_grads)
+    steps, decrease, local_state, num_steps = jax.vmap(local)(blocks, r, losses, state.local_state)
+    s_sum = jax.tree.map(total, steps)
+    s_norm = optax.tree.norm(s_sum)
+    shrink_to = jnp.where(s_norm > state.radius, state.radius / jnp.where(s_norm > 0, s_norm, 1.0), 1.0)
+    s_sum = optax.tree.scale(shrink_to, s_sum)
+    predicted = total(decrease).astype(dtype)
+
+    # The APTS step: ratio (6), radius update (7), global memory pair.
+    trial = optax.apply_updates(params, s_sum)
+    loss_t, grad_t = global_value_and_grad(trial)
+    actual = loss_k - loss_t
+    accept, shrink, grow = tr.ratio_test(
+        jnp.where(_stack.all_finite(grad_t), actual, -jnp.inf), predicted, hp)
+    radius = tr.update_radius(state.radius, shrink, grow, hp)
+    gmem = state.global_memory
+    if gmem is not None:
+      gmem = lsr1.update(gmem, s_sum, optax.tree.sub(grad_t, grads))
+    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(accept, x, y), a, b)
+    theta, loss, grad = pick(trial, params), jnp.where(accept, loss_t, loss_k), pick(grad_t, grads)
+
+    # Global trust-region steps.
+    def global_step(_, c):
+      theta, loss, grad, radius, gmem, _, changed = c
+      out = tr.iterate(global_value_and_grad, theta, loss, grad, radius, gmem, hp)
+      return out.params, out.loss, out.grad, out.radius, out.memory, out.stalled, changed | out.accepted
+
+    theta, loss, grad, radius, gmem, stalled, changed = jax.lax.fori_loop(
+        0, global_steps, global_step, (theta, loss, grad, radius, gmem, jnp.array(False), accept))
+
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    updates = jax.tree.map(lambda a, b: jnp.where(ok, a - b, jnp.zeros_like(b)), theta, params)
+    new_state = APTSState(
+        radius=jnp.where(ok, radius, state.radius), loss=jnp.where(ok, loss, state.loss),
+        grad=keep(grad, state.grad), accepted=ok & changed, apts_accepted=ok & accept,
+        stalled=ok & stalled, nonfinite=~ok, iteration=state.iteration + 1,
+        predicted_reduction=jnp.where(ok, predicted, 0.0),
+        actual_reduction=jnp.where(ok, actual, 0.0).astype(dtype),
+        local_steps=jnp.where(ok, num_steps, 0).astype(jnp.int32),
+        local_state=keep(local_state, state.local_state), global_memory=keep(gmem, state.global_memory))
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
