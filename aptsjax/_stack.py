@@ -85,3 +85,24 @@ def all_finite(tree: PyTree) -> jax.Array:
 def tree_dtype(tree: PyTree) -> jnp.dtype:
   """Returns the common floating dtype of a pytree's leaves (the promoted one if they differ)."""
   return jnp.result_type(*jax.tree.leaves(tree))
+
+
+def varying_axes(x: Any) -> frozenset:
+  """The mesh axes over which ``x`` varies inside ``jax.shard_map`` (empty elsewhere)."""
+  manual = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(manual.varying) if manual is not None else frozenset()
+
+
+def match_varying(tree: PyTree, reference: Any) -> PyTree:
+  """Casts every leaf of ``tree`` to vary over the axes ``reference`` varies over.
+
+  Loop carries inside ``jax.shard_map`` (check_vma=True) must keep their type; a constant that
+  starts a loop next to device-varying values has to be marked varying first.
+  """
+  axes = varying_axes(reference)
+
+  def cast(x):
+    missing = tuple(sorted(axes - varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, tree) if axes else tree

@@ -98,8 +98,9 @@ def trust_region_local_solver(hp: tr.Hyperparams, num_steps: int, second_order: 
       done = dist(out.params) >= (1.0 - LOCAL_STOP) * bound
       return it + 1, out.params, out.loss, out.grad, out.radius, out.memory, done
 
-    start = (jnp.zeros((), jnp.int32), params, loss, grad, jnp.asarray(bound, loss.dtype), state,
-             jnp.asarray(False))
+    start = _stack.match_varying(
+        (jnp.zeros((), jnp.int32), params, loss, grad, jnp.asarray(bound, loss.dtype), state,
+         jnp.asarray(False)), loss)
     it, p, f, _, _, mem, _ = jax.lax.while_loop(cond, body, start)
     return LocalResult(params=p, loss=f, state=mem, num_steps=it)
 
@@ -164,13 +165,7 @@ def to_varying(tree: PyTree, axis_name: str | None) -> PyTree:
   """
   if axis_name is None:
     return tree
-
-  def cast(x):
-    manual = getattr(jax.typeof(x), "manual_axis_type", None)
-    if manual is not None and axis_name in manual.varying:
-      return x
-    return jax.lax.pcast(x, axis_name, to="varying")
-
+  cast = lambda x: x if axis_name in _stack.varying_axes(x) else jax.lax.pcast(x, axis_name, to="varying")
   return jax.tree.map(cast, tree)
 
 
@@ -209,7 +204,10 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   ``update(grads, state, params, batch=...)``: ``grads`` is the gradient of the global
   objective (loss_fn on the whole batch, the mean of the N subdomain losses) at ``params``; inside
   ``jax.shard_map`` with check_vma=True get it as
-  ``jax.grad(lambda p: jax.lax.pmean(loss_fn(p, shard), axis_name))(params)``.
+  ``jax.grad(lambda p: jax.lax.pmean(loss_fn(p, shard), axis_name))(params)``. ``grads=None``
+  (an aptsjax extension) lets apts form g^k from the block gradients it evaluates anyway, which
+  saves the caller one forward and backward pass over the batch (the train-step helper of
+  ``aptsjax.parallel`` does this).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch.
@@ -255,7 +253,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     if params is None:
       raise ValueError("apts needs params: call update(grads, state, params, batch=...).")
     _stack.check_like(params, state.grad, "params")
-    _stack.check_like(grads, params, "grads")
+    if grads is not None:
+      _stack.check_like(grads, params, "grads")
     num_devices = _device_count(axis_name)
     if n_sub % num_devices:
       raise ValueError(f"num_subdomains={n_sub} is not divisible by the {num_devices} devices "
@@ -267,7 +266,6 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
                        "aptsjax.pmap_state (pmap).")
     blocks = split_blocks(batch, n_local)
     dtype = state.radius.dtype
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     def total(x):  # sum over this device's subdomains, then over devices.
       x = jnp.sum(x, axis=0)
@@ -284,6 +282,9 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
 
     losses, block_grads = block_value_and_grad(params)
     loss_k = (total(losses) / n_sub).astype(dtype)
+    if grads is None:  # g^k from the block gradients (one all-reduce), no extra pass.
+      grads = jax.tree.map(lambda g: total(g) / n_sub, block_grads)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     ok = jnp.isfinite(loss_k) & _stack.all_finite(grads)
 
     # Local trust-region iterations on f_i, vmapped over this device's subdomains.

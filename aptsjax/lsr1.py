@@ -224,7 +224,8 @@ def in_use_mask(ss: jax.Array, sy: jax.Array, yy: jax.Array, stamp: jax.Array,
             & (jnp.abs(d) > _NOISE * eps * jnp.sqrt(s2) * scale))
     return kept.at[t].set(keep), None
 
-  kept, _ = jax.lax.scan(step, jnp.zeros((k,), bool), jnp.arange(k))
+  kept, _ = jax.lax.scan(step, _stack.match_varying(jnp.zeros((k,), bool), a[0, 0] + pp[0, 0]),
+                         jnp.arange(k))
   return jnp.zeros((k,), bool).at[order].set(kept)
 
 

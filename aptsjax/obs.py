@@ -184,7 +184,9 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
     t_new = t + (pn - delta) / delta * pn**2 / jnp.where(slope > 0, slope, 1.0)
     return jnp.where(jnp.isfinite(t_new) & (t_new > t), t_new, t), it + 1
 
-  t_star, _ = jax.lax.while_loop(cond, body, (t0, jnp.zeros((), jnp.int32)))
+  ref = jnp.sum(a) + jnp.sum(mu) + delta      # varies over every mesh axis the inputs do
+  t_star, _ = jax.lax.while_loop(
+      cond, body, _stack.match_varying((t0, jnp.zeros((), jnp.int32)), ref))
   t = jnp.where(inside, t_low, t_star)
   used = jnp.where(inside, regular, act)
   den = jnp.where(used, mu + t, 1.0)
@@ -197,8 +199,9 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   par_sing = sing[:k]
   z_index = jnp.argmax(par_sing)
   z_in_par = jnp.any(par_sing)
-  z_perp = jax.lax.cond(hard & ~z_in_par, lambda: _complement_vector(spec, g),
-                        lambda: jax.tree.map(jnp.zeros_like, g))
+  z_perp = jax.lax.cond(
+      hard & ~z_in_par, lambda: _stack.match_varying(_complement_vector(spec, g), ref),
+      lambda: _stack.match_varying(jax.tree.map(jnp.zeros_like, g), ref))
 
   def build(f):
     """The step and its predicted reduction with everything scaled by f <= 1."""

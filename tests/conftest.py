@@ -4,8 +4,12 @@ XLA_FLAGS must be set before jax is imported anywhere, hence at the top of conft
 """
 import os
 
+# The tests use tiny problems, so compile time dominates: the two flags after the device count
+# cut XLA's CPU compile time about 7-fold (second-order APTS: 42 s -> 6 s) at no cost in
+# correctness (they only lower the backend's optimization effort).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    " --xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
