@@ -1,5 +1,7 @@
 """aptsjax: trust-region methods and data-parallel APTS for JAX, as optax transformations."""
 
+from aptsjax import comm
+from aptsjax import data
 from aptsjax import lsr1
 from aptsjax.apts import APTSState
 from aptsjax.apts import LocalSolver
@@ -7,6 +9,7 @@ from aptsjax.apts import apts
 from aptsjax.apts import state_specs
 from aptsjax.apts import trust_region_local_solver
 from aptsjax import obs
+from aptsjax import parallel
 from aptsjax.trust_region import GENERAL_MIN_RADIUS
 from aptsjax.trust_region import Hyperparams
 from aptsjax.trust_region import TrustRegionState

@@ -195,6 +195,19 @@ def split_blocks(batch: Any, num_blocks: int) -> Any:
                       batch)
 
 
+def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree
+                    ) -> Callable[[PyTree], jax.Array]:
+  """The local objective (3)-(4): f_i(theta) = f(theta; D_i) + <r_i, theta - theta^k>.
+
+  With r_i = g^k - grad f(theta^k; D_i), grad f_i(theta^k) = g^k (first-order consistency): the
+  term is part of the function that is differentiated, not added after the backward pass as in
+  the reference code (METHOD.md section 8). r_i is constant, so it cancels in L-SR1 pairs.
+  """
+  def f_i(theta):
+    return tr.scalar_loss(loss_fn, theta, block) + optax.tree.vdot(r, optax.tree.sub(theta, theta_k))
+  return f_i
+
+
 def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
          second_order: bool = True, axis_name: str | None = None, memory: int = 10,
          global_steps: int = 1, local_solver: LocalSolver | None = None,
@@ -293,8 +306,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     g_k = to_varying(grads, axis_name)
 
     def local(blk, r_i, loss_i, solver_state):
-      def f_i(q):
-        return tr.scalar_loss(loss_fn, q, blk) + optax.tree.vdot(r_i, optax.tree.sub(q, theta_k))
+      f_i = local_objective(loss_fn, blk, theta_k, r_i)
       res = solver.run(jax.value_and_grad(f_i), theta_k, loss_i.astype(dtype), g_k, solver_state,
                        bound)
       step = optax.tree.sub(res.params, theta_k)
