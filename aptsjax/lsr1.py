@@ -53,12 +53,14 @@ def r_tol(dtype) -> float:
 
 
 def rank_tol(dtype) -> float:
-  """Relative eigenvalue threshold of a Gram matrix below which a direction is dropped.
+  """Eigenvalue threshold of a column-normalized (unit-diagonal) Gram matrix.
 
-  1.2e-5 in float32 (singular values below ~3.5e-3 of the largest are rounding noise once the
-  condition number is squared), 1e-10 in float64.
+  Directions below it are dropped as dependent: 10 eps in float32 (1.2e-6: singular values
+  below ~1e-3 of the largest are at the rounding level of the Gram entries, METHOD.md section
+  7), 1e-12 in float64. The Gram matrices are normalized to unit diagonal first, so pairs of
+  very different lengths are not mistaken for dependent ones.
   """
-  return max(1e-10, 100.0 * _eps(dtype))
+  return max(1e-12, 10.0 * _eps(dtype))
 
 
 _NOISE = 100.0  # multiple of eps below which a quantity computed from Gram matrices is noise.
@@ -147,8 +149,8 @@ def choose_gamma(ss: jax.Array, sy: jax.Array, stamp: jax.Array, gamma_prev: jax
 
   gamma = mu_min / 2 when the smallest generalized eigenvalue mu_min of
   (D + L + L^T) x = mu S^T S x over the stored pairs is positive (above 100 eps times the largest
-  in magnitude); otherwise the previous gamma. Directions of S^T S below ``rank_tol`` of its
-  largest eigenvalue are left out (repeated or collinear steps).
+  in magnitude); otherwise the previous gamma. Directions of the unit-diagonal S^T S below
+  sqrt(eps) are left out (repeated or collinear steps, where the pencil is ill-determined).
 
   Why: any gamma < mu_min makes M^{-1} = D + L + L^T - gamma S^T S positive definite, so every
   stored pair is usable and B is positive definite when all observed curvature is positive; the
@@ -169,9 +171,8 @@ def choose_gamma(ss: jax.Array, sy: jax.Array, stamp: jax.Array, gamma_prev: jax
   """
   valid = stamp >= 0
   both = valid[:, None] & valid[None, :]
-  e, v = jnp.linalg.eigh(jnp.where(both, ss, 0.0))
-  keep = e > rank_tol(ss.dtype) * jnp.max(e)
-  w = v * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, e, 1.0)), 0.0)[None, :]
+  # S W orthonormal on span(S); the pencil is only trusted on well-determined directions.
+  w, keep = _eig_basis(ss, valid, tol=float(np.sqrt(_eps(ss.dtype))))
   c = _mm(_mm(w.T, jnp.where(both, time_symmetric(sy, stamp), 0.0)), w)
   scale = jnp.max(jnp.abs(c))
   sentinel = 2.0 * scale + 1.0
@@ -217,7 +218,9 @@ def in_use_mask(ss: jax.Array, sy: jax.Array, yy: jax.Array, stamp: jax.Array,
     r2 = jnp.maximum(pp[t, t] - 2.0 * (w @ pp[:, t]) + wpw, 0.0)
     bs2 = jnp.maximum(gamma**2 * ss_t[t, t] + 2.0 * gamma * (u @ w) + wpw, 0.0)
     s2, y2 = ss_t[t, t], yy_t[t, t]
-    scale = jnp.sqrt(y2) + jnp.sqrt(bs2) + jnp.abs(gamma) * jnp.sqrt(s2)
+    # Rounding scale of r = psi_t - Psi_K w: the sizes of the terms summed, cancellation included.
+    terms = jnp.sum(jnp.abs(w) * jnp.sqrt(jnp.maximum(jnp.diagonal(pp), 0.0)))
+    scale = jnp.sqrt(y2) + jnp.sqrt(bs2) + jnp.abs(gamma) * jnp.sqrt(s2) + terms
     keep = (valid_t[t] & jnp.isfinite(d) & jnp.isfinite(r2)
             & (jnp.abs(d) > tol * jnp.sqrt(s2 * r2))
             & (r2 > _NOISE * eps * scale**2)
@@ -251,21 +254,19 @@ def matvec(state: LSR1State, v: PyTree) -> PyTree:
   """
   _check_vector(state, v, "v")
   v = jax.tree.map(lambda x, r: x.astype(r.dtype), v, jax.tree.map(lambda b: b[0], state.s))
-  gamma = state.gamma
-  psi_v = _stack.dot(state.y, v) - gamma * _stack.dot(state.s, v)
-  c = jnp.where(state.in_use, _mm(middle_matrix(state), psi_v), 0.0)
-  low_rank = jax.tree.map(lambda a, b: a - gamma.astype(a.dtype) * b,
-                          _stack.combine(state.y, c), _stack.combine(state.s, c))
-  return jax.tree.map(lambda x, l: gamma.astype(x.dtype) * x + l, v, low_rank)
+  low_rank = psi_combine(state, _mm(middle_matrix(state), psi_dot(state, v)))
+  return jax.tree.map(lambda x, l: state.gamma.astype(x.dtype) * x + l, v, low_rank)
 
 
-def update(state: LSR1State, s: PyTree, y: PyTree) -> LSR1State:
+def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = True) -> LSR1State:
   """Adds the pair (s, y) unless the SR1 safeguard skips it (see the module docstring).
 
   Args:
     state: an ``LSR1State``.
     s: a step, a pytree like the parameters.
     y: the gradient difference along ``s`` (same data on both sides), like ``s``.
+    valid: an optional bool (traced or not); False skips the pair (the caller knows it is bad,
+      e.g. the trial loss was not finite).
 
   Returns:
     The new state; exactly ``state`` when the pair is skipped (non-finite entries, or the
@@ -280,12 +281,19 @@ def update(state: LSR1State, s: PyTree, y: PyTree) -> LSR1State:
   eps = _eps(dtype)
   k = memory_size(state)
 
-  finite = _stack.all_finite(s) & _stack.all_finite(y)
+  finite = _stack.all_finite(s) & _stack.all_finite(y) & jnp.asarray(valid)
   s = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), s)
   y = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), y)
 
   # (2) The safeguard against the current B, computed explicitly.
-  bs = matvec(state, s)
+  # The Gram patches; <s_i, s> and <y_i, s> also give Psi^T s for B s.
+  s_dots, y_dots = _stack.dot(state.s, s), _stack.dot(state.y, s)   # <s_i, s>, <y_i, s>
+  sy_col, yy_col = _stack.dot(state.s, y), _stack.dot(state.y, y)   # <s_i, y>, <y_i, y>
+
+  # (2) The safeguard against the current B, computed explicitly: r = y - B s.
+  psi_s = jnp.where(state.in_use, y_dots - state.gamma * s_dots, 0.0)
+  low_rank = psi_combine(state, _mm(middle_matrix(state), psi_s))
+  bs = jax.tree.map(lambda x, l: state.gamma.astype(x.dtype) * x + l, s, low_rank)
   r = jax.tree.map(lambda a, b: a - b, y, bs)
   s_norm, r_norm = _norm(s), _norm(r)
   y_norm, bs_norm = _norm(y), _norm(bs)
@@ -295,8 +303,6 @@ def update(state: LSR1State, s: PyTree, y: PyTree) -> LSR1State:
 
   # (3) Insert into slot j (the oldest pair, if the ring is full) and patch the Gram matrices.
   j = state.count % k
-  s_dots, y_dots = _stack.dot(state.s, s), _stack.dot(state.y, s)   # <s_i, s>, <y_i, s>
-  sy_col, yy_col = _stack.dot(state.s, y), _stack.dot(state.y, y)   # <s_i, y>, <y_i, y>
   ss_jj, sy_jj, yy_jj = _vdot(s, s), _vdot(s, y), _vdot(y, y)
   set_row_col = lambda m, row, col: m.at[j, :].set(row).at[:, j].set(col)
   ss_col = s_dots.at[j].set(ss_jj)
@@ -356,64 +362,74 @@ def dense_pairs(state: LSR1State) -> tuple[np.ndarray, np.ndarray, float]:
 class Spectral(NamedTuple):
   """Thin spectral decomposition of B = gamma I + P_par diag(lam - gamma) P_par^T.
 
+  P_par = Psi coef = Y coef - gamma S coef is never formed: ``psi_coefficients`` turns a
+  coefficient vector on P_par into one on S and Y.
+
   Attributes:
-    psi: the stack Psi = Y - gamma S over the pairs in use (other slots zero).
-    coef: ``(k, k)`` coefficients: P_par = Psi coef (orthonormal columns; invalid ones zero).
+    coef: ``(k, k)`` coefficients of P_par's columns on Psi's (invalid columns zero).
     lam: ``(k,)`` eigenvalues of B on span(P_par) (meaningful where ``valid``).
     valid: ``(k,)`` bool, the columns of P_par that are real directions (the first ``rank``).
     gamma: the eigenvalue of B on the orthogonal complement of span(P_par).
   """
-  psi: PyTree
   coef: jax.Array
   lam: jax.Array
   valid: jax.Array
   gamma: jax.Array
 
 
-def _eig_basis(gram_matrix: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def psi_gram(state: LSR1State) -> jax.Array:
+  """Psi^T Psi = Y^T Y - gamma (S^T Y + Y^T S) + gamma^2 S^T S over the pairs in use (O(k^2))."""
+  g = state.gamma
+  pp = state.yy - g * (state.sy + state.sy.T) + g**2 * state.ss
+  both = state.in_use[:, None] & state.in_use[None, :]
+  return jnp.where(both, pp, 0.0)
+
+
+def _eig_basis(gram_matrix: jax.Array, mask: jax.Array, tol: float | None = None
+               ) -> tuple[jax.Array, jax.Array]:
   """Coefficients W with A W orthonormal for a stack A of Gram matrix ``gram_matrix``.
 
-  Directions whose eigenvalue is below ``rank_tol`` of the largest are dropped (zero columns,
-  ``keep`` False), so dependent columns never break anything and shapes stay fixed.
+  The Gram matrix is normalized to unit diagonal (Jacobi scaling) before its
+  eigen-decomposition; directions whose eigenvalue is below ``rank_tol`` of the largest are
+  dropped (zero columns, ``keep`` False), so dependent columns never break anything and shapes
+  stay fixed.
   """
+  diag = jnp.diagonal(gram_matrix)
+  mask = mask & (diag > 0)
+  inv_norm = jnp.where(mask, jax.lax.rsqrt(jnp.where(mask, diag, 1.0)), 0.0)
   both = mask[:, None] & mask[None, :]
-  e, v = jnp.linalg.eigh(jnp.where(both, gram_matrix, 0.0))
-  keep = (e > rank_tol(gram_matrix.dtype) * jnp.max(e)) & (e > 0)
-  return v * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, e, 1.0)), 0.0)[None, :], keep
+  e, v = jnp.linalg.eigh(jnp.where(both, inv_norm[:, None] * gram_matrix * inv_norm[None, :], 0.0))
+  tol = rank_tol(gram_matrix.dtype) if tol is None else tol
+  keep = e > tol                                       # unit diagonal: eigenvalues average 1
+  w = v * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, e, 1.0)), 0.0)[None, :]
+  return inv_norm[:, None] * w, keep
 
 
-def spectral(state: LSR1State, reorthogonalize: bool = True) -> Spectral:
-  """Returns the thin spectral decomposition of B (METHOD.md sections 4 and 7).
+def spectral(state: LSR1State) -> Spectral:
+  """Returns the thin spectral decomposition of B (METHOD.md sections 4 and 7), in O(k^3).
 
-  Psi is formed explicitly (so no cancellation between Y and gamma S enters its Gram matrix),
-  an orthonormal basis Q = Psi W of range(Psi) comes from the eigen-decomposition of Psi^T Psi
-  with dependent directions dropped by ``rank_tol``, and, with ``reorthogonalize``, one more
-  pass computes the Gram matrix of Q itself and corrects it (the eigen route squares the
-  condition number; the second round restores orthogonality to rounding level). Then
-  R M R^T = U Lambda_hat U^T with R = Q^T Psi, and P_par = Q U. Cost: about four passes over
-  the 2 k n stored floats, O(k^3) beyond that.
+  No pass over n: Psi^T Psi comes from the cached Gram matrices. An orthonormal basis
+  Q = Psi W of range(Psi) comes from the eigen-decomposition of the *column-normalized* Gram
+  matrix D Psi^T Psi D (D = diag(1/|psi_i|)), so that pairs of very different lengths keep their
+  directions and only genuinely dependent directions (eigenvalue below ``rank_tol`` of the
+  largest) are dropped; a column whose norm is at the rounding level of Y - gamma S (catastrophic
+  cancellation) is dropped too. Then R M R^T = U Lambda_hat U^T with R = Q^T Psi, and
+  P_par = Q U.
 
   Args:
     state: an ``LSR1State``.
-    reorthogonalize: whether to run the second orthogonalization round.
 
   Returns:
     A ``Spectral`` tuple.
   """
-  gamma, mask = state.gamma, state.in_use
+  gamma, dtype = state.gamma, state.ss.dtype
   k = memory_size(state)
-  psi = jax.tree.map(
-      lambda y, s: jnp.where(mask.reshape((k,) + (1,) * (y.ndim - 1)), y - gamma.astype(y.dtype) * s, 0.0),
-      state.y, state.s)
-  pp = _stack.gram(psi, psi)
-  m = _masked_inverse(time_symmetric(_stack.gram(state.s, psi), state.stamp), mask)
-  w, keep = _eig_basis(pp, mask)
-  if reorthogonalize:
-    q = _stack.combine_matrix(psi, w)
-    w2, keep = _eig_basis(_stack.gram(q, q), keep)
-    w = _mm(w, w2)
-  r = _mm(w.T, pp)                                              # R = Q^T Psi.
-  c = _mm(_mm(r, m), r.T)
+  eps = _eps(dtype)
+  pp = psi_gram(state)
+  noise = _NOISE * eps * (jnp.diagonal(state.yy) + gamma**2 * jnp.diagonal(state.ss))
+  w, keep = _eig_basis(pp, state.in_use & (jnp.diagonal(pp) > noise))   # Q = Psi W
+  r = _mm(w.T, pp)                                              # R = Q^T Psi
+  c = _mm(_mm(r, middle_matrix(state)), r.T)
   c = 0.5 * (c + c.T)
   both = keep[:, None] & keep[None, :]
   sentinel = 2.0 * jnp.max(jnp.abs(c)) + 1.0
@@ -421,4 +437,16 @@ def spectral(state: LSR1State, reorthogonalize: bool = True) -> Spectral:
   valid = jnp.arange(k) < jnp.sum(keep)                         # sentinels sort last.
   coef = jnp.where(valid[None, :], _mm(w, u), 0.0)
   lam = jnp.where(valid, lam_hat + gamma, gamma)
-  return Spectral(psi=psi, coef=coef, lam=lam, valid=valid, gamma=gamma)
+  return Spectral(coef=coef, lam=lam, valid=valid, gamma=gamma)
+
+
+def psi_dot(state: LSR1State, v: PyTree) -> jax.Array:
+  """Psi^T v = Y^T v - gamma S^T v (one pass over the stored pairs)."""
+  return jnp.where(state.in_use, _stack.dot(state.y, v) - state.gamma * _stack.dot(state.s, v), 0.0)
+
+
+def psi_combine(state: LSR1State, c: jax.Array) -> PyTree:
+  """Psi c = Y c - gamma S c (one pass over the stored pairs), for c over the slots."""
+  c = jnp.where(state.in_use, c, 0.0)
+  return jax.tree.map(lambda a, b: a - state.gamma.astype(a.dtype) * b,
+                      _stack.combine(state.y, c), _stack.combine(state.s, c))

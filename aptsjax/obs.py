@@ -96,14 +96,14 @@ def _stack_norm(tree: PyTree) -> jax.Array:
       lambda x: jnp.vdot(x, x, precision=jax.lax.Precision.HIGHEST), tree))))
 
 
-def _complement_vector(spec: lsr1.Spectral, like: PyTree) -> PyTree:
+def _complement_vector(state: lsr1.LSR1State, spec: lsr1.Spectral, like: PyTree) -> PyTree:
   """A unit vector orthogonal to span(P_par): a fixed pattern with its P_par part removed."""
   offsets = np.cumsum([0] + [int(np.prod(x.shape)) for x in jax.tree.leaves(like)])[:-1]
   leaves, treedef = jax.tree.flatten(like)
   pattern = [jnp.cos(0.7548776662 * (o + 1 + jnp.arange(x.size, dtype=x.dtype))).reshape(x.shape)
              for o, x in zip(offsets, leaves)]
   z0 = jax.tree.unflatten(treedef, pattern)
-  proj = _stack.combine(spec.psi, spec.coef @ (spec.coef.T @ _stack.dot(spec.psi, z0)))
+  proj = lsr1.psi_combine(state, spec.coef @ (spec.coef.T @ lsr1.psi_dot(state, z0)))
   z = jax.tree.map(lambda a, b: a - b, z0, proj)
   zn = _stack_norm(z)
   return jax.tree.map(lambda x: jnp.where(zn > 0, x / jnp.where(zn > 0, zn, 1.0), 0.0), z)
@@ -135,8 +135,8 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   delta = jnp.where(finite, radius, 1.0)
 
   spec = lsr1.spectral(state)
-  a_par = jnp.where(spec.valid, spec.coef.T @ _stack.dot(spec.psi, g), 0.0)
-  g_perp = jax.tree.map(lambda x, p: x - p, g, _stack.combine(spec.psi, spec.coef @ a_par))
+  a_par = jnp.where(spec.valid, spec.coef.T @ lsr1.psi_dot(state, g), 0.0)
+  g_perp = jax.tree.map(lambda x, p: x - p, g, lsr1.psi_combine(state, spec.coef @ a_par))
   gperp_norm = _stack_norm(g_perp)
   gnorm = _stack_norm(g)
   has_complement = jnp.sum(spec.valid) < n
@@ -200,26 +200,27 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   z_index = jnp.argmax(par_sing)
   z_in_par = jnp.any(par_sing)
   z_perp = jax.lax.cond(
-      hard & ~z_in_par, lambda: _stack.match_varying(_complement_vector(spec, g), ref),
+      hard & ~z_in_par, lambda: _stack.match_varying(_complement_vector(state, spec, g), ref),
       lambda: _stack.match_varying(jax.tree.map(jnp.zeros_like, g), ref))
 
-  def build(f):
-    """The step and its predicted reduction with everything scaled by f <= 1."""
-    xs = f * c * x[:k] + jnp.where(z_in_par & (jnp.arange(k) == z_index), f * tau, 0.0)
-    perp_coef = f * c * jnp.where(used[k], -1.0 / den[k], 0.0)
-    tau_perp = jnp.where(z_in_par, 0.0, f * tau)
-    step = jax.tree.map(lambda p, gp, z: p + perp_coef.astype(p.dtype) * gp + tau_perp.astype(p.dtype) * z,
-                        _stack.combine(spec.psi, spec.coef @ xs), g_perp, z_perp)
-    lam_orig = mu + lam_min
-    fc = f * c
-    terms = jnp.where(used, fc * a**2 / den * (1.0 - 0.5 * fc * lam_orig / den), 0.0)
-    pred = jnp.sum(terms) - 0.5 * lam_min * (f * tau) ** 2
-    return step, pred
-
-  step, pred = build(1.0)
+  # The step (one pass over the pairs) and its predicted reduction as non-negative eigen-terms.
+  xs = c * x[:k] + jnp.where(z_in_par & (jnp.arange(k) == z_index), tau, 0.0)
+  perp_coef = c * jnp.where(used[k], -1.0 / den[k], 0.0)
+  tau_perp = jnp.where(z_in_par, 0.0, tau)
+  step = jax.tree.map(
+      lambda p, gp, z: p + perp_coef.astype(p.dtype) * gp + tau_perp.astype(p.dtype) * z,
+      lsr1.psi_combine(state, spec.coef @ xs), g_perp, z_perp)
+  # Rounding (P_par is orthonormal only to working precision) changes |p| slightly: scale by f
+  # so that |p| <= radius always, and the predicted reduction with it.
+  # A boundary (or hard-case) step is scaled to length exactly radius, an interior one only down.
   step_norm = _stack_norm(step)
-  f = jnp.where(step_norm > delta, delta / step_norm, 1.0)
-  step, pred = build(f)
+  to_radius = delta / jnp.where(step_norm > 0, step_norm, 1.0)
+  f = jnp.where(~interior & (step_norm > 0), to_radius, jnp.minimum(to_radius, 1.0))
+  step = jax.tree.map(lambda p: (f * p).astype(p.dtype), step)
+  lam_orig = mu + lam_min
+  fc = f * c
+  terms = jnp.where(used, fc * a**2 / den * (1.0 - 0.5 * fc * lam_orig / den), 0.0)
+  pred = jnp.sum(terms) - 0.5 * lam_min * (f * tau) ** 2
   sigma = jnp.maximum(t - lam_min, 0.0)
   ok = finite & jnp.isfinite(pred)
   step = jax.tree.map(lambda p: jnp.where(ok, p, 0.0), step)

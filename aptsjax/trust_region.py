@@ -159,9 +159,9 @@ def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params
   finite_grad = _stack.all_finite(trial_grad)
   accept, shrink, grow = ratio_test(jnp.where(finite_grad, actual, -jnp.inf),
                                     result.predicted_reduction, hp)
-  if memory is not None:
+  if memory is not None:  # the pair of every trial step, unless its loss or gradient is not finite
     y = jax.tree.map(lambda a, b: a - b, trial_grad, grad)
-    memory = lsr1.update(memory, result.step, y)
+    memory = lsr1.update(memory, result.step, y, valid=jnp.isfinite(trial_loss) & finite_grad)
   choose = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
   return Iterate(
       params=choose(trial, params), loss=jnp.where(accept, trial_loss, loss),
