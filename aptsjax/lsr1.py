@@ -9,7 +9,8 @@ B_{j+1} = B_j + r r^T / (r.s_j), r = y_j - B_j s_j, started from B_0 = gamma I o
 
 Pairs live in a ring buffer of ``memory`` slots (stacks whose leaves have shape
 ``(memory, *leaf.shape)``) with the k-by-k Gram matrices S^T S, S^T Y and Y^T Y kept up to date
-with O(n k) work per pair, so that everything that depends on gamma is O(k^3). An ``update``:
+with O(n k) work per pair, so that everything that depends on gamma is O(k^3) (``compact``:
+the compact form is kept factored in an orthonormal basis of span(S, Y)). An ``update``:
 
 1. rejects a pair with a non-finite entry (the state is returned unchanged);
 2. tests the SR1 safeguard against the current B (explicitly, one pass over n):
@@ -17,7 +18,7 @@ with O(n k) work per pair, so that everything that depends on gamma is O(k^3). A
 3. inserts the pair into the ring, dropping the oldest;
 4. recomputes gamma from the stored pairs (:func:`choose_gamma`);
 5. recomputes the in-use mask from scratch, oldest to newest, each pair tested against the
-   recursion from gamma I over the kept pairs before it (:func:`in_use_mask`); a pair masked out
+   recursion from gamma I over the kept pairs before it (``compact.factor``); a pair masked out
    can come back when gamma changes;
 6. sets gamma = 0 while no pair is in use (B = 0: the first step of a method built on this is the
    first-order step, with no hidden learning rate).
@@ -34,6 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from aptsjax import _stack
+from aptsjax import compact
+from aptsjax.compact import Spectral
+from aptsjax.compact import r_tol
+from aptsjax.compact import rank_tol
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -47,23 +52,7 @@ def _eps(dtype) -> float:
   return float(jnp.finfo(dtype).eps)
 
 
-def r_tol(dtype) -> float:
-  """The SR1 safeguard's relative tolerance: max(1e-8, 100 eps) (1e-8 in float64, 1.2e-5 in f32)."""
-  return max(1e-8, 100.0 * _eps(dtype))
-
-
-def rank_tol(dtype) -> float:
-  """Eigenvalue threshold of a column-normalized (unit-diagonal) Gram matrix.
-
-  Directions below it are dropped as dependent: 10 eps in float32 (1.2e-6: singular values
-  below ~1e-3 of the largest are at the rounding level of the Gram entries, METHOD.md section
-  7), 1e-12 in float64. The Gram matrices are normalized to unit diagonal first, so pairs of
-  very different lengths are not mistaken for dependent ones.
-  """
-  return max(1e-12, 10.0 * _eps(dtype))
-
-
-_NOISE = 100.0  # multiple of eps below which a quantity computed from Gram matrices is noise.
+_NOISE = compact.NOISE
 
 
 class LSR1State(NamedTuple):
@@ -81,6 +70,10 @@ class LSR1State(NamedTuple):
       ``count % memory``).
     gamma: scalar, B_0 = gamma I.
     in_use: ``(memory,)`` bool, the pairs that define B (stored and passing the recursion test).
+    basis: ``(2 memory, 2 memory)`` coefficients W: Z = [S Y] W is an orthonormal basis of
+      span(S, Y) on its ``basis_keep`` columns.
+    basis_keep: ``(2 memory,)`` bool, the columns of W in use.
+    core: ``(2 memory, 2 memory)`` K with B = gamma I + Z K Z^T (``compact``).
   """
   s: PyTree
   y: PyTree
@@ -91,6 +84,9 @@ class LSR1State(NamedTuple):
   count: jax.Array
   gamma: jax.Array
   in_use: jax.Array
+  basis: jax.Array
+  basis_keep: jax.Array
+  core: jax.Array
 
 
 def memory_size(state: LSR1State) -> int:
@@ -123,7 +119,10 @@ def init(params: PyTree, memory: int = 10) -> LSR1State:
   return LSR1State(
       s=jax.tree.map(zeros, params), y=jax.tree.map(zeros, params), ss=small, sy=small, yy=small,
       stamp=jnp.full((memory,), -1, jnp.int32), count=jnp.zeros((), jnp.int32),
-      gamma=jnp.zeros((), dtype), in_use=jnp.zeros((memory,), bool))
+      gamma=jnp.zeros((), dtype), in_use=jnp.zeros((memory,), bool),
+      basis=jnp.zeros((2 * memory, 2 * memory), dtype),
+      basis_keep=jnp.zeros((2 * memory,), bool),
+      core=jnp.zeros((2 * memory, 2 * memory), dtype))
 
 
 def time_symmetric(sy: jax.Array, stamp: jax.Array) -> jax.Array:
@@ -134,13 +133,6 @@ def time_symmetric(sy: jax.Array, stamp: jax.Array) -> jax.Array:
   """
   newer = stamp[:, None] >= stamp[None, :]
   return jnp.where(newer, sy, sy.T)
-
-
-def _masked_inverse(a: jax.Array, mask: jax.Array) -> jax.Array:
-  """Inverse of ``a`` restricted to ``mask`` (rows and columns outside it are zero)."""
-  both = mask[:, None] & mask[None, :]
-  full = jnp.where(both, a, 0.0) + jnp.diag(jnp.where(mask, 0.0, 1.0).astype(a.dtype))
-  return jnp.where(both, jnp.linalg.inv(full), 0.0)
 
 
 def choose_gamma(ss: jax.Array, sy: jax.Array, stamp: jax.Array, gamma_prev: jax.Array
@@ -172,70 +164,14 @@ def choose_gamma(ss: jax.Array, sy: jax.Array, stamp: jax.Array, gamma_prev: jax
   valid = stamp >= 0
   both = valid[:, None] & valid[None, :]
   # S W orthonormal on span(S); the pencil is only trusted on well-determined directions.
-  w, keep = _eig_basis(ss, valid, tol=float(np.sqrt(_eps(ss.dtype))))
+  w, keep, _ = compact.eig_basis(ss, valid, tol=float(np.sqrt(_eps(ss.dtype))))
   c = _mm(_mm(w.T, jnp.where(both, time_symmetric(sy, stamp), 0.0)), w)
   scale = jnp.max(jnp.abs(c))
-  sentinel = 2.0 * scale + 1.0
+  sentinel = 2.0 * jnp.linalg.norm(c) + 1.0          # above every eigenvalue of c
   mu = jnp.linalg.eigvalsh(c + jnp.diag(jnp.where(keep, 0.0, sentinel)))
   mu_min = mu[0]
   ok = jnp.any(keep) & jnp.isfinite(mu_min) & (mu_min > _NOISE * _eps(ss.dtype) * scale)
   return jnp.where(ok, 0.5 * mu_min, gamma_prev).astype(ss.dtype)
-
-
-def in_use_mask(ss: jax.Array, sy: jax.Array, yy: jax.Array, stamp: jax.Array,
-                gamma: jax.Array) -> jax.Array:
-  """Returns the pairs in use: those the SR1 recursion from gamma I accepts, oldest first.
-
-  Pair j (in time order) is kept iff, with B_j the recursion over the kept pairs before it and
-  r = y_j - B_j s_j, the denominator d = s_j.r (the pivot of M^{-1}) satisfies
-  |d| > r_tol |s_j| |r|, |r| is above rounding noise and d above its own rounding noise. All of
-  it is computed from the k-by-k Gram matrices, in O(k^4) with k = memory: no pass over n.
-  The kept pairs make M^{-1} nonsingular (its LDL^T pivots in time order are the d's).
-
-  Args:
-    ss, sy, yy: the Gram matrices in slot order.
-    stamp: insertion numbers, -1 for empty slots.
-    gamma: B_0 = gamma I.
-
-  Returns:
-    A bool mask over the slots.
-  """
-  dtype = ss.dtype
-  eps, tol = _eps(dtype), r_tol(dtype)
-  k = stamp.shape[0]
-  valid = stamp >= 0
-  order = jnp.argsort(jnp.where(valid, stamp, jnp.iinfo(jnp.int32).max))
-  perm = lambda x: x[order][:, order]
-  a = perm(time_symmetric(sy, stamp) - gamma * ss)          # M^{-1} before masking.
-  pp = perm(yy - gamma * (sy + sy.T) + gamma**2 * ss)         # Psi^T Psi.
-  ss_t, yy_t, valid_t = perm(ss), perm(yy), valid[order]
-
-  def step(kept, t):
-    u = jnp.where(kept, a[:, t], 0.0)                          # Psi_K^T s_t.
-    w = _mm(_masked_inverse(a, kept), u)                       # M_K Psi_K^T s_t.
-    wpw = w @ _mm(pp, w)
-    d = a[t, t] - u @ w
-    r2 = jnp.maximum(pp[t, t] - 2.0 * (w @ pp[:, t]) + wpw, 0.0)
-    bs2 = jnp.maximum(gamma**2 * ss_t[t, t] + 2.0 * gamma * (u @ w) + wpw, 0.0)
-    s2, y2 = ss_t[t, t], yy_t[t, t]
-    # Rounding scale of r = psi_t - Psi_K w: the sizes of the terms summed, cancellation included.
-    terms = jnp.sum(jnp.abs(w) * jnp.sqrt(jnp.maximum(jnp.diagonal(pp), 0.0)))
-    scale = jnp.sqrt(y2) + jnp.sqrt(bs2) + jnp.abs(gamma) * jnp.sqrt(s2) + terms
-    keep = (valid_t[t] & jnp.isfinite(d) & jnp.isfinite(r2)
-            & (jnp.abs(d) > tol * jnp.sqrt(s2 * r2))
-            & (r2 > _NOISE * eps * scale**2)
-            & (jnp.abs(d) > _NOISE * eps * jnp.sqrt(s2) * scale))
-    return kept.at[t].set(keep), None
-
-  kept, _ = jax.lax.scan(step, _stack.match_varying(jnp.zeros((k,), bool), a[0, 0] + pp[0, 0]),
-                         jnp.arange(k))
-  return jnp.zeros((k,), bool).at[order].set(kept)
-
-
-def middle_matrix(state: LSR1State) -> jax.Array:
-  """Returns M = (D + L + L^T - gamma S^T S)^{-1} over the pairs in use (zero elsewhere)."""
-  minv = time_symmetric(state.sy, state.stamp) - state.gamma * state.ss
-  return _masked_inverse(minv, state.in_use)
 
 
 def _check_vector(state: LSR1State, v: PyTree, name: str) -> None:
@@ -254,7 +190,7 @@ def matvec(state: LSR1State, v: PyTree) -> PyTree:
   """
   _check_vector(state, v, "v")
   v = jax.tree.map(lambda x, r: x.astype(r.dtype), v, jax.tree.map(lambda b: b[0], state.s))
-  low_rank = psi_combine(state, _mm(middle_matrix(state), psi_dot(state, v)))
+  low_rank = compact.low_rank_matvec(state.s, state.y, state.basis, state.core, v)
   return jax.tree.map(lambda x, l: state.gamma.astype(x.dtype) * x + l, v, low_rank)
 
 
@@ -286,14 +222,8 @@ def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = Tru
   y = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), y)
 
   # (2) The safeguard against the current B, computed explicitly.
-  # The Gram patches; <s_i, s> and <y_i, s> also give Psi^T s for B s.
-  s_dots, y_dots = _stack.dot(state.s, s), _stack.dot(state.y, s)   # <s_i, s>, <y_i, s>
-  sy_col, yy_col = _stack.dot(state.s, y), _stack.dot(state.y, y)   # <s_i, y>, <y_i, y>
-
   # (2) The safeguard against the current B, computed explicitly: r = y - B s.
-  psi_s = jnp.where(state.in_use, y_dots - state.gamma * s_dots, 0.0)
-  low_rank = psi_combine(state, _mm(middle_matrix(state), psi_s))
-  bs = jax.tree.map(lambda x, l: state.gamma.astype(x.dtype) * x + l, s, low_rank)
+  bs = matvec(state, s)
   r = jax.tree.map(lambda a, b: a - b, y, bs)
   s_norm, r_norm = _norm(s), _norm(r)
   y_norm, bs_norm = _norm(y), _norm(bs)
@@ -303,6 +233,8 @@ def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = Tru
 
   # (3) Insert into slot j (the oldest pair, if the ring is full) and patch the Gram matrices.
   j = state.count % k
+  s_dots, y_dots = _stack.dot(state.s, s), _stack.dot(state.y, s)   # <s_i, s>, <y_i, s>
+  sy_col, yy_col = _stack.dot(state.s, y), _stack.dot(state.y, y)   # <s_i, y>, <y_i, y>
   ss_jj, sy_jj, yy_jj = _vdot(s, s), _vdot(s, y), _vdot(y, y)
   set_row_col = lambda m, row, col: m.at[j, :].set(row).at[:, j].set(col)
   ss_col = s_dots.at[j].set(ss_jj)
@@ -313,17 +245,20 @@ def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = Tru
   stamp = state.stamp.at[j].set(state.count)
 
   # (4)-(6) gamma, then the in-use mask under it; gamma = 0 while nothing is in use.
-  gamma = choose_gamma(ss, sy, stamp, state.gamma)
-  in_use = in_use_mask(ss, sy, yy, stamp, gamma)
-  gamma = jnp.where(jnp.any(in_use), gamma, 0.0).astype(dtype)
-
   pick = lambda new, old: jnp.where(accept, new, old)
   insert = lambda buf, x: buf.at[j].set(jnp.where(accept, x, buf[j]))
+  new_s, new_y = jax.tree.map(insert, state.s, s), jax.tree.map(insert, state.y, y)
+  gamma = choose_gamma(ss, sy, stamp, state.gamma)
+  fac = compact.factor(ss, sy, yy, stamp, gamma, new_s, new_y)
+  gamma = jnp.where(jnp.any(fac.in_use), gamma, 0.0).astype(dtype)
+  core = jnp.where(jnp.any(fac.in_use), fac.core, 0.0)
   return LSR1State(
-      s=jax.tree.map(insert, state.s, s), y=jax.tree.map(insert, state.y, y),
+      s=new_s, y=new_y,
       ss=pick(ss, state.ss), sy=pick(sy, state.sy), yy=pick(yy, state.yy),
       stamp=pick(stamp, state.stamp), count=pick(state.count + 1, state.count),
-      gamma=pick(gamma, state.gamma), in_use=pick(in_use, state.in_use))
+      gamma=pick(gamma, state.gamma), in_use=pick(fac.in_use, state.in_use),
+      basis=pick(fac.basis, state.basis), basis_keep=pick(fac.keep, state.basis_keep),
+      core=pick(core, state.core))
 
 
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
@@ -359,94 +294,20 @@ def dense_pairs(state: LSR1State) -> tuple[np.ndarray, np.ndarray, float]:
   return as_matrix(s_rows), as_matrix(y_rows), float(state.gamma)
 
 
-class Spectral(NamedTuple):
-  """Thin spectral decomposition of B = gamma I + P_par diag(lam - gamma) P_par^T.
-
-  P_par = Psi coef = Y coef - gamma S coef is never formed: ``psi_coefficients`` turns a
-  coefficient vector on P_par into one on S and Y.
-
-  Attributes:
-    coef: ``(k, k)`` coefficients of P_par's columns on Psi's (invalid columns zero).
-    lam: ``(k,)`` eigenvalues of B on span(P_par) (meaningful where ``valid``).
-    valid: ``(k,)`` bool, the columns of P_par that are real directions (the first ``rank``).
-    gamma: the eigenvalue of B on the orthogonal complement of span(P_par).
-  """
-  coef: jax.Array
-  lam: jax.Array
-  valid: jax.Array
-  gamma: jax.Array
-
-
-def psi_gram(state: LSR1State) -> jax.Array:
-  """Psi^T Psi = Y^T Y - gamma (S^T Y + Y^T S) + gamma^2 S^T S over the pairs in use (O(k^2))."""
-  g = state.gamma
-  pp = state.yy - g * (state.sy + state.sy.T) + g**2 * state.ss
-  both = state.in_use[:, None] & state.in_use[None, :]
-  return jnp.where(both, pp, 0.0)
-
-
-def _eig_basis(gram_matrix: jax.Array, mask: jax.Array, tol: float | None = None
-               ) -> tuple[jax.Array, jax.Array]:
-  """Coefficients W with A W orthonormal for a stack A of Gram matrix ``gram_matrix``.
-
-  The Gram matrix is normalized to unit diagonal (Jacobi scaling) before its
-  eigen-decomposition; directions whose eigenvalue is below ``rank_tol`` of the largest are
-  dropped (zero columns, ``keep`` False), so dependent columns never break anything and shapes
-  stay fixed.
-  """
-  diag = jnp.diagonal(gram_matrix)
-  mask = mask & (diag > 0)
-  inv_norm = jnp.where(mask, jax.lax.rsqrt(jnp.where(mask, diag, 1.0)), 0.0)
-  both = mask[:, None] & mask[None, :]
-  e, v = jnp.linalg.eigh(jnp.where(both, inv_norm[:, None] * gram_matrix * inv_norm[None, :], 0.0))
-  tol = rank_tol(gram_matrix.dtype) if tol is None else tol
-  keep = e > tol                                       # unit diagonal: eigenvalues average 1
-  w = v * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, e, 1.0)), 0.0)[None, :]
-  return inv_norm[:, None] * w, keep
-
-
 def spectral(state: LSR1State) -> Spectral:
-  """Returns the thin spectral decomposition of B (METHOD.md sections 4 and 7), in O(k^3).
+  """The thin spectral decomposition of B (METHOD.md section 4, steps 1-2), in O(k^3).
 
-  No pass over n: Psi^T Psi comes from the cached Gram matrices. An orthonormal basis
-  Q = Psi W of range(Psi) comes from the eigen-decomposition of the *column-normalized* Gram
-  matrix D Psi^T Psi D (D = diag(1/|psi_i|)), so that pairs of very different lengths keep their
-  directions and only genuinely dependent directions (eigenvalue below ``rank_tol`` of the
-  largest) are dropped; a column whose norm is at the rounding level of Y - gamma S (catastrophic
-  cancellation) is dropped too. Then R M R^T = U Lambda_hat U^T with R = Q^T Psi, and
-  P_par = Q U.
-
-  Args:
-    state: an ``LSR1State``.
-
-  Returns:
-    A ``Spectral`` tuple.
+  P_par = Z U = [S Y] coef and the eigenvalues lam = gamma + eig(K) on span(S, Y);
+  gamma on its orthogonal complement. See ``compact``.
   """
-  gamma, dtype = state.gamma, state.ss.dtype
-  k = memory_size(state)
-  eps = _eps(dtype)
-  pp = psi_gram(state)
-  noise = _NOISE * eps * (jnp.diagonal(state.yy) + gamma**2 * jnp.diagonal(state.ss))
-  w, keep = _eig_basis(pp, state.in_use & (jnp.diagonal(pp) > noise))   # Q = Psi W
-  r = _mm(w.T, pp)                                              # R = Q^T Psi
-  c = _mm(_mm(r, middle_matrix(state)), r.T)
-  c = 0.5 * (c + c.T)
-  both = keep[:, None] & keep[None, :]
-  sentinel = 2.0 * jnp.max(jnp.abs(c)) + 1.0
-  lam_hat, u = jnp.linalg.eigh(jnp.where(both, c, 0.0) + jnp.diag(jnp.where(keep, 0.0, sentinel)))
-  valid = jnp.arange(k) < jnp.sum(keep)                         # sentinels sort last.
-  coef = jnp.where(valid[None, :], _mm(w, u), 0.0)
-  lam = jnp.where(valid, lam_hat + gamma, gamma)
-  return Spectral(coef=coef, lam=lam, valid=valid, gamma=gamma)
+  return compact.spectral(state.gamma, state.basis, state.basis_keep, state.core)
 
 
-def psi_dot(state: LSR1State, v: PyTree) -> jax.Array:
-  """Psi^T v = Y^T v - gamma S^T v (one pass over the stored pairs)."""
-  return jnp.where(state.in_use, _stack.dot(state.y, v) - state.gamma * _stack.dot(state.s, v), 0.0)
+def pair_dot(state: LSR1State, v: PyTree) -> jax.Array:
+  """[S Y]^T v (one pass over the stored pairs)."""
+  return compact.pair_dot(state.s, state.y, v)
 
 
-def psi_combine(state: LSR1State, c: jax.Array) -> PyTree:
-  """Psi c = Y c - gamma S c (one pass over the stored pairs), for c over the slots."""
-  c = jnp.where(state.in_use, c, 0.0)
-  return jax.tree.map(lambda a, b: a - state.gamma.astype(a.dtype) * b,
-                      _stack.combine(state.y, c), _stack.combine(state.s, c))
+def pair_combine(state: LSR1State, c: jax.Array) -> PyTree:
+  """[S Y] c (one pass over the stored pairs)."""
+  return compact.pair_combine(state.s, state.y, c)

@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from aptsjax import _stack
+from aptsjax import compact
 from aptsjax import lsr1
 
 PyTree = Any
 
-_NEWTON_TOL = 1e-5      # |p| within this relative distance of the radius ends Newton.
+_NEWTON_TOL = 1e-5      # |p| within max(this, 100 eps) of the radius (relative) ends Newton.
 _NEWTON_MAX_ITERS = 60  # cap on Newton iterations (monotone convergence needs far fewer).
 
 
@@ -98,12 +99,8 @@ def _stack_norm(tree: PyTree) -> jax.Array:
 
 def _complement_vector(state: lsr1.LSR1State, spec: lsr1.Spectral, like: PyTree) -> PyTree:
   """A unit vector orthogonal to span(P_par): a fixed pattern with its P_par part removed."""
-  offsets = np.cumsum([0] + [int(np.prod(x.shape)) for x in jax.tree.leaves(like)])[:-1]
-  leaves, treedef = jax.tree.flatten(like)
-  pattern = [jnp.cos(0.7548776662 * (o + 1 + jnp.arange(x.size, dtype=x.dtype))).reshape(x.shape)
-             for o, x in zip(offsets, leaves)]
-  z0 = jax.tree.unflatten(treedef, pattern)
-  proj = lsr1.psi_combine(state, spec.coef @ (spec.coef.T @ lsr1.psi_dot(state, z0)))
+  z0 = compact.complement_pattern(like)
+  proj = lsr1.pair_combine(state, spec.coef @ (spec.coef.T @ lsr1.pair_dot(state, z0)))
   z = jax.tree.map(lambda a, b: a - b, z0, proj)
   zn = _stack_norm(z)
   return jax.tree.map(lambda x: jnp.where(zn > 0, x / jnp.where(zn > 0, zn, 1.0), 0.0), z)
@@ -127,16 +124,19 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   dtype = state.ss.dtype
   eps = float(jnp.finfo(dtype).eps)
   zero_tol = 1e3 * eps
+  # Quadratic convergence makes a tight tolerance cheap; in float64 it keeps the step a smooth
+  # function of the data (a loose stop would let rounding change the iteration count).
+  newton_tol = min(_NEWTON_TOL, 100.0 * eps)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(like))
-  k = lsr1.memory_size(state)
   radius = jnp.asarray(radius, dtype)
   finite = _stack.all_finite(g) & jnp.isfinite(radius) & (radius > 0)
   g = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), g)
   delta = jnp.where(finite, radius, 1.0)
 
   spec = lsr1.spectral(state)
-  a_par = jnp.where(spec.valid, spec.coef.T @ lsr1.psi_dot(state, g), 0.0)
-  g_perp = jax.tree.map(lambda x, p: x - p, g, lsr1.psi_combine(state, spec.coef @ a_par))
+  k = spec.valid.shape[0]                        # 2 memory eigen-directions at most
+  a_par = jnp.where(spec.valid, spec.coef.T @ lsr1.pair_dot(state, g), 0.0)
+  g_perp = jax.tree.map(lambda x, p: x - p, g, lsr1.pair_combine(state, spec.coef @ a_par))
   gperp_norm = _stack_norm(g_perp)
   gnorm = _stack_norm(g)
   has_complement = jnp.sum(spec.valid) < n
@@ -176,7 +176,7 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   def cond(carry):
     t, it = carry
     pn, _ = pnorm_and_slope(t)
-    return (~inside) & (it < _NEWTON_MAX_ITERS) & (pn - delta > _NEWTON_TOL * delta)
+    return (~inside) & (it < _NEWTON_MAX_ITERS) & (pn - delta > newton_tol * delta)
 
   def body(carry):
     t, it = carry
@@ -209,7 +209,7 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   tau_perp = jnp.where(z_in_par, 0.0, tau)
   step = jax.tree.map(
       lambda p, gp, z: p + perp_coef.astype(p.dtype) * gp + tau_perp.astype(p.dtype) * z,
-      lsr1.psi_combine(state, spec.coef @ xs), g_perp, z_perp)
+      lsr1.pair_combine(state, spec.coef @ xs), g_perp, z_perp)
   # Rounding (P_par is orthonormal only to working precision) changes |p| slightly: scale by f
   # so that |p| <= radius always, and the predicted reduction with it.
   # A boundary (or hard-case) step is scaled to length exactly radius, an interior one only down.

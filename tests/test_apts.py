@@ -68,7 +68,10 @@ def test_shard_map_matches_one_device_float64(x64, second_order):
   four = run_trainer(4, second_order, iters, jnp.float64)
   assert_close(four[0], one[0], 1e-8)
   assert_close((four[1].loss, four[1].radius), (one[1].loss, one[1].radius), 1e-8)
-  assert_close(four[1].local_state, one[1].local_state, 1e-8)
+  if second_order:  # the pairs and gamma (the factor's basis is only unique up to rotation)
+    for name in ("s", "y", "gamma"):
+      assert_close(getattr(four[1].local_state, name), getattr(one[1].local_state, name), 1e-8)
+    np.testing.assert_array_equal(four[1].local_state.in_use, one[1].local_state.in_use)
 
 
 @pytest.mark.parametrize("second_order", [False, True])
