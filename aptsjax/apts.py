@@ -98,9 +98,9 @@ def trust_region_local_solver(hp: tr.Hyperparams, num_steps: int, second_order: 
       done = dist(out.params) >= (1.0 - LOCAL_STOP) * bound
       return it + 1, out.params, out.loss, out.grad, out.radius, out.memory, done
 
+    bound = jnp.asarray(bound, loss.dtype)
     start = _stack.match_varying(
-        (jnp.zeros((), jnp.int32), params, loss, grad, jnp.asarray(bound, loss.dtype), state,
-         jnp.asarray(False)), loss)
+        (jnp.zeros((), jnp.int32), params, loss, grad, bound, state, ~(bound > 0)), loss)
     it, p, f, _, _, mem, _ = jax.lax.while_loop(cond, body, start)
     return LocalResult(params=p, loss=f, state=mem, num_steps=it)
 
@@ -301,7 +301,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     ok = jnp.isfinite(loss_k) & _stack.all_finite(grads)
 
     # Local trust-region iterations on f_i, vmapped over this device's subdomains.
-    bound = state.radius / n_sub
+    bound = jnp.where(ok, state.radius / n_sub, 0.0)   # 0: no local iterations (a no-op update)
     theta_k = to_varying(params, axis_name)
     g_k = to_varying(grads, axis_name)
 
@@ -331,14 +331,14 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     radius = tr.update_radius(state.radius, shrink, grow, hp)
     gmem = state.global_memory
     if gmem is not None:
-      gmem = lsr1.update(gmem, s_sum, optax.tree.sub(grad_t, grads))
+      gmem = lsr1.update(gmem, s_sum, optax.tree.sub(grad_t, grads), valid=ok)
     pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(accept, x, y), a, b)
     theta, loss, grad = pick(trial, params), jnp.where(accept, loss_t, loss_k), pick(grad_t, grads)
 
     # Global trust-region steps.
     def global_step(_, c):
       theta, loss, grad, radius, gmem, _, changed = c
-      out = tr.iterate(global_value_and_grad, theta, loss, grad, radius, gmem, hp)
+      out = tr.iterate(global_value_and_grad, theta, loss, grad, radius, gmem, hp, store_pair=ok)
       return out.params, out.loss, out.grad, out.radius, out.memory, out.stalled, changed | out.accepted
 
     theta, loss, grad, radius, gmem, stalled, changed = jax.lax.fori_loop(
@@ -353,7 +353,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
         predicted_reduction=jnp.where(ok, predicted, 0.0),
         actual_reduction=jnp.where(ok, actual, 0.0).astype(dtype),
         local_steps=jnp.where(ok, num_steps, 0).astype(jnp.int32),
-        local_state=keep(local_state, state.local_state), global_memory=keep(gmem, state.global_memory))
+        local_state=local_state, global_memory=gmem)
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

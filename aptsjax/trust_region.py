@@ -132,7 +132,8 @@ class Iterate(NamedTuple):
 
 def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params: PyTree,
             loss: jax.Array, grad: PyTree, radius: jax.Array, memory: lsr1.LSR1State | None,
-            hp: Hyperparams, step_cap: jax.Array | None = None) -> Iterate:
+            hp: Hyperparams, step_cap: jax.Array | None = None,
+            store_pair: jax.Array | bool = True) -> Iterate:
   """One TR iteration from ``params`` with known ``loss`` and ``grad`` (one value-and-grad call).
 
   Args:
@@ -145,6 +146,7 @@ def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params
     hp: the constants.
     step_cap: optional extra bound on the step length (APTS: the room left in the local region);
       the step is solved with radius min(radius, step_cap); the radius update uses ``radius``.
+    store_pair: False keeps the L-SR1 memory as it is (the caller will discard the iteration).
 
   Returns:
     An ``Iterate``: the new point with its loss and gradient (the trial's when accepted), the
@@ -161,7 +163,8 @@ def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params
                                     result.predicted_reduction, hp)
   if memory is not None:  # the pair of every trial step, unless its loss or gradient is not finite
     y = jax.tree.map(lambda a, b: a - b, trial_grad, grad)
-    memory = lsr1.update(memory, result.step, y, valid=jnp.isfinite(trial_loss) & finite_grad)
+    memory = lsr1.update(memory, result.step, y,
+                         valid=jnp.isfinite(trial_loss) & finite_grad & store_pair)
   choose = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
   return Iterate(
       params=choose(trial, params), loss=jnp.where(accept, trial_loss, loss),
@@ -276,8 +279,9 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
     loss = loss.astype(state.radius.dtype)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     value_and_grad = jax.value_and_grad(lambda p: scalar_loss(loss_fn, p, batch))
-    out = iterate(value_and_grad, params, loss, grads, state.radius, state.memory, hp)
     ok = jnp.isfinite(loss) & _stack.all_finite(grads)
+    out = iterate(value_and_grad, params, loss, grads, state.radius, state.memory, hp,
+                  store_pair=ok)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     accepted = ok & out.accepted
     updates = jax.tree.map(lambda a, b: jnp.where(accepted, a, jnp.zeros_like(a)),
@@ -289,7 +293,7 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
         num_accepted=state.num_accepted + accepted.astype(jnp.int32),
         predicted_reduction=jnp.where(ok, out.predicted, 0.0).astype(loss.dtype),
         actual_reduction=jnp.where(ok, out.actual, 0.0).astype(loss.dtype),
-        memory=keep(out.memory, state.memory))
+        memory=out.memory)
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
