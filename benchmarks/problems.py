@@ -27,8 +27,8 @@ float64 data: float64 when ``jax_enable_x64`` is on, float32 otherwise.
   (0, d, 0, d, ...) plus a seeded perturbation of size 1e-3 per coordinate.
 
 ``nearest_minimiser(problem, x)`` gives the global minimiser nearest to x (``x_star`` except for
-the saddle problem). ``get_problems(n)`` lists every problem at size n: the scalable ones valid at n and the
-fixed-size ones (Beale) at their own size.
+the saddle problem). ``get_problems(n)`` lists every problem at size n: the scalable ones valid
+at n and the fixed-size ones (Beale) at their own size.
 """
 from __future__ import annotations
 

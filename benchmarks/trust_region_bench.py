@@ -379,6 +379,15 @@ def verdict(rows: Sequence[Row]) -> str:
   return "\n".join(lines)
 
 
+def machine_load() -> str:
+  """CPU count and 1/5/15-minute load averages: timings are only comparable on an idle machine."""
+  try:
+    loads = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+  except OSError:
+    loads = "unknown"
+  return f"{os.cpu_count()} CPUs, load average {loads}"
+
+
 def main(argv: Sequence[str] | None = None) -> list[Row]:
   """Command-line entry point."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -395,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
   sizes = QUICK_SIZES if args.quick else SIZES
   options = tr_options()
   print(f"aptsjax.trust_region options: memory={MEMORY}, {options}; tolerance |g|_2 <= {TOL}; "
-        f"caps {caps}", flush=True)
+        f"caps {caps}; {machine_load()}", flush=True)
   rows = []
   start = time.perf_counter()
   for problem in benchmark_problems(sizes):
@@ -405,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
       print(f"[{time.perf_counter() - start:6.1f}s] {row.problem:10s} n={row.n:<5d} "
             f"{row.method:13s} it={row.iterations:<6d} |g|={row.grad_norm:.1e} {row.status}",
             flush=True)
-  table, summary = markdown_table(rows), verdict(rows)
+  table, summary = markdown_table(rows), verdict(rows) + f"\nAt the end: {machine_load()}."
   print("\n" + table + "\n\n" + summary)
   os.makedirs(args.out, exist_ok=True)
   write_csv(rows, os.path.join(args.out, "results.csv"))
