@@ -38,6 +38,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from aptsjax import _stack
+from aptsjax import data
 from aptsjax import lsr1
 from aptsjax import trust_region as tr
 
@@ -179,22 +180,6 @@ def _device_count(axis_name: str | None) -> int:
                      "jax.pmap over that axis, or use axis_name=None on one device.") from e
 
 
-def split_blocks(batch: Any, num_blocks: int) -> Any:
-  """Reshapes every leaf (rows, ...) to (num_blocks, rows // num_blocks, ...), in order."""
-  leaves = jax.tree.leaves(batch)
-  if not leaves:
-    raise ValueError("apts needs a batch with at least one array.")
-  rows = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-  if len(rows) != 1 or None in rows:
-    raise ValueError(f"all batch leaves must share a leading row axis, got row counts {rows}.")
-  (m,) = rows
-  if m % num_blocks:
-    raise ValueError(f"the batch has {m} rows on this device, not divisible by its {num_blocks} "
-                     "subdomains; trim it (aptsjax.data.trim_rows) or change num_subdomains.")
-  return jax.tree.map(lambda x: jnp.reshape(x, (num_blocks, m // num_blocks) + jnp.shape(x)[1:]),
-                      batch)
-
-
 def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree
                     ) -> Callable[[PyTree], jax.Array]:
   """The local objective (3)-(4): f_i(theta) = f(theta; D_i) + <r_i, theta - theta^k>.
@@ -276,8 +261,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     if state.local_steps.shape != (n_local,):
       raise ValueError(f"the state holds {state.local_steps.shape[0]} subdomains here, expected "
                        f"{n_local}: shard it with aptsjax.state_specs (shard_map) or "
-                       "aptsjax.pmap_state (pmap).")
-    blocks = split_blocks(batch, n_local)
+                       "aptsjax.parallel.pmap_state (pmap).")
+    blocks = data.split_subdomains(batch, n_local)   # this device's subdomains, in order
     dtype = state.radius.dtype
 
     def total(x):  # sum over this device's subdomains, then over devices.

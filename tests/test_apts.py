@@ -278,7 +278,7 @@ def test_bad_configuration_errors():
   with pytest.raises(ValueError, match="divisible"):
     tx.update(g, tx.init(params), params, batch=batch)
   tx = aptsjax.apts(mlp_loss, num_subdomains=4)
-  with pytest.raises(ValueError, match="leading row axis"):
+  with pytest.raises(ValueError, match="disagree on the number of rows"):
     tx.update(g, tx.init(params), params, batch=(batch[0], batch[1][:10]))
   tx = aptsjax.apts(mlp_loss, num_subdomains=4, axis_name="data")
   with pytest.raises(ValueError, match="not bound"):
