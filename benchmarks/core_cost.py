@@ -187,13 +187,14 @@ def breakdown(n: int, memory: int, budget_s: float) -> list[tuple[str, float]]:
   coef = jnp.eye(memory, dtype=jnp.float32)
   ma = jax.jit(obs.solve).lower(grad, state, radius).compile().memory_analysis()
   print(f"\nobs.solve memory_analysis() at n={n:,}, k={memory}: {ma}", flush=True)
+  two_k = jnp.ones((2 * memory,), jnp.float32)
   pieces = (("obs.solve (total)", obs.solve, (grad, state, radius)),
-            ("lsr1.spectral (inside solve)", lsr1.spectral, (state,)),
-            ("_stack.gram(S, Y) (k x k, one read)", _stack.gram, (s, y)),
-            ("_stack.combine_matrix(S, C) (writes k x n)", _stack.combine_matrix, (s, coef)),
-            ("Psi = Y - gamma S (writes k x n)", lambda a, b, g: b - g * a, (s, y, state.gamma)),
-            ("_stack.dot(S, g) (one read of S)", _stack.dot, (s, grad)),
-            ("_stack.combine(S, c) (writes n)", _stack.combine, (s, coef[0])),
+            ("lsr1.spectral (O(k^3), inside solve)", lsr1.spectral, (state,)),
+            ("lsr1.pair_dot: [S Y]^T g (one read of S, Y)", lsr1.pair_dot, (state, grad)),
+            ("lsr1.pair_combine: [S Y] c (one read, writes n)", lsr1.pair_combine, (state, two_k)),
+            ("_stack.gram(S, Y) (re-orthogonalization only)", _stack.gram, (s, y)),
+            ("_stack.combine_matrix(S, C) (re-orthogonalization only)", _stack.combine_matrix,
+             (s, coef)),
             ("floor: sum(S) + sum(Y)", floor_sum, (s, y)))
   return [(name, time_jitted(fn, args, budget_s, 10)[0]["ms"]) for name, fn, args in pieces]
 
