@@ -1,0 +1,319 @@
+"""The paper's experiments (section 3): APTS and SAPTS vs plain TR and tuned Adam and SGD.
+
+Run from the repository root::
+
+    python -m benchmarks.paper                 # MNIST-5k, 30 epochs, 3 trials, every method
+    python -m benchmarks.paper --quick         # a < 2 minute smoke run
+    python -m benchmarks.paper --full          # the paper's protocol: 100 epochs, 10 trials
+    python -m benchmarks.paper --dataset mnist --data-dir ~/data/mnist
+    python -m benchmarks.paper --methods "APTS N=2 o2" Adam
+
+Protocol (see /work/shared/ISSUE-NOTES.md, "#5 paper benchmark"): Adam and SGD learning rates are
+chosen on a validation split (the last 500 training rows held out) over 13 rates log-spaced in
+1e-5..1e-1, one seed each, by the final validation accuracy; the chosen rate then runs with every
+seed on the whole training set. APTS runs full batch without overlap; SAPTS, Adam and SGD use
+minibatches of 1/6 of the training rows rounded down to a multiple of 12 (660 rows on MNIST-5k;
+SAPTS with 5% overlap between subdomains and between consecutive minibatches). An epoch is one pass over the training rows. Train loss (plain training set) and
+test accuracy are measured after every epoch outside the timed region. Forward and backward
+passes are samples processed / training rows (conventions in ``benchmarks.paper_methods``).
+
+Outputs under ``--out``: ``results.csv`` (per method, seed, epoch), ``lr_search.csv``,
+``figure_full.png`` and ``figure_minibatch.png`` (loss and accuracy vs epoch, mean and min-max
+band over trials, one column per model order) and ``summary.md`` (also printed): the final test
+accuracy per method (mean ± std over trials), the verdict against the target (APTS/SAPTS with
+default parameters >= tuned Adam - 0.5 points at the same epochs), and APTS/SAPTS accuracy at
+Adam's final backward passes and wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import datasets, models
+from benchmarks import paper_methods as pm
+
+LRS = tuple(float(x) for x in np.logspace(-5, -1, 13))
+QUICK_LRS = {"adam": (1e-3, 1e-2), "sgd": (1e-2, 1e-1)}
+QUICK_METHODS = ("APTS N=2 o1", "SAPTS N=2 o1", "SAPTS N=2 o2", "TR o2", "Adam", "SGD")
+TARGET_POINTS = 0.5
+QUICK_ROWS = 2000
+Row = dict[str, Any]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  """The command line (see the module docstring)."""
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--dataset", default="mnist5k", choices=datasets.NAMES)
+  p.add_argument("--data-dir", default=None, help="directory of the mnist / cifar10 files")
+  p.add_argument("--epochs", type=int, default=30)
+  p.add_argument("--trials", type=int, default=3, help="seeds per method")
+  p.add_argument("--quick", action="store_true", help="smoke run (< 2 min on 2 CPU cores)")
+  p.add_argument("--full", action="store_true", help="the paper's 100 epochs and 10 trials")
+  p.add_argument("--out", default="results/paper", help="output directory")
+  p.add_argument("--methods", nargs="+", default=None,
+                 help='subset by name, e.g. "APTS N=2 o2" "SAPTS N=4 o1" "TR o2" Adam SGD')
+  args = p.parse_args(argv)
+  if args.quick and args.full:
+    p.error("--quick and --full exclude each other")
+  if args.full:
+    args.epochs, args.trials = 100, 10
+  if args.quick:
+    args.epochs, args.trials = 3, 1
+  return args
+
+
+def select_methods(args: argparse.Namespace) -> list[pm.Method]:
+  """The methods to run: the default set, the quick set, or the ``--methods`` subset."""
+  methods = pm.all_methods()
+  names = args.methods or (QUICK_METHODS if args.quick else None)
+  if names is None:
+    return methods
+  known = {m.name: m for m in methods + pm.extra_methods()}
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise SystemExit(f"unknown methods {unknown}; choose from {sorted(known)}")
+  return [known[n] for n in names]
+
+
+def load_data(args: argparse.Namespace) -> datasets.Dataset:
+  """The data set; ``--quick`` keeps the first 2,000 training rows."""
+  ds = datasets.load(args.dataset, data_dir=args.data_dir)
+  if args.quick:
+    ds = ds._replace(x_train=ds.x_train[:QUICK_ROWS], y_train=ds.y_train[:QUICK_ROWS])
+  return ds
+
+
+def progress(total: int, desc: str) -> Any:
+  """A tqdm bar over epochs (a no-op stand-in when tqdm is missing)."""
+  try:
+    from tqdm import tqdm
+  except ImportError:  # pragma: no cover
+    class _Bar:
+      def update(self, n: int = 1) -> None: ...
+      def set_postfix_str(self, s: str) -> None: ...
+      def close(self) -> None: print(desc, "done", flush=True)
+    return _Bar()
+  return tqdm(total=total, desc=desc, leave=True, file=sys.stdout, mininterval=1.0)
+
+
+def train(runner: pm.Runner, evaluate: Any, seed: int, lr: float, epochs: int,
+          num_rows: int, label: str) -> list[Row]:
+  """One run: ``epochs`` epochs from seed ``seed``; one row per epoch (cumulative counts)."""
+  carry = runner.init(seed, lr)
+  totals = np.zeros(5)
+  rows, bar = [], progress(epochs, label)
+  for ep in range(epochs):
+    carry, work = runner.epoch(carry, ep, seed)
+    totals += np.asarray([work.iterations, work.forward_rows, work.backward_rows,
+                          work.allreduce_floats, work.seconds], dtype=float)
+    loss, acc = evaluate(carry[0])
+    m = runner.method
+    rows.append({"method": m.name, "kind": m.kind, "batching": m.batching, "order": m.order,
+                 "N": m.num_subdomains, "lr": lr, "seed": seed, "epoch": ep + 1,
+                 "train_loss": loss, "test_acc": acc, "wall_s": totals[4],
+                 "iterations": int(totals[0]), "forward_passes": totals[1] / num_rows,
+                 "backward_passes": totals[2] / num_rows, "allreduce_floats": totals[3]})
+    bar.set_postfix_str(f"loss {loss:.4f} acc {100 * acc:.2f}%")
+    bar.update(1)
+  bar.close()
+  return rows
+
+
+def tune_lr(runner: pm.Runner, val_ds: datasets.Dataset, module: Any, lrs: Sequence[float],
+            epochs: int) -> tuple[float, list[Row]]:
+  """Learning rate with the best final validation accuracy (seed 0), and every rate's rows."""
+  evaluate = pm.evaluator(module, val_ds)
+  out = []
+  for lr in lrs:
+    rows = train(runner, evaluate, 0, lr, epochs, len(val_ds.y_train),
+                 f"{runner.method.name} lr={lr:.2g} (val)")
+    out.append({"method": runner.method.name, "lr": lr, "val_acc": rows[-1]["test_acc"],
+                "val_train_loss": rows[-1]["train_loss"]})
+  finite = [r for r in out if np.isfinite(r["val_train_loss"])] or out
+  return max(finite, key=lambda r: r["val_acc"])["lr"], out
+
+
+def run_all(args: argparse.Namespace) -> tuple[list[Row], list[Row], datasets.Dataset]:
+  """Runs every selected method with ``args.trials`` seeds; returns result and LR rows."""
+  ds = load_data(args)
+  module = models.for_dataset(args.dataset)
+  evaluate = pm.evaluator(module, ds)
+  val_ds = datasets.validation_split(ds, min(datasets.MNIST5K_NUM_VAL, len(ds.y_train) // 8))
+  results, lr_rows = [], []
+  for method in select_methods(args):
+    lr = 0.0
+    if method.kind in ("adam", "sgd"):
+      lrs = QUICK_LRS[method.kind] if args.quick else LRS
+      tuner = pm.build(method, module, val_ds, pm.minibatch_size(len(ds.y_train)))
+      tuner.warmup()
+      lr, rows = tune_lr(tuner, val_ds, module, lrs, args.epochs)
+      lr_rows += rows
+      print(f"[lr] {method.name}: chosen {lr:.3g} on the validation split", flush=True)
+    runner = pm.build(method, module, ds)
+    compile_s = time.perf_counter()
+    runner.warmup()
+    print(f"[compile] {method.name}: {time.perf_counter() - compile_s:.1f} s "
+          f"(first step, untimed)", flush=True)
+    for seed in range(args.trials):
+      results += train(runner, evaluate, seed, lr, args.epochs, len(ds.y_train),
+                       f"{method.name} seed {seed}")
+  return results, lr_rows, ds
+
+
+def write_csv(path: Path, rows: list[Row]) -> None:
+  """Writes dict rows with the first row's keys as header."""
+  if not rows:
+    return
+  with path.open("w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def by_method(rows: list[Row]) -> dict[str, dict[int, list[Row]]]:
+  """Groups rows as method -> seed -> rows in epoch order."""
+  out: dict[str, dict[int, list[Row]]] = {}
+  for r in rows:
+    out.setdefault(r["method"], {}).setdefault(r["seed"], []).append(r)
+  return out
+
+
+def curves(runs: dict[int, list[Row]], key: str) -> np.ndarray:
+  """(trials, epochs) array of one column."""
+  return np.asarray([[r[key] for r in rows] for rows in runs.values()], dtype=float)
+
+
+def plot(rows: list[Row], batching: str, path: Path, title: str) -> bool:
+  """Figure in the style of the paper's Figures 1-2: loss and accuracy vs epoch, one column
+  per model order, mean line and min-max band over trials; Adam/SGD appear in both columns."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  groups = by_method(rows)
+  shown = {name: runs for name, runs in groups.items()
+           if next(iter(runs.values()))[0]["batching"] == batching
+           or next(iter(runs.values()))[0]["kind"] in ("adam", "sgd")}
+  if not any(next(iter(r.values()))[0]["kind"] in ("apts", "tr") for r in shown.values()):
+    return False
+  palette = plt.get_cmap("tab10").colors + plt.get_cmap("tab20").colors[1::2]
+  colors = {name: palette[i % len(palette)] for i, name in enumerate(sorted(shown))}
+  fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+  for col, order in enumerate(("o1", "o2")):
+    for name, runs in sorted(shown.items()):
+      first = next(iter(runs.values()))[0]
+      if first["kind"] not in ("adam", "sgd") and first["order"] != order:
+        continue
+      epochs = np.arange(1, curves(runs, "epoch").shape[1] + 1)
+      style = "--" if first["kind"] in ("adam", "sgd") else "-"
+      for row, (key, scale) in enumerate((("train_loss", 1.0), ("test_acc", 100.0))):
+        values = curves(runs, key) * scale
+        ax = axes[row, col]
+        ax.plot(epochs, values.mean(0), style, color=colors[name], label=name)
+        ax.fill_between(epochs, values.min(0), values.max(0), color=colors[name], alpha=0.2)
+    axes[0, col].set_title(f"{'first' if order == 'o1' else 'second'}-order models")
+    axes[0, col].set_yscale("log")
+    axes[0, col].set_ylabel("train loss")
+    axes[1, col].set_ylabel("test accuracy (%)")
+    axes[1, col].set_xlabel("epoch")
+    axes[1, col].legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def summarize(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
+  """Markdown table (final epoch, mean ± std over trials) and the verdict vs tuned Adam."""
+  lines = [f"## {args.dataset}: {args.epochs} epochs, {args.trials} trial(s)", "",
+           "| method | lr | test acc (%) | train loss | epochs | fwd passes | bwd passes "
+           "| wall (s) | all-reduced floats |", "|---|---|---|---|---|---|---|---|---|"]
+  final: dict[str, np.ndarray] = {}
+  for name, runs in by_method(rows).items():
+    last = [r[-1] for r in runs.values()]
+    mean = lambda k: float(np.mean([r[k] for r in last]))
+    acc = np.asarray([100 * r["test_acc"] for r in last])
+    final[name] = acc
+    lr = f"{last[0]['lr']:.2g}" if last[0]["kind"] in ("adam", "sgd") else "-"
+    lines.append(f"| {name} | {lr} | {acc.mean():.2f} ± {acc.std():.2f} | "
+                 f"{mean('train_loss'):.4f} | {last[0]['epoch']} | {mean('forward_passes'):.1f} | "
+                 f"{mean('backward_passes'):.1f} | {mean('wall_s'):.1f} | "
+                 f"{mean('allreduce_floats'):.3g} |")
+  lines += ["", *verdict(final), "", *equal_work(rows), "", f"Total run time {seconds:.0f} s (including compilation, "
+            "evaluation and learning-rate search)."]
+  return "\n".join(lines)
+
+
+def verdict(final: dict[str, np.ndarray]) -> list[str]:
+  """Target: APTS (default parameters) >= tuned Adam - 0.5 points at the same epochs."""
+  if "Adam" not in final:
+    return ["Verdict: Adam was not run, no comparison."]
+  target = final["Adam"].mean() - TARGET_POINTS
+  out = [f"Verdict (target: mean test accuracy >= tuned Adam {final['Adam'].mean():.2f} - "
+         f"{TARGET_POINTS} = {target:.2f}% at the same epochs):"]
+  apts = [n for n in final if "APTS" in n]
+  for name in apts:
+    acc = final[name].mean()
+    out.append(f"- {name}: {acc:.2f}% {'MEETS' if acc >= target else 'MISSES'} the target "
+               f"({acc - final['Adam'].mean():+.2f} points vs Adam)")
+  met = sum(final[n].mean() >= target for n in apts)
+  out.append(f"{met} of {len(apts)} APTS/SAPTS configurations meet the target.")
+  return out
+
+
+def at_budget(runs: dict[int, list[Row]], key: str, budget: float) -> tuple[float, int] | None:
+  """Mean test accuracy (%) at the last epoch whose mean ``key`` is within ``budget``."""
+  spent, acc = curves(runs, key).mean(0), curves(runs, "test_acc").mean(0)
+  within = np.nonzero(spent <= budget * (1 + 1e-9))[0]
+  return None if not len(within) else (100 * float(acc[within[-1]]), int(within[-1]) + 1)
+
+
+def equal_work(rows: list[Row]) -> list[str]:
+  """APTS/SAPTS accuracy at tuned Adam's final backward passes and final wall time."""
+  groups = by_method(rows)
+  if "Adam" not in groups:
+    return []
+  adam = groups["Adam"]
+  out = ["At equal work (APTS/SAPTS mean test accuracy at the last epoch within Adam's final "
+         "budget; Adam's own final accuracy "
+         f"{100 * curves(adam, 'test_acc').mean(0)[-1]:.2f}%):", "",
+         "| method | at Adam's backward passes | at Adam's wall time |", "|---|---|---|"]
+  for name, runs in groups.items():
+    if "APTS" not in name:
+      continue
+    cells = []
+    for key in ("backward_passes", "wall_s"):
+      hit = at_budget(runs, key, float(curves(adam, key).mean(0)[-1]))
+      cells.append("not reached (epoch 1 costs more)" if hit is None
+                   else f"{hit[0]:.2f}% (epoch {hit[1]})")
+    out.append(f"| {name} | {cells[0]} | {cells[1]} |")
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+  """Runs the benchmark; returns the result rows."""
+  args = parse_args(argv)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  start = time.perf_counter()
+  rows, lr_rows, _ = run_all(args)
+  write_csv(out / "results.csv", rows)
+  write_csv(out / "lr_search.csv", lr_rows)
+  for batching in ("full", "minibatch"):
+    plot(rows, batching, out / f"figure_{batching}.png",
+         f"{args.dataset}, {batching}-batch APTS (Adam/SGD: minibatches, dashed)")
+  text = summarize(rows, args, time.perf_counter() - start)
+  (out / "summary.md").write_text(text + "\n")
+  print(text, flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
