@@ -308,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
   write_csv(out / "lr_search.csv", lr_rows)
   for batching in ("full", "minibatch"):
     plot(rows, batching, out / f"figure_{batching}.png",
-         f"{args.dataset}, {batching}-batch APTS (Adam/SGD: minibatches, dashed)")
+         f"{args.dataset}, {'full-batch APTS' if batching == 'full' else 'SAPTS (minibatches)'}"
+         " (Adam/SGD: minibatches, dashed)")
   text = summarize(rows, args, time.perf_counter() - start)
   (out / "summary.md").write_text(text + "\n")
   print(text, flush=True)
