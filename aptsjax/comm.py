@@ -98,7 +98,3 @@ def allreduce_stats(compiled: Any) -> list[AllReduce]:
         records.append(AllReduce(name, elements, dtypes, name in looped))
   return records
 
-
-def allreduced_elements(compiled: Any) -> int:
-  """Total number of elements all-reduced by one execution outside loops (plus loops once)."""
-  return sum(r.elements for r in allreduce_stats(compiled))
