@@ -1,7 +1,9 @@
 """aptsjax: trust-region methods and data-parallel APTS for JAX, as optax transformations."""
 
+from aptsjax import checkpoint
 from aptsjax import comm
 from aptsjax import data
+from aptsjax import distributed
 from aptsjax import lsr1
 from aptsjax.apts import APTSState
 from aptsjax.apts import LocalSolver

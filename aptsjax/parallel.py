@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from aptsjax.apts import apts
 from aptsjax.apts import state_specs
 from aptsjax import data
+from aptsjax import distributed
 
 PyTree = Any
 
@@ -68,18 +69,28 @@ def unpmap_state(state: NamedTuple) -> NamedTuple:
 
 
 class Trainer(NamedTuple):
-  """A jitted APTS training step on one or several devices (see ``apts_trainer``).
+  """A jitted APTS training step on one or several devices and processes (see ``apts_trainer``).
 
   Attributes:
     tx: the ``aptsjax.apts`` transformation in use.
-    mesh: the device mesh (None on one device).
+    mesh: the device mesh over every process's devices (None on one device).
     axis_name: the mesh axis name (None on one device).
     num_subdomains: N.
     overlap: the fraction of shared rows in the subdomain layout.
-    init: ``params -> state``, placed on the devices.
-    shard_batch: ``batch -> batch`` laid out by ``aptsjax.data.overlapping_subdomains`` and
-      sharded over the devices (rows of subdomain i on the device that holds i).
+    init: ``params -> state``, placed on the devices (per-subdomain leaves sharded, the rest
+      replicated); checks at start-up that every process has the same parameter shapes.
+    shard_batch: ``batch -> batch``: the global batch (every process passes the same one; only
+      this process's rows are read, so a memory-mapped array costs only those rows) laid out by
+      ``aptsjax.data.overlapping_subdomains`` and sharded over the devices, subdomain i's rows on
+      the device that holds subdomain i.
     step: ``(params, state, batch) -> (params, state)``, jitted; ``batch`` from ``shard_batch``.
+      Params and the state's scalars come back replicated on every device of every process.
+    process_rows: ``num_rows -> indices``: the rows of an ``num_rows``-row global batch that this
+      process's devices hold, in order (own rows and shared rows of each of its subdomains).
+    shard_local_batch: ``(local_batch, num_rows) -> batch``: like ``shard_batch`` for a process
+      that loaded only ``take_rows(batch, process_rows(num_rows))`` itself.
+    replicate: ``params -> params`` as global arrays replicated on every device (``step`` does
+      this itself; use it to hand parameters to other jitted code on the mesh).
   """
   tx: optax.GradientTransformationExtraArgs
   mesh: jax.sharding.Mesh | None
@@ -89,23 +100,67 @@ class Trainer(NamedTuple):
   init: Callable[[PyTree], NamedTuple]
   shard_batch: Callable[[Any], Any]
   step: Callable[..., tuple[PyTree, NamedTuple]]
+  process_rows: Callable[[int], np.ndarray]
+  shard_local_batch: Callable[[Any, int], Any]
+  replicate: Callable[[PyTree], PyTree]
+
+
+def _by_process(devices: list) -> dict[int, list]:
+  groups: dict[int, list] = {}
+  for device in devices:
+    groups.setdefault(device.process_index, []).append(device)
+  return dict(sorted(groups.items()))
 
 
 def default_num_devices(num_subdomains: int, devices: list | None = None) -> int:
-  """The largest number of available devices that divides ``num_subdomains``."""
-  count = len(devices if devices is not None else jax.devices())
-  return max(d for d in range(1, min(count, num_subdomains) + 1) if num_subdomains % d == 0)
+  """The largest number of available devices that divides ``num_subdomains``.
+
+  With several processes it is a multiple of the process count using the same number of devices
+  on every process, so that every process takes part.
+  """
+  groups = _by_process(list(devices if devices is not None else jax.devices()))
+  procs, per = len(groups), min(len(g) for g in groups.values())
+  fits = [procs * k for k in range(1, per + 1) if num_subdomains % (procs * k) == 0]
+  if not fits:
+    raise ValueError(f"num_subdomains={num_subdomains} is not divisible by the {procs} processes; "
+                     "every process must hold the same number of subdomains.")
+  return max(fits)
+
+
+def mesh_devices(num_devices: int, devices: list) -> list:
+  """The devices of the mesh: ``num_devices / P`` from each of the P processes, process-major.
+
+  Each process's devices are contiguous along the mesh axis, so each process holds a contiguous
+  range of subdomains and loads a contiguous range of the laid-out batch.
+  """
+  groups = _by_process(devices)
+  if num_devices % len(groups):
+    raise ValueError(f"num_devices={num_devices} is not a multiple of the {len(groups)} "
+                     "processes; every process must take part with the same number of devices.")
+  per = num_devices // len(groups)
+  short = [p for p, g in groups.items() if len(g) < per]
+  if short:
+    raise ValueError(f"num_devices={num_devices} needs {per} devices per process, but processes "
+                     f"{short} have fewer; only {len(devices)} devices are available.")
+  return [d for g in groups.values() for d in g[:per]]
 
 
 def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: int, *,
                  num_devices: int | None = None, overlap: float = 0.0, axis_name: str = "data",
                  devices: list | None = None, **apts_kwargs: Any) -> Trainer:
-  """Builds the mesh, the batch layout and a jitted APTS train step.
+  """Builds the mesh, the batch layout and a jitted APTS train step, on one or many processes.
+
+  The same call runs on one device, on D devices of one process, and across processes started
+  with ``jax.distributed`` (see ``aptsjax.distributed`` and ``python -m aptsjax.launch``): the mesh
+  spans ``jax.devices()`` of every process, and subdomain i holds the same rows in every case.
+  With several processes, the configuration (N, D, overlap, apts keywords), the parameter shapes
+  (``init``) and the first batch's shapes (``shard_batch``) are compared across processes and a
+  mismatch raises ``ValueError``.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch.
     num_subdomains: N, the total number of subdomains.
-    num_devices: D, dividing N; default: the largest that divides N among ``devices``.
+    num_devices: D, dividing N (with P processes, a multiple of P); default: the largest possible.
     overlap: shared rows / own rows of the subdomain layout, in [0, 1) (METHOD.md section 5).
     axis_name: the mesh axis name.
     devices: the devices to use (default ``jax.devices()``, all processes' devices).
@@ -121,11 +176,16 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   if num_subdomains % num_devices:
     raise ValueError(f"num_subdomains={num_subdomains} is not divisible by "
                      f"num_devices={num_devices}.")
-  if not 0.0 <= overlap < 1.0:
-    raise ValueError(f"overlap must be in [0, 1), got {overlap}.")
+  data._as_overlap(overlap)  # pylint: disable=protected-access
   multi = num_devices > 1
+  chosen = mesh_devices(num_devices, devices) if multi else devices[:1]
+  distributed.check_same({"num_subdomains": num_subdomains, "num_devices": num_devices,
+                          "overlap": overlap, "axis_name": axis_name,
+                          "apts_kwargs": sorted(apts_kwargs.items()),
+                          "devices": [(d.process_index, d.id) for d in chosen]},
+                         "trainer configuration")
   tx = apts(loss_fn, num_subdomains=num_subdomains,
-                     axis_name=axis_name if multi else None, **apts_kwargs)
+            axis_name=axis_name if multi else None, **apts_kwargs)
 
   def layout(batch):
     return data.overlapping_subdomains(batch, num_subdomains, overlap)
@@ -136,31 +196,61 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
 
   if not multi:
     return Trainer(tx=tx, mesh=None, axis_name=None, num_subdomains=num_subdomains,
-                   overlap=overlap, init=tx.init, shard_batch=layout,
-                   step=jax.jit(one_step))
+                   overlap=overlap, init=tx.init, shard_batch=layout, step=jax.jit(one_step),
+                   process_rows=lambda m: data.overlap_layout(m, num_subdomains, overlap),
+                   shard_local_batch=lambda local, m: local, replicate=lambda p: p)
 
-  mesh = jax.make_mesh((num_devices,), (axis_name,), devices=devices[:num_devices])
+  mesh = jax.sharding.Mesh(np.asarray(chosen), (axis_name,),
+                           axis_types=(jax.sharding.AxisType.Explicit,))
   replicated = NamedSharding(mesh, P())
   rows = NamedSharding(mesh, P(axis_name))
+  mine = [i for i, d in enumerate(chosen) if d.process_index == jax.process_index()]
+  per_device = num_subdomains // num_devices
+  checked_batch: list[bool] = []
+
+  def replicate(params):
+    return jax.device_put(params, replicated)
 
   def init(params):
+    distributed.check_same({"params": params}, "parameter pytree")
     state = tx.init(params)
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
                              state_specs(state, axis_name))
     return jax.device_put(state, shardings)
 
+  def process_rows(num_rows):
+    blocks = data.overlap_layout(num_rows, num_subdomains, overlap).reshape(num_subdomains, -1)
+    return blocks[mine[0] * per_device:(mine[-1] + 1) * per_device].reshape(-1)
+
+  def shard_local_batch(local, num_rows):
+    own, shared = data.layout_sizes(num_rows, num_subdomains, overlap)
+    total = num_subdomains * (own + shared)
+    if not checked_batch:
+      distributed.check_same({"rows": num_rows, "batch": jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct((total,) + tuple(np.shape(x)[1:]), x.dtype), local)},
+          "batch")
+      checked_batch.append(True)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        rows, np.asarray(x), (total,) + tuple(np.shape(x)[1:])), local)
+
   def shard_batch(batch):
-    return jax.device_put(layout(batch), rows)
+    count = data._row_count(batch)  # pylint: disable=protected-access
+    return shard_local_batch(data.take_rows(batch, process_rows(count)), count)
 
   @jax.jit
-  def step(params, state, batch):
+  def sharded_step(params, state, batch):
     specs = state_specs(state, axis_name)
-    params = jax.device_put(params, replicated)
     return jax.shard_map(one_step, mesh=mesh, in_specs=(P(), specs, P(axis_name)),
                          out_specs=(P(), specs))(params, state, batch)
 
+  def step(params, state, batch):
+    return sharded_step(replicate(params), state, batch)
+
+  step.lower = sharded_step.lower  # for HLO inspection; params must already be replicated
   return Trainer(tx=tx, mesh=mesh, axis_name=axis_name, num_subdomains=num_subdomains,
-                 overlap=overlap, init=init, shard_batch=shard_batch, step=step)
+                 overlap=overlap, init=init, shard_batch=shard_batch, step=step,
+                 process_rows=process_rows, shard_local_batch=shard_local_batch,
+                 replicate=replicate)
 
 
 def numpy_tree(tree: PyTree) -> PyTree:

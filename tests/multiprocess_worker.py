@@ -1,0 +1,152 @@
+"""One process of the multi-process tests (tests/test_multiprocess.py); also imported by them.
+
+    python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- \\
+        python tests/multiprocess_worker.py --out DIR [--ckpt DIR --save-at K] [--resume]
+    python -m aptsjax.launch ... -- python tests/multiprocess_worker.py --mismatch
+
+Runs APTS on a small MLP through ``aptsjax.parallel.apts_trainer`` over every process's devices
+and has process 0 write ``result.npz`` (per order: the loss and radius after each iteration, the
+final flat parameters). ``--mismatch`` makes process 1 disagree in N, parameter shapes and batch
+rows in turn and prints each error the start-up checks raise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+NUM_SUBDOMAINS = 4
+OVERLAP = 0.05
+# 512 rows per subdomain: with ~128 the local curvature is so ill-conditioned that float32 rounding
+# (a different all-reduce order) moves the third iterate by 1e-4.
+ROWS = 2048
+
+
+def problem(rows: int = ROWS, hidden: int = 8, seed: int = 0):
+  """A small MLP regression problem as numpy float32 (params, (x, y))."""
+  r = np.random.default_rng(seed)
+  params = {"w1": (0.5 * r.normal(size=(4, hidden))).astype(np.float32),
+            "b1": np.zeros(hidden, np.float32),
+            "w2": (0.5 * r.normal(size=(hidden, 1))).astype(np.float32),
+            "b2": np.zeros(1, np.float32)}
+  x = r.normal(size=(rows, 4)).astype(np.float32)
+  y = (np.sin(x[:, 0]) + 0.5 * x[:, 1] * x[:, 2]).astype(np.float32)
+  return params, (x, y)
+
+
+def mlp_loss(params, batch):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  x, y = batch
+  h = jnp.tanh(x @ params["w1"] + params["b1"])
+  return jnp.mean((h @ params["w2"] + params["b2"] - y[:, None]) ** 2)
+
+
+def flat(params) -> np.ndarray:
+  return np.concatenate([np.asarray(params[k]).ravel() for k in sorted(params)])
+
+
+def make_trainer(order: int, num_devices: int | None = None, num_subdomains: int = NUM_SUBDOMAINS):
+  from aptsjax import parallel  # pylint: disable=import-outside-toplevel
+
+  return parallel.apts_trainer(mlp_loss, num_subdomains, num_devices=num_devices, overlap=OVERLAP,
+                               second_order=order == 2, local_steps=3)
+
+
+def run(order: int, iters: int, num_devices: int | None = None, *, ckpt: str | None = None,
+        save_at: int = 0, resume: bool = False) -> dict[str, np.ndarray]:
+  """APTS iterations; returns per-iteration loss and radius and the final flat parameters."""
+  from aptsjax import checkpoint  # pylint: disable=import-outside-toplevel
+
+  params, batch = problem()
+  trainer = make_trainer(order, num_devices)
+  state, params = trainer.init(params), trainer.replicate(params)
+  sharded = trainer.shard_batch(batch)
+  first = 0
+  if resume:
+    first = checkpoint.latest_step(ckpt)
+    back = checkpoint.restore(ckpt, {"params": params, "state": state})
+    params, state = back["params"], back["state"]
+  losses, radii = [], []
+  for it in range(first, iters):
+    params, state = trainer.step(params, state, sharded)
+    losses.append(float(state.loss))
+    radii.append(float(state.radius))
+    if ckpt and not resume and it + 1 == save_at:
+      checkpoint.save(ckpt, it + 1, {"params": params, "state": state})
+  return {"loss": np.asarray(losses), "radius": np.asarray(radii), "params": flat(params)}
+
+
+def check_rows() -> None:
+  """Every process's rows, in process order, make up the whole laid-out batch."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  from aptsjax import data  # pylint: disable=import-outside-toplevel
+
+  rows = make_trainer(1).process_rows(ROWS)
+  gathered = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1)
+  expected = data.overlap_layout(ROWS, NUM_SUBDOMAINS, OVERLAP)
+  if not np.array_equal(gathered, expected) or jax.process_count() < 2:
+    raise AssertionError(f"process rows {gathered} != layout {expected}")
+
+
+def mismatches() -> None:
+  """Each start-up check must raise on every process when process 1 disagrees."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  odd = jax.process_index() == 1
+  caught = []
+  for stage in ("num_subdomains", "params", "rows"):
+    try:
+      trainer = make_trainer(1, num_subdomains=2 if odd and stage == "num_subdomains" else 4)
+      params, batch = problem(rows=ROWS // 2 if odd and stage == "rows" else ROWS,
+                              hidden=9 if odd and stage == "params" else 8)
+      trainer.init(params)
+      trainer.shard_batch(batch)
+    except ValueError as error:
+      print(f"MISMATCH {stage}: {error}", flush=True)
+      caught.append(stage)
+  if len(caught) != 3:
+    raise SystemExit(f"only {caught} raised")
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", default=None)
+  p.add_argument("--orders", type=int, nargs="+", default=[1, 2])
+  p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--ckpt", default=None)
+  p.add_argument("--save-at", type=int, default=0)
+  p.add_argument("--resume", action="store_true")
+  p.add_argument("--mismatch", action="store_true")
+  args = p.parse_args(argv)
+
+  import aptsjax  # pylint: disable=import-outside-toplevel
+
+  aptsjax.distributed.initialize(timeout=60)
+  if args.mismatch:
+    mismatches()
+    return 0
+  check_rows()
+  out = {}
+  for order in args.orders:
+    ckpt = os.path.join(args.ckpt, f"o{order}") if args.ckpt else None
+    result = run(order, args.iters, ckpt=ckpt, save_at=args.save_at, resume=args.resume)
+    out.update({f"{k}_o{order}": v for k, v in result.items()})
+  import jax  # pylint: disable=import-outside-toplevel
+
+  out["processes"] = np.asarray(jax.process_count())
+  out["devices"] = np.asarray(jax.device_count())
+  if aptsjax.distributed.is_main_process() and args.out:
+    os.makedirs(args.out, exist_ok=True)
+    np.savez(os.path.join(args.out, "result.npz"), **out)
+  print(f"process {jax.process_index()} done", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.exit(main())
