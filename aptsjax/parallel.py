@@ -91,6 +91,8 @@ class Trainer(NamedTuple):
       that loaded only ``take_rows(batch, process_rows(num_rows))`` itself.
     replicate: ``params -> params`` as global arrays replicated on every device (``step`` does
       this itself; use it to hand parameters to other jitted code on the mesh).
+    metrics: ``state -> dict`` of ``METRICS`` fields, replicated on every device of every
+      process (``local_steps`` gathered to all N values), so any process can read them.
   """
   tx: optax.GradientTransformationExtraArgs
   mesh: jax.sharding.Mesh | None
@@ -103,6 +105,15 @@ class Trainer(NamedTuple):
   process_rows: Callable[[int], np.ndarray]
   shard_local_batch: Callable[[Any, int], Any]
   replicate: Callable[[PyTree], PyTree]
+  metrics: Callable[[NamedTuple], dict[str, jax.Array]]
+
+
+METRICS = ("loss", "radius", "accepted", "apts_accepted", "stalled", "nonfinite", "iteration",
+           "predicted_reduction", "actual_reduction", "local_steps")
+
+
+def _metrics(state: NamedTuple) -> dict[str, jax.Array]:
+  return {name: getattr(state, name) for name in METRICS}
 
 
 def _by_process(devices: list) -> dict[int, list]:
@@ -198,7 +209,8 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     return Trainer(tx=tx, mesh=None, axis_name=None, num_subdomains=num_subdomains,
                    overlap=overlap, init=tx.init, shard_batch=layout, step=jax.jit(one_step),
                    process_rows=lambda m: data.overlap_layout(m, num_subdomains, overlap),
-                   shard_local_batch=lambda local, m: local, replicate=lambda p: p)
+                   shard_local_batch=lambda local, m: local, replicate=lambda p: p,
+                   metrics=jax.jit(_metrics))
 
   mesh = jax.sharding.Mesh(np.asarray(chosen), (axis_name,),
                            axis_types=(jax.sharding.AxisType.Explicit,))
@@ -250,7 +262,7 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   return Trainer(tx=tx, mesh=mesh, axis_name=axis_name, num_subdomains=num_subdomains,
                  overlap=overlap, init=init, shard_batch=shard_batch, step=step,
                  process_rows=process_rows, shard_local_batch=shard_local_batch,
-                 replicate=replicate)
+                 replicate=replicate, metrics=jax.jit(_metrics, out_shardings=replicated))
 
 
 def numpy_tree(tree: PyTree) -> PyTree:

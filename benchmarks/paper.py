@@ -7,6 +7,14 @@ Run from the repository root::
     python -m benchmarks.paper --full          # the paper's protocol: 100 epochs, 10 trials
     python -m benchmarks.paper --dataset mnist --data-dir ~/data/mnist
     python -m benchmarks.paper --methods "APTS N=2 o2" Adam
+    python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- python -m benchmarks.paper
+    srun python -m benchmarks.paper --distributed      # one process per host/GPU under SLURM
+
+Across processes (started by ``aptsjax.launch``, or by SLURM / Open MPI / a TPU pod with
+``--distributed``) the APTS and SAPTS variants run on one mesh over every process's devices, each
+process loading only its subdomains' rows; Adam, SGD and TR are single-process baselines and are
+left out (run them without the launcher). Only process 0 prints and writes files; the CSV records
+the process and device counts.
 
 Protocol (see /work/shared/ISSUE-NOTES.md, "#5 paper benchmark"): Adam and SGD learning rates are
 chosen on a validation split (the last 500 training rows held out) over 13 rates log-spaced in
@@ -34,8 +42,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
+from aptsjax import distributed
 from benchmarks import datasets, models
 from benchmarks import paper_methods as pm
 
@@ -57,6 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true", help="smoke run (< 2 min on 2 CPU cores)")
   p.add_argument("--full", action="store_true", help="the paper's 100 epochs and 10 trials")
   p.add_argument("--out", default="results/paper", help="output directory")
+  p.add_argument("--distributed", action="store_true",
+                 help="join a multi-process run that JAX detects (SLURM, Open MPI, TPU pods)")
   p.add_argument("--methods", nargs="+", default=None,
                  help='subset by name, e.g. "APTS N=2 o2" "SAPTS N=4 o1" "TR o2" Adam SGD')
   args = p.parse_args(argv)
@@ -73,13 +85,23 @@ def select_methods(args: argparse.Namespace) -> list[pm.Method]:
   """The methods to run: the default set, the quick set, or the ``--methods`` subset."""
   methods = pm.all_methods()
   names = args.methods or (QUICK_METHODS if args.quick else None)
-  if names is None:
+  if names is not None:
+    known = {m.name: m for m in methods + pm.extra_methods()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+      raise SystemExit(f"unknown methods {unknown}; choose from {sorted(known)}")
+    methods = [known[n] for n in names]
+  procs = jax.process_count()
+  if procs == 1:
     return methods
-  known = {m.name: m for m in methods + pm.extra_methods()}
-  unknown = [n for n in names if n not in known]
-  if unknown:
-    raise SystemExit(f"unknown methods {unknown}; choose from {sorted(known)}")
-  return [known[n] for n in names]
+  single = [m.name for m in methods if m.kind != "apts"]
+  if args.methods and single:
+    raise SystemExit(f"{single} run in a single process only; across {procs} processes choose "
+                     "APTS/SAPTS methods")
+  split = [m.name for m in methods if m.kind == "apts" and m.num_subdomains % procs]
+  if split:
+    log(f"[processes] skipping {split}: N is not divisible by the {procs} processes")
+  return [m for m in methods if m.kind == "apts" and not m.num_subdomains % procs]
 
 
 def load_data(args: argparse.Namespace) -> datasets.Dataset:
@@ -90,15 +112,24 @@ def load_data(args: argparse.Namespace) -> datasets.Dataset:
   return ds
 
 
+def log(msg: str) -> None:
+  """Prints a progress line at once, on process 0 only."""
+  if distributed.is_main_process():
+    print(msg, flush=True)
+
+
 def progress(total: int, desc: str) -> Any:
-  """A tqdm bar over epochs (a no-op stand-in when tqdm is missing)."""
+  """A tqdm bar over epochs on process 0 (a no-op stand-in elsewhere or without tqdm)."""
+  class _Bar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix_str(self, s: str) -> None: ...
+    def close(self) -> None: log(f"{desc} done")
+
+  if not distributed.is_main_process():
+    return _Bar()
   try:
     from tqdm import tqdm
   except ImportError:  # pragma: no cover
-    class _Bar:
-      def update(self, n: int = 1) -> None: ...
-      def set_postfix_str(self, s: str) -> None: ...
-      def close(self) -> None: print(desc, "done", flush=True)
     return _Bar()
   return tqdm(total=total, desc=desc, leave=True, file=sys.stdout, mininterval=1.0)
 
@@ -119,7 +150,8 @@ def train(runner: pm.Runner, evaluate: Any, seed: int, lr: float, epochs: int,
                  "N": m.num_subdomains, "lr": lr, "seed": seed, "epoch": ep + 1,
                  "train_loss": loss, "test_acc": acc, "wall_s": totals[4],
                  "iterations": int(totals[0]), "forward_passes": totals[1] / num_rows,
-                 "backward_passes": totals[2] / num_rows, "allreduce_floats": totals[3]})
+                 "backward_passes": totals[2] / num_rows, "allreduce_floats": totals[3],
+                 "processes": jax.process_count(), "devices": runner.devices})
     bar.set_postfix_str(f"loss {loss:.4f} acc {100 * acc:.2f}%")
     bar.update(1)
   bar.close()
@@ -155,12 +187,12 @@ def run_all(args: argparse.Namespace) -> tuple[list[Row], list[Row], datasets.Da
       tuner.warmup()
       lr, rows = tune_lr(tuner, val_ds, module, lrs, args.epochs)
       lr_rows += rows
-      print(f"[lr] {method.name}: chosen {lr:.3g} on the validation split", flush=True)
+      log(f"[lr] {method.name}: chosen {lr:.3g} on the validation split")
     runner = pm.build(method, module, ds)
     compile_s = time.perf_counter()
     runner.warmup()
-    print(f"[compile] {method.name}: {time.perf_counter() - compile_s:.1f} s "
-          f"(first step, untimed)", flush=True)
+    log(f"[compile] {method.name}: {time.perf_counter() - compile_s:.1f} s "
+        f"(first step, untimed, {runner.devices} device(s), {jax.process_count()} process(es))")
     for seed in range(args.trials):
       results += train(runner, evaluate, seed, lr, args.epochs, len(ds.y_train),
                        f"{method.name} seed {seed}")
@@ -222,7 +254,8 @@ def plot(rows: list[Row], batching: str, path: Path, title: str) -> bool:
     axes[0, col].set_ylabel("train loss")
     axes[1, col].set_ylabel("test accuracy (%)")
     axes[1, col].set_xlabel("epoch")
-    axes[1, col].legend(fontsize=8)
+    if axes[1, col].get_legend_handles_labels()[0]:
+      axes[1, col].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -232,7 +265,9 @@ def plot(rows: list[Row], batching: str, path: Path, title: str) -> bool:
 
 def summarize(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
   """Markdown table (final epoch, mean ± std over trials) and the verdict vs tuned Adam."""
-  lines = [f"## {args.dataset}: {args.epochs} epochs, {args.trials} trial(s)", "",
+  devices = sorted({r["devices"] for r in rows})
+  lines = [f"## {args.dataset}: {args.epochs} epochs, {args.trials} trial(s), "
+           f"{jax.process_count()} process(es), {'/'.join(map(str, devices))} device(s)", "",
            "| method | lr | test acc (%) | train loss | epochs | fwd passes | bwd passes "
            "| wall (s) | all-reduced floats |", "|---|---|---|---|---|---|---|---|---|"]
   final: dict[str, np.ndarray] = {}
@@ -300,10 +335,13 @@ def equal_work(rows: list[Row]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> list[Row]:
   """Runs the benchmark; returns the result rows."""
   args = parse_args(argv)
+  distributed.initialize(auto=args.distributed)
   out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   rows, lr_rows, _ = run_all(args)
+  if not distributed.is_main_process():
+    return rows
+  out.mkdir(parents=True, exist_ok=True)
   write_csv(out / "results.csv", rows)
   write_csv(out / "lr_search.csv", lr_rows)
   for batching in ("full", "minibatch"):

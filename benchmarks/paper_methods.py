@@ -99,6 +99,7 @@ class Runner(NamedTuple):
   epoch: Callable[[Carry, int, int], tuple[Carry, Work]]
   floats_per_iter: float
   warmup: Callable[[], None]
+  devices: int = 1  # devices the step runs on (over every process)
 
 
 def all_methods(ns: tuple[int, ...] = (2, 4, 6)) -> list[Method]:
@@ -152,13 +153,10 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
                                   second_order=method.second_order, global_steps=GLOBAL_STEPS)
   train = (ds.x_train, ds.y_train)
   full = None if method.minibatch else trainer.shard_batch(train)
-  rep = None if trainer.mesh is None else jax.sharding.NamedSharding(
-      trainer.mesh, jax.sharding.PartitionSpec())
 
   def init(seed: int, lr: float = 0.0) -> Carry:
     del lr
-    params = models.init_params(module, ds.num_features, seed=seed)
-    params = params if rep is None else jax.device_put(params, rep)
+    params = trainer.replicate(models.init_params(module, ds.num_features, seed=seed))
     return params, trainer.init(params)
 
   def sample() -> Any:
@@ -180,14 +178,15 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
       placed = full if full is not None else trainer.shard_batch(batch)
       rows = int(jax.tree.leaves(placed)[0].shape[0])
       params, state = trainer.step(params, state, placed)
-      steps.append(state.local_steps)
+      steps.append(trainer.metrics(state)["local_steps"])  # replicated on every process
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
-    local = np.stack([np.asarray(jax.device_get(s)) for s in steps]).max(axis=1)
+    local = np.stack([np.asarray(s) for s in steps]).max(axis=1)
     passes = float(np.sum(2 + GLOBAL_STEPS + local)) * rows
     return (params, state), Work(len(steps), passes, passes, floats * len(steps), seconds)
 
-  return Runner(method, init, epoch, floats, warmup)
+  devices = 1 if trainer.mesh is None else int(trainer.mesh.size)
+  return Runner(method, init, epoch, floats, warmup, devices)
 
 
 def tr_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,

@@ -58,7 +58,7 @@ def make_trainer(order: int, num_devices: int | None = None, num_subdomains: int
 def run(order: int, iters: int, num_devices: int | None = None, *, ckpt: str | None = None,
         save_at: int = 0, resume: bool = False) -> dict[str, np.ndarray]:
   """APTS iterations; returns per-iteration loss and radius and the final flat parameters."""
-  from aptsjax import checkpoint  # pylint: disable=import-outside-toplevel
+  from aptsjax import checkpoint, parallel  # pylint: disable=import-outside-toplevel
 
   params, batch = problem()
   trainer = make_trainer(order, num_devices)
@@ -69,14 +69,17 @@ def run(order: int, iters: int, num_devices: int | None = None, *, ckpt: str | N
     first = checkpoint.latest_step(ckpt)
     back = checkpoint.restore(ckpt, {"params": params, "state": state})
     params, state = back["params"], back["state"]
-  losses, radii = [], []
+  losses, radii, local = [], [], []
   for it in range(first, iters):
     params, state = trainer.step(params, state, sharded)
-    losses.append(float(state.loss))
-    radii.append(float(state.radius))
+    metrics = parallel.numpy_tree(trainer.metrics(state))
+    losses.append(float(metrics["loss"]))
+    radii.append(float(metrics["radius"]))
+    local.append(metrics["local_steps"])
     if ckpt and not resume and it + 1 == save_at:
       checkpoint.save(ckpt, it + 1, {"params": params, "state": state})
-  return {"loss": np.asarray(losses), "radius": np.asarray(radii), "params": flat(params)}
+  return {"loss": np.asarray(losses), "radius": np.asarray(radii), "params": flat(params),
+          "local_steps": np.asarray(local)}
 
 
 def check_rows() -> None:

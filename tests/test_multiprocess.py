@@ -54,6 +54,7 @@ def test_two_processes_match_one_process_and_one_device(two_process_run, order):
     for key in ("loss", "radius", "params"):
       np.testing.assert_allclose(multi[f"{key}_o{order}"], single[key], rtol=1e-4, atol=1e-6,
                                  err_msg=f"{key}, order {order}, vs {num_devices} device(s)")
+    np.testing.assert_array_equal(multi[f"local_steps_o{order}"], single["local_steps"])
   assert np.all(np.diff(multi[f"loss_o{order}"]) <= 0)  # full batch: the loss never increases
 
 
