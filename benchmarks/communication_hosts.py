@@ -256,7 +256,7 @@ def verdict(model: list[Row], measured: list[Row]) -> str:
       f" Measured here, the local phase stops after {_span([r['mean_local_steps'] for r in steps])}"
       f" local steps on average (of {cb.LOCAL_STEPS} allowed); counting each local and global "
       f"trust-region step as one Adam step (a rough equivalence), an APTS iteration is worth "
-      f"about {worth:.2f} steps, above the break-even in {len(above)} of {len(be)} rows"
+      f"about {worth:.2f} steps, above {len(above)} of the {len(be)} break-even values"
       + (" (" + ", ".join(f"{r['model']} H={r['H']} {r['gbps']} Gb/s {k[-2:]}" for r, k in above)
          + ")" if above else "") + ".")
 
@@ -289,7 +289,7 @@ def summary(topo: Row, hlo: list[Row], measured: list[Row], model: list[Row]) ->
   ms = [{**r, **{k: 1e3 * r[k] for k in ("median_s", "min_s", "max_s")}} for r in measured]
   sources = sorted({f"{r['model']}: {r['volume_source']}" for r in model})
   return "\n".join([
-      f"# Communication across processes ({topo['processes']} processes x "
+      f"# Communication across processes ({topo['processes']} process(es) x "
       f"{topo['local_devices']} devices = {topo['devices']} devices, {topo['platform']}, "
       f"jax {jax.__version__})", "",
       "## All-reduces per iteration (compiled HLO, global mesh, N = D subdomains)",

@@ -164,3 +164,37 @@ def test_launch_returns_the_failure_and_stops_the_others():
   assert launch.launch([sys.executable, "-c", "pass"], num_processes=2) == 0
   with pytest.raises(ValueError, match="no command"):
     launch.launch([], num_processes=2)
+
+
+class FakeDevice:
+  def __init__(self, process_index, id):
+    self.process_index, self.id = process_index, id
+
+  def __repr__(self):
+    return f"d{self.process_index}.{self.id}"
+
+
+def test_device_choice_takes_the_same_count_from_every_process():
+  from aptsjax import parallel
+
+  devices = [FakeDevice(p, 10 * p + i) for p in (1, 0) for i in range(2)]  # process 1 listed first
+  assert parallel.default_num_devices(4, devices) == 4
+  assert parallel.default_num_devices(2, devices) == 2
+  assert parallel.default_num_devices(6, devices) == 2   # 3 per process would not fit
+  assert [(d.process_index, d.id) for d in parallel.mesh_devices(2, devices)] == [(0, 0), (1, 10)]
+  assert [(d.process_index, d.id) for d in parallel.mesh_devices(4, devices)] == [
+      (0, 0), (0, 1), (1, 10), (1, 11)]
+  with pytest.raises(ValueError, match="not divisible by the 2 processes"):
+    parallel.default_num_devices(3, devices)
+  with pytest.raises(ValueError, match="not a multiple of the 2 processes"):
+    parallel.mesh_devices(3, devices)
+  with pytest.raises(ValueError, match="needs 3 devices per process"):
+    parallel.mesh_devices(6, devices)
+
+
+def test_single_process_rows_are_the_whole_layout():
+  from aptsjax import data, parallel
+
+  for num_devices in (1, 4):
+    trainer = parallel.apts_trainer(worker.mlp_loss, 4, num_devices=num_devices, overlap=0.05)
+    np.testing.assert_array_equal(trainer.process_rows(1000), data.overlap_layout(1000, 4, 0.05))

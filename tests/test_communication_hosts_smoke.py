@@ -1,0 +1,63 @@
+"""Smoke test of benchmarks.communication_hosts: the quick mode across 2 processes x 2 devices."""
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 240.0
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+  """Rows of a CSV written by the benchmark (must exist and be non-empty)."""
+  assert path.is_file(), path
+  with path.open() as f:
+    rows = list(csv.DictReader(f))
+  assert rows, path
+  return rows
+
+
+def test_quick_mode_across_two_processes(tmp_path):
+  """HLO (APTS 4n+4 floats, Adam n, nothing in the local loop), timings and the model table."""
+  command = [sys.executable, "-m", "aptsjax.launch", "--num-processes", "2",
+             "--devices-per-process", "2", "--timeout", str(TIMEOUT), "--", sys.executable, "-m",
+             "benchmarks.communication_hosts", "--quick", "--out", str(tmp_path)]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT + 30)
+  output = "\n".join(l for l in result.stdout.splitlines() if "Gloo" not in l)
+  assert result.returncode == 0, output[-4000:] + result.stderr[-2000:]
+  assert "Verdict:" in output and "[process 1] Verdict" not in output
+  assert {p.name for p in tmp_path.iterdir()} == {"hlo.csv", "measured.csv", "model.csv",
+                                                  "summary.md"}
+
+  hlo = read_csv(tmp_path / "hlo.csv")
+  measured = read_csv(tmp_path / "measured.csv")
+  model = read_csv(tmp_path / "model.csv")
+  for row in hlo + measured + model:
+    assert (int(row["processes"]), int(row["devices"])) == (2, 4), row
+
+  by_method = {r["method"]: r for r in hlo}
+  assert set(by_method) == {"apts-o1", "adam"}
+  n = int(by_method["adam"]["n"])
+  assert n == 535_818
+  assert int(by_method["apts-o1"]["floats_per_iter"]) == 4 * n + 4
+  assert int(by_method["apts-o1"]["calls_per_iter"]) == 4
+  assert int(by_method["adam"]["floats_per_iter"]) == n
+  for row in hlo:
+    assert int(row["in_local_loop"]) == 0
+    assert int(row["bytes_per_iter_per_process"]) == 4 * int(row["floats_per_iter"])
+    assert row["all_devices_in_group"] == "True" and row["group_processes"] == "0+1", row
+
+  assert {r["method"] for r in measured} == {"apts-o1", "adam"}
+  for row in measured:
+    assert int(row["iterations"]) == 3 and 0 < float(row["median_s"]) < 60
+
+  keys = {(r["model"], int(r["H"]), int(r["gbps"])) for r in model}
+  assert keys == {(m, h, g) for m in ("mnist", "cifar") for h in (2, 8, 64) for g in (10, 100)}
+  for row in model:
+    for key in ("adam_comm_ms", "apts_comm_ms", "comm_ratio", "adam_total_s",
+                "apts_o1_total_s", "breakeven_apts_o1"):
+      assert math.isfinite(float(row[key])) and float(row[key]) > 0, (key, row)
+    assert float(row["apts_comm_ms"]) > float(row["adam_comm_ms"])
