@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import sys
 import time
@@ -38,6 +39,7 @@ ENV_PROCESS_ID = "APTSJAX_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "APTSJAX_LOCAL_DEVICE_IDS"
 DEFAULT_TIMEOUT = 120.0
 _HASH_WORDS = 4  # 128-bit hash per configuration field.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -155,12 +157,17 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def _text(value: Any) -> str:
+  # Object addresses (functions, default reprs) differ between processes: drop them.
+  return _ADDRESS.sub("", repr(value))
+
+
 def _describe(value: Any) -> str:
   """A canonical text of a configuration value (arrays and pytrees by structure and shapes)."""
   leaves, treedef = jax.tree_util.tree_flatten(value)
   if not any(hasattr(x, "shape") for x in leaves):
-    return repr(value)
-  shapes = [f"{tuple(x.shape)}:{np.dtype(x.dtype).name}" if hasattr(x, "shape") else repr(x)
+    return _text(value)
+  shapes = [f"{tuple(x.shape)}:{np.dtype(x.dtype).name}" if hasattr(x, "shape") else _text(x)
             for x in leaves]
   return f"{treedef} [{', '.join(shapes)}]"
 
@@ -169,12 +176,18 @@ def _digest(text: str) -> np.ndarray:
   return np.frombuffer(hashlib.sha256(text.encode()).digest()[:4 * _HASH_WORDS], dtype=np.uint32)
 
 
+def _tracing(config: Mapping[str, Any]) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(dict(config)))
+
+
 def check_same(config: Mapping[str, Any], what: str = "configuration") -> None:
   """Raises if ``config`` differs between processes (a no-op with one process).
 
   Every process must call this with the same keys at the same point of the program: it runs one
   all-gather of a fixed-size hash per key. Values are compared by a canonical text: plain values
-  by ``repr``, arrays and pytrees by structure, shapes and dtypes (not by contents).
+  by ``repr``, arrays and pytrees by structure, shapes and dtypes (not by contents). Under a
+  trace (e.g. ``jax.eval_shape(trainer.init, params)``) no collective can run on the host, so the
+  check is skipped; the concrete call checks.
 
   Args:
     config: name -> value, e.g. ``{"num_subdomains": 4, "params": params}``.
@@ -183,7 +196,7 @@ def check_same(config: Mapping[str, Any], what: str = "configuration") -> None:
   Raises:
     ValueError: naming each differing key, this process's value and the processes that disagree.
   """
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 or _tracing(config):
     return
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 

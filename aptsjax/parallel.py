@@ -266,5 +266,15 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
 
 
 def numpy_tree(tree: PyTree) -> PyTree:
-  """Fetches a (replicated or sharded) pytree to host numpy arrays."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  """Fetches a (replicated or sharded) pytree to host numpy arrays on every process.
+
+  Arrays sharded over devices of other processes are all-gathered, so with several processes
+  every process must call this at the same point.
+  """
+  def fetch(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(fetch, tree)

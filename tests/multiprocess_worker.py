@@ -89,11 +89,20 @@ def check_rows() -> None:
 
   from aptsjax import data  # pylint: disable=import-outside-toplevel
 
-  rows = make_trainer(1).process_rows(ROWS)
+  from aptsjax import parallel  # pylint: disable=import-outside-toplevel
+
+  trainer = make_trainer(1)
+  rows = trainer.process_rows(ROWS)
   gathered = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1)
   expected = data.overlap_layout(ROWS, NUM_SUBDOMAINS, OVERLAP)
   if not np.array_equal(gathered, expected) or jax.process_count() < 2:
     raise AssertionError(f"process rows {gathered} != layout {expected}")
+  # Abstract evaluation of init and host copies of sharded per-subdomain leaves work too.
+  params, _ = problem()
+  shapes = jax.eval_shape(trainer.init, params)
+  host = parallel.numpy_tree(trainer.init(params))
+  if host.local_steps.shape != (NUM_SUBDOMAINS,) or shapes.local_steps.shape != (NUM_SUBDOMAINS,):
+    raise AssertionError(f"local_steps {host.local_steps.shape}, {shapes.local_steps.shape}")
 
 
 def mismatches() -> None:

@@ -28,7 +28,9 @@ def test_quick_mode_across_two_processes(tmp_path):
                           timeout=TIMEOUT + 30)
   output = "\n".join(l for l in result.stdout.splitlines() if "Gloo" not in l)
   assert result.returncode == 0, output[-4000:] + result.stderr[-2000:]
-  assert "Verdict:" in output and "[process 1] Verdict" not in output
+  assert "[process 0] Verdict:" in output
+  chatter = [l for l in output.splitlines() if l.startswith("[process 1]") and "[aptsjax]" not in l]
+  assert not chatter, chatter[:5]  # only process 0 prints (besides the library's start-up line)
   assert {p.name for p in tmp_path.iterdir()} == {"hlo.csv", "measured.csv", "model.csv",
                                                   "summary.md"}
 

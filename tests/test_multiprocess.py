@@ -140,6 +140,11 @@ def test_describe_compares_structure_and_shapes_not_values():
   assert a != distributed._describe({"w": np.zeros((2, 3), np.float64)})
   assert a != distributed._describe({"v": np.zeros((2, 3), np.float32)})
   assert distributed._describe(0.05) != distributed._describe(0.050000001)
+  # Functions (e.g. a custom local solver) compare by name, not by their address in memory.
+  f = lambda x: x
+  assert " at 0x" in repr(f) and " at 0x" not in distributed._describe({"solver": f})
+  g = test_describe_compares_structure_and_shapes_not_values
+  assert distributed._describe({"solver": f}) != distributed._describe({"solver": g})
 
 
 def test_process_env_sets_the_runtime_variables():
