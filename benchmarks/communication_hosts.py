@@ -29,9 +29,9 @@ from benchmarks import communication as cb  # sets XLA_FLAGS (8 host devices) wh
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
-from aptsjax import data, distributed, parallel  # noqa: E402
+from aptsjax import data, distributed  # noqa: E402
 from benchmarks import datasets, models  # noqa: E402
 
 HOSTS = (2, 8, 64)
@@ -43,38 +43,6 @@ def log(msg: str) -> None:
   """Prints a progress line at once, on process 0 only."""
   if distributed.is_main_process():
     print(msg, flush=True)
-
-
-def apts_program(spec: cb.Spec, devices: int, second_order: bool) -> cb.Program:
-  """``communication.apts_program`` that also compiles across processes.
-
-  There ``jax.eval_shape(trainer.init, ...)`` traces ``distributed.check_same``, whose
-  process all-gather needs concrete arrays; the state's shapes come from ``trainer.tx.init``.
-  """
-  trainer = parallel.apts_trainer(models.cross_entropy_loss(spec.module), devices,
-                                  num_devices=devices, overlap=cb.OVERLAP,
-                                  second_order=second_order, local_steps=cb.LOCAL_STEPS,
-                                  global_steps=cb.GLOBAL_STEPS)
-  rep, rows_sh = NamedSharding(trainer.mesh, P()), NamedSharding(trainer.mesh, P("data"))
-  params = jax.eval_shape(lambda: models.init_params(spec.module, spec.input_dim))
-  state = jax.eval_shape(trainer.tx.init, params)
-  state_sh = jax.tree.map(lambda s: NamedSharding(trainer.mesh, s),
-                          parallel.state_specs(state, "data"))
-  rows = len(data.overlap_layout(cb.BATCH, devices, cb.OVERLAP))
-  batch = (jax.ShapeDtypeStruct((rows, spec.input_dim), np.float32, sharding=rows_sh),
-           jax.ShapeDtypeStruct((rows,), np.int32, sharding=rows_sh))
-  start = time.perf_counter()
-  compiled = trainer.step.lower(cb.abstract(params, jax.tree.map(lambda _: rep, params)),
-                                cb.abstract(state, state_sh), batch).compile()
-  stats = cb.hlo_stats(compiled, models.count_params(params))
-  stats["compile_s"] = time.perf_counter() - start
-
-  def fresh(seed: int) -> tuple[cb.Any, cb.Any]:
-    p = jax.device_put(models.init_params(spec.module, spec.input_dim, seed=seed), rep)
-    return p, trainer.init(p)
-
-  method = "apts-o2" if second_order else "apts-o1"
-  return cb.Program(method, devices, compiled, fresh, trainer.shard_batch, stats)
 
 
 def _group_ids(text: str) -> list[list[int]]:
@@ -107,7 +75,7 @@ def hlo_section(quick: bool, topo: Row) -> tuple[list[Row], dict[str, cb.Program
   n_dev, rows, keep = topo["devices"], [], {}
   orders = (False,) if quick else (False, True)
   for spec in cb.specs(quick):
-    builders = [(lambda o=o, s=spec: apts_program(s, n_dev, o)) for o in orders]
+    builders = [(lambda o=o, s=spec: cb.apts_program(s, n_dev, o)) for o in orders]
     builders.append(lambda s=spec: cb.dp_program(s, n_dev, "adam"))
     for build in builders:
       prog = build()
