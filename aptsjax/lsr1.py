@@ -38,7 +38,6 @@ from aptsjax import _stack
 from aptsjax import compact
 from aptsjax.compact import Spectral
 from aptsjax.compact import r_tol
-from aptsjax.compact import rank_tol
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST

