@@ -51,19 +51,25 @@ def save(directory: str | os.PathLike, step: int, tree: PyTree, *,
     max_to_keep: keep only the newest this many checkpoints (default: all).
 
   Raises:
-    ValueError: a negative step, or a step that already exists.
+    ValueError: a negative step, a step that already exists or one below the newest.
   """
   if int(step) < 0:
     raise ValueError(f"step must be non-negative, got {step}")
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   manager = _manager(directory, max_to_keep)
-  if int(step) in manager.all_steps():
-    manager.close()
-    raise ValueError(f"checkpoint step {step} already exists in {directory}")
-  manager.save(int(step), args=ocp.args.StandardSave(tree))
-  manager.wait_until_finished()
+  latest = manager.latest_step()
+  problem = (f"checkpoint step {step} already exists in {directory}"
+             if int(step) in manager.all_steps() else
+             f"checkpoint steps must increase: step {step} after step {latest} in {directory}"
+             if latest is not None and int(step) < latest else None)
+  if problem is None:
+    saved = manager.save(int(step), args=ocp.args.StandardSave(tree))
+    manager.wait_until_finished()
+    problem = None if saved else f"orbax declined to save step {step} in {directory}"
   manager.close()
+  if problem:
+    raise ValueError(problem)
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
@@ -110,4 +116,10 @@ def restore(directory: str | os.PathLike, like: PyTree, step: int | None = None)
                      f"{error}") from error
   finally:
     manager.close()
-  return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(restored))
+  leaves = jax.tree.leaves(restored)
+  for got, want in zip(leaves, jax.tree.leaves(target)):
+    if (np.shape(got), np.dtype(got.dtype)) != (np.shape(want), np.dtype(want.dtype)):
+      raise ValueError(f"checkpoint {step} in {directory} does not match the given tree: a leaf "
+                       f"of shape {np.shape(got)} {got.dtype}, expected {np.shape(want)} "
+                       f"{want.dtype}")
+  return jax.tree.unflatten(jax.tree.structure(like), leaves)

@@ -1,0 +1,88 @@
+"""aptsjax.checkpoint in one process: sharded APTS states round-trip bit for bit, errors are clear.
+
+The multi-process resume is tested in tests/test_multiprocess.py.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from aptsjax import checkpoint
+from aptsjax import parallel
+from tests import multiprocess_worker as worker
+
+
+def equal(a, b) -> bool:
+  return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def trained():
+  params, batch = worker.problem(rows=512)
+  trainer = worker.make_trainer(2, num_devices=4)
+  state, params = trainer.init(params), trainer.replicate(params)
+  sharded = trainer.shard_batch(batch)
+  for _ in range(2):
+    params, state = trainer.step(params, state, sharded)
+  return trainer, params, state, sharded
+
+
+def test_round_trip_keeps_values_shardings_and_trajectory(trained, tmp_path):
+  trainer, params, state, sharded = trained
+  checkpoint.save(tmp_path, 2, {"params": params, "state": state})
+  assert checkpoint.latest_step(tmp_path) == 2
+  fresh = worker.problem(rows=512)[0]
+  like = {"params": trainer.replicate(fresh), "state": trainer.init(fresh)}
+  back = checkpoint.restore(tmp_path, like)
+  assert type(back["state"]) is type(state)
+  assert equal(back, {"params": params, "state": state})
+  for got, want in zip(jax.tree.leaves(back), jax.tree.leaves({"params": params, "state": state})):
+    assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+  assert back["state"].local_state is not None
+  assert len(jax.tree.leaves(back["state"].local_state)[0].sharding.device_set) == 4
+  one = trainer.step(params, state, sharded)
+  two = trainer.step(back["params"], back["state"], sharded)
+  assert equal(one, two)
+
+
+def test_latest_and_explicit_steps(trained, tmp_path):
+  _, params, _, _ = trained
+  assert checkpoint.latest_step(tmp_path / "missing") is None
+  for step in (1, 3, 5):
+    checkpoint.save(tmp_path, step, {"p": jax.tree.map(lambda x: x * step, params)})
+  assert checkpoint.latest_step(tmp_path) == 5
+  back = checkpoint.restore(tmp_path, {"p": params}, step=3)
+  assert equal(back["p"], jax.tree.map(lambda x: x * 3, params))
+  with pytest.raises(ValueError, match="must increase"):
+    checkpoint.save(tmp_path, 4, {"p": params})
+
+
+def test_errors(trained, tmp_path):
+  _, params, _, _ = trained
+  with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+    checkpoint.restore(tmp_path / "missing", {"p": params})
+  checkpoint.save(tmp_path, 1, {"p": params})
+  with pytest.raises(ValueError, match="already exists"):
+    checkpoint.save(tmp_path, 1, {"p": params})
+  with pytest.raises(ValueError, match="non-negative"):
+    checkpoint.save(tmp_path, -1, {"p": params})
+  with pytest.raises(FileNotFoundError, match="no checkpoint 7"):
+    checkpoint.restore(tmp_path, {"p": params}, step=7)
+  wrong = {"p": {k: np.zeros((3,) + np.shape(v), np.float32) for k, v in params.items()}}
+  with pytest.raises(ValueError, match="does not match"):
+    checkpoint.restore(tmp_path, wrong)
+
+
+def test_max_to_keep(trained, tmp_path):
+  _, params, _, _ = trained
+  for step in range(4):
+    checkpoint.save(tmp_path, step, {"p": params}, max_to_keep=2)
+  assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2, 3]
+
+
+def test_numpy_tree_of_a_sharded_state(trained):
+  _, _, state, _ = trained
+  host = parallel.numpy_tree(state)
+  assert host.local_steps.shape == (worker.NUM_SUBDOMAINS,)
+  assert isinstance(host.radius, np.ndarray)
