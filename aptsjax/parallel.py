@@ -220,7 +220,7 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   per_device = num_subdomains // num_devices
   checked_batch: list[bool] = []
 
-  def replicate(params):
+  def replicate(params):  # host arrays must hold the same values on every process
     return jax.device_put(params, replicated)
 
   def init(params):
@@ -237,6 +237,10 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   def shard_local_batch(local, num_rows):
     own, shared = data.layout_sizes(num_rows, num_subdomains, overlap)
     total = num_subdomains * (own + shared)
+    want = len(mine) * per_device * (own + shared)
+    if data._row_count(local) != want:  # pylint: disable=protected-access
+      raise ValueError(f"this process must supply {want} rows (process_rows({num_rows})), got "
+                       f"{data._row_count(local)}")  # pylint: disable=protected-access
     if not checked_batch:
       distributed.check_same({"rows": num_rows, "batch": jax.tree.map(
           lambda x: jax.ShapeDtypeStruct((total,) + tuple(np.shape(x)[1:]), x.dtype), local)},

@@ -196,3 +196,11 @@ def test_single_process_rows_are_the_whole_layout():
   for num_devices in (1, 4):
     trainer = parallel.apts_trainer(worker.mlp_loss, 4, num_devices=num_devices, overlap=0.05)
     np.testing.assert_array_equal(trainer.process_rows(1000), data.overlap_layout(1000, 4, 0.05))
+  params, (x, y) = worker.problem(rows=1000)
+  rows = trainer.process_rows(1000)
+  local = trainer.shard_local_batch((x[rows], y[rows]), 1000)
+  whole = trainer.shard_batch((x, y))
+  np.testing.assert_array_equal(np.asarray(local[0]), np.asarray(whole[0]))
+  assert local[0].sharding == whole[0].sharding and len(local[0].sharding.device_set) == 4
+  with pytest.raises(ValueError, match="must supply 1036 rows"):
+    trainer.shard_local_batch((x[rows[:-4]], y[rows[:-4]]), 1000)
