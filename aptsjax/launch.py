@@ -91,7 +91,8 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: i
     timeout: stop every process after this many seconds (default: none).
 
   Returns:
-    0 if every process exited with 0, else the first non-zero exit code (124 on timeout).
+    0 if every process exited with 0, else the first non-zero exit code (124 on timeout,
+    128 + k for a process killed by signal k).
   """
   if not command:
     raise ValueError("no command given (put it after --)")
@@ -135,9 +136,8 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: i
     p.wait()
   for relay in relays:
     relay.join(timeout=5.0)
-  if first_failure:
-    return first_failure
-  return next((p.returncode for p in procs if p.returncode), 0)
+  code = first_failure or next((p.returncode for p in procs if p.returncode), 0)
+  return 128 - code if code < 0 else code  # killed by signal k: 128 + k, as a shell reports it
 
 
 def main(argv: Sequence[str] | None = None) -> int:

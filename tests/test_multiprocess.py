@@ -160,6 +160,10 @@ def test_launch_returns_the_failure_and_stops_the_others():
   assert launcher.launch([sys.executable, "-c", code], num_processes=2, grace=0.5) == 3
   assert time.monotonic() - start < 20.0
   assert launcher.launch([sys.executable, "-c", "pass"], num_processes=2) == 0
+  abort = "import os, signal; os.kill(os.getpid(), signal.SIGABRT)"
+  assert launcher.launch([sys.executable, "-c", abort], num_processes=2, grace=0.5) == 134
+  assert launcher.launch([sys.executable, "-c", "import time; time.sleep(30)"], num_processes=2,
+                         timeout=1.0) == 124
   with pytest.raises(ValueError, match="no command"):
     launcher.launch([], num_processes=2)
 
