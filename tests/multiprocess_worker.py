@@ -56,11 +56,16 @@ def make_trainer(order: int, num_devices: int | None = None, num_subdomains: int
 
 
 def run(order: int, iters: int, num_devices: int | None = None, *, ckpt: str | None = None,
-        save_at: int = 0, resume: bool = False) -> dict[str, np.ndarray]:
-  """APTS iterations; returns per-iteration loss and radius and the final flat parameters."""
+        save_at: int = 0, resume: bool = False, params: dict | None = None
+        ) -> dict[str, np.ndarray]:
+  """APTS iterations; returns per-iteration loss and radius and the final flat parameters.
+
+  ``params`` replaces the problem's initial parameters (the rounding probes of the tests).
+  """
   from aptsjax import checkpoint, parallel  # pylint: disable=import-outside-toplevel
 
-  params, batch = problem()
+  default_params, batch = problem()
+  params = default_params if params is None else params
   trainer = make_trainer(order, num_devices)
   state, params = trainer.init(params), trainer.replicate(params)
   sharded = trainer.shard_batch(batch)
