@@ -1,7 +1,7 @@
 """Smoke test of benchmarks.paper: ``--quick`` runs end to end and writes sane outputs.
 
 Quick mode: MNIST-5k (first 2,000 training rows), 3 epochs, 1 trial, APTS N=2 o1 (full batch),
-SAPTS N=2 o1 and o2, plain TR o2, Adam and SGD tuned over two rates. About 45 s on 2 CPU cores
+SAPTS N=2 o1 and o2, plain TR o2, Adam and SGD tuned over two rates. About 40 s on 2 CPU cores
 (the time goal lives in the benchmark, not here). Under tests/conftest.py the host has 4 CPU
 devices, so N = 2 runs under shard_map on 2 devices and its all-reduced floats come from the compiled HLO.
 """
@@ -13,15 +13,24 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("mlxtend")
 
-from benchmarks import paper  # noqa: E402
+from benchmarks import paper, progress  # noqa: E402
 from tests.helpers import launch, read_csv, show  # noqa: E402
 
 MNIST_PARAMS = 535_818
 
 
-def test_quick_mode_outputs(tmp_path):
-  """CSV, figures and summary exist; losses finite; learning methods above chance."""
+def test_quick_mode_outputs(tmp_path, monkeypatch, capsys):
+  """CSV, figures and summary exist; losses finite; learning methods above chance; the overall
+  progress bar's plan is exactly the work done (its ETA reaches 0 at the end)."""
+  plan, done = [], []
+  real_init, real_advance = progress.Progress.__init__, progress.Progress.advance
+  monkeypatch.setattr(progress.Progress, "__init__",
+                      lambda self, total: (plan.append(total), real_init(self, total))[1])
+  monkeypatch.setattr(progress.Progress, "advance",
+                      lambda self, w: (done.append(w), real_advance(self, w))[1])
   paper.main(["--quick", "--out", str(tmp_path)])
+  assert len(plan) == 1 and plan[0] > 0 and sum(done) == pytest.approx(plan[0])
+  assert "all methods: 100%" in capsys.readouterr().out
 
   rows = read_csv(tmp_path / "results.csv")
   methods = {r["method"] for r in rows}
