@@ -28,7 +28,7 @@ from aptsjax.apts import apts
 from aptsjax.apts import state_specs
 from aptsjax import data
 from aptsjax import distributed
-from aptsjax import trust_region as tr
+from aptsjax.trust_region import as_int
 
 PyTree = Any
 
@@ -84,7 +84,8 @@ class Trainer(NamedTuple):
     shard_batch: ``batch -> batch``: the global batch (every process passes the same one; only
       this process's rows are read, so a memory-mapped array costs only those rows) laid out by
       ``aptsjax.data.overlapping_subdomains`` and sharded over the devices, subdomain i's rows on
-      the device that holds subdomain i.
+      the device that holds subdomain i. Rows the layout drops are reported as ``remainder``
+      says (a ``UserWarning`` by default).
     step: ``(params, state, batch) -> (params, state)``, jitted; ``batch`` from ``shard_batch``.
       Params and the state's scalars come back replicated on every device of every process.
       A skipped update (``state.nonfinite``) warns or raises as ``on_nonfinite`` says.
@@ -234,9 +235,9 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     ValueError: an argument of the wrong type or value (named in the message), checked before
       any device is queried; N not divisible by D; a configuration differing across processes.
   """
-  num_subdomains = tr.as_int("num_subdomains", num_subdomains, 1)
+  num_subdomains = as_int("num_subdomains", num_subdomains, 1)
   if num_devices is not None:
-    num_devices = tr.as_int("num_devices", num_devices, 1)
+    num_devices = as_int("num_devices", num_devices, 1)
   data._as_overlap(overlap)  # pylint: disable=protected-access
   if on_nonfinite not in NONFINITE_ACTIONS:
     raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}.")

@@ -142,11 +142,8 @@ def test_float32_params_with_float64_data(x64, second_order):
     assert state.loss.dtype == jnp.float32 and state.radius.dtype == jnp.float32
     assert float(state.loss) < float(lsq_loss(params, batch))
 
-  # A Flax NNX model through aptsjax.flax_utils and nnx.Optimizer.
-  model = nnx.Linear(5, 1, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+  # A Flax NNX model through aptsjax.flax_utils and nnx.Optimizer, with either method.
   model_loss = lambda m, b: jnp.mean((m(b[0])[:, 0] - b[1]) ** 2)
-  optimizer = nnx.Optimizer(model, aptsjax.trust_region(nnx_loss_fn(model, model_loss),
-                                                        second_order=second_order), wrt=nnx.Param)
 
   @nnx.jit
   def nnx_step(model, optimizer, batch):
@@ -154,10 +151,15 @@ def test_float32_params_with_float64_data(x64, second_order):
     optimizer.update(model, grads, batch=batch)
     return loss
 
-  losses = [float(nnx_step(model, optimizer, batch)) for _ in range(4)]
-  assert model.kernel[...].dtype == jnp.float32
-  assert optimizer.opt_state.loss[...].dtype == jnp.float32
-  assert float(optimizer.opt_state.loss[...]) < losses[0], losses
+  for make in (aptsjax.trust_region,
+               lambda f, **kw: aptsjax.apts(f, num_subdomains=2, local_steps=2, **kw)):
+    model = nnx.Linear(5, 1, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+    tx = make(nnx_loss_fn(model, model_loss), second_order=second_order)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    losses = [float(nnx_step(model, optimizer, batch)) for _ in range(4)]
+    assert model.kernel[...].dtype == jnp.float32
+    assert optimizer.opt_state.loss[...].dtype == jnp.float32
+    assert float(optimizer.opt_state.loss[...]) < losses[0], losses
 
 
 # 5. A non-finite loss at the current point in the trainer.
