@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -85,6 +86,25 @@ def all_finite(tree: PyTree) -> jax.Array:
 def tree_dtype(tree: PyTree) -> jnp.dtype:
   """Returns the common floating dtype of a pytree's leaves (the promoted one if they differ)."""
   return jnp.result_type(*jax.tree.leaves(tree))
+
+
+def upcast(tree: PyTree) -> PyTree:
+  """Returns ``tree`` with its leaves in at least float32 (float32 and float64 leaves unchanged).
+
+  Norms and inner products of half-precision vectors (bfloat16, float16) accumulate in float32
+  this way: their sums of squares neither overflow (float16 ends at 65504) nor lose small terms.
+  """
+  return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+
+def norm(tree: PyTree) -> jax.Array:
+  """The 2-norm of a pytree vector, accumulated in at least float32 (see ``upcast``)."""
+  return optax.tree.norm(upcast(tree))
+
+
+def vdot(a: PyTree, b: PyTree) -> jax.Array:
+  """The inner product of two pytree vectors, accumulated in at least float32 (see ``upcast``)."""
+  return optax.tree.vdot(upcast(a), upcast(b))
 
 
 def varying_axes(x: Any) -> frozenset:

@@ -87,7 +87,7 @@ def trust_region_local_solver(hp: tr.Hyperparams, num_steps: int, second_order: 
     return lsr1.init(params, memory) if second_order else None
 
   def run(value_and_grad, params, loss, grad, state, bound):
-    dist = lambda p: optax.tree.norm(optax.tree.sub(p, params))
+    dist = lambda p: _stack.norm(optax.tree.sub(p, params))
 
     def cond(c):
       it, done = c[0], c[-1]
@@ -189,8 +189,21 @@ def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree
   the reference code (METHOD.md section 8). r_i is constant, so it cancels in L-SR1 pairs.
   """
   def f_i(theta):
-    return tr.scalar_loss(loss_fn, theta, block) + optax.tree.vdot(r, optax.tree.sub(theta, theta_k))
+    loss = tr.scalar_loss(loss_fn, theta, block)
+    return (loss + _stack.vdot(r, optax.tree.sub(theta, theta_k))).astype(loss.dtype)
   return f_i
+
+
+def _check_rows(rows: int, num_subdomains: int, num_devices: int) -> None:
+  """Raises ValueError (at trace time) when a batch has fewer rows than its subdomains."""
+  n_local = num_subdomains // num_devices
+  if rows >= n_local:
+    return
+  where = ("the batch" if num_devices == 1 else
+           f"this device's shard of the batch ({n_local} of the {num_subdomains} subdomains)")
+  raise ValueError(f"{where} has {rows} rows, fewer than its {n_local} subdomains: every "
+                   "subdomain needs at least one row (an empty batch has no loss); skip empty "
+                   "batches and use at least num_subdomains rows.")
 
 
 def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
@@ -205,11 +218,23 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   ``jax.grad(lambda p: jax.lax.pmean(loss_fn(p, shard), axis_name))(params)``. ``grads=None``
   (an aptsjax extension) lets apts form g^k from the block gradients it evaluates anyway, which
   saves the caller one forward and backward pass over the batch (the train-step helper of
-  ``aptsjax.parallel`` does this).
+  ``aptsjax.parallel`` does this). ``batch`` is required (it is split into the subdomains) and
+  needs at least one row per subdomain; otherwise ``update`` raises ValueError at trace time.
+
+  Like ``aptsjax.trust_region``, it must be the last transformation: ``optax.chain(tx,
+  optax.scale(c))`` breaks the ratio test (the parameters move by a step that was judged at
+  full length, the radius adapts to the full step, and ``state.loss`` / ``state.grad`` describe
+  ``params + updates / c`` rather than the new parameters). This is not detected.
+
+  Dtypes: the losses and gradients are cast to the parameters' dtype (float32 parameters with
+  float64 data under ``jax_enable_x64`` work). ``second_order=False`` runs with bfloat16 or
+  float16 parameters; ``second_order=True`` needs float32 or float64 (``init`` raises
+  ValueError otherwise, as it does for non-floating parameters).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch.
-    num_subdomains: N, the total number of subdomains (in every mode).
+    num_subdomains: N, the total number of subdomains (in every mode); num_subdomains,
+      local_steps, memory (>= 1) and global_steps (>= 0) must be integers (ValueError).
     local_steps: nu, the maximum local TR iterations per update.
     second_order: L-SR1 models (local and global) or first-order models.
     axis_name: None on one device; the mesh/pmap axis name across devices (its size D must
@@ -224,16 +249,17 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``APTSState``.
   """
-  for name, v, low in (("num_subdomains", num_subdomains, 1), ("local_steps", local_steps, 1),
-                       ("memory", memory, 1), ("global_steps", global_steps, 0)):
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-      raise ValueError(f"{name} must be an integer >= {low}, got {v!r}.")
+  num_subdomains = tr.as_int("num_subdomains", num_subdomains, 1)
+  local_steps = tr.as_int("local_steps", local_steps, 1)
+  memory = tr.as_int("memory", memory, 1)
+  global_steps = tr.as_int("global_steps", global_steps, 0)
   hp = tr.make_hyperparams(tr.Hyperparams(), **hyperparams)
   solver = local_solver or trust_region_local_solver(hp.scaled(num_subdomains), local_steps,
                                                      second_order, memory)
   n_sub = num_subdomains
 
   def init_fn(params: PyTree) -> APTSState:
+    tr.check_params(params, second_order)
     dtype = _stack.tree_dtype(params)
     local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub, axis=0), solver.init(params))
     zero = jnp.zeros((), dtype)
@@ -250,6 +276,9 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     del extra_args  # ``value`` and the like: f(theta^k) comes from the block losses.
     if params is None:
       raise ValueError("apts needs params: call update(grads, state, params, batch=...).")
+    if batch is None:
+      raise ValueError("apts needs the batch, which it splits into the subdomains: call "
+                       "update(grads, state, params, batch=batch).")
     _stack.check_like(params, state.grad, "params")
     if grads is not None:
       _stack.check_like(grads, params, "grads")
@@ -258,6 +287,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
       raise ValueError(f"num_subdomains={n_sub} is not divisible by the {num_devices} devices "
                        f"of axis {axis_name!r}.")
     n_local = n_sub // num_devices
+    _check_rows(data._row_count(batch), n_sub, num_devices)  # pylint: disable=protected-access
     if state.local_steps.shape != (n_local,):
       raise ValueError(f"the state holds {state.local_steps.shape[0]} subdomains here, expected "
                        f"{n_local}: shard it with aptsjax.state_specs (shard_map) or "
@@ -302,7 +332,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, block_grads)
     steps, decrease, local_state, num_steps = jax.vmap(local)(blocks, r, losses, state.local_state)
     s_sum = jax.tree.map(total, steps)
-    s_norm = optax.tree.norm(s_sum)
+    s_norm = _stack.norm(s_sum).astype(dtype)
     shrink_to = jnp.where(s_norm > state.radius, state.radius / jnp.where(s_norm > 0, s_norm, 1.0), 1.0)
     s_sum = optax.tree.scale(shrink_to, s_sum)
     predicted = total(decrease).astype(dtype)

@@ -14,6 +14,8 @@ beforehand by :func:`overlapping_subdomains`, by the exact rule of METHOD.md sec
 the m - c - N b rows in between are dropped, and the laid-out batch has N (b + c) rows, block i
 being its own b rows followed by the c shared rows. Example: m = 1000, N = 2, o = 0.05 gives
 c = 24, b = 488 and two blocks of 512 rows. With o = 0 it is the plain split, remainder dropped.
+Dropping is never silent: :func:`overlapping_subdomains` (and the trainer's ``shard_batch``)
+warns by default, naming the batch sizes that drop nothing (:func:`check_remainder`).
 
 Multi-process loading: every process computes the same global indices and materializes only
 the blocks of its own devices (shared rows included), e.g.::
@@ -34,6 +36,7 @@ from __future__ import annotations
 import fractions
 import math
 import operator
+import warnings
 from typing import Any, Iterator
 
 import jax
@@ -107,6 +110,85 @@ def layout_sizes(num_rows: int, num_subdomains: int, overlap: float = 0.0) -> tu
   return own, shared
 
 
+REMAINDER_ACTIONS = ("warn", "drop", "raise")
+
+
+def dropped_rows(num_rows: int, num_subdomains: int, overlap: float = 0.0) -> int:
+  """The m - c - N b rows of an m-row batch that the overlap layout leaves out.
+
+  Args:
+    num_rows: m, the number of rows of the batch.
+    num_subdomains: N >= 1.
+    overlap: o in [0, 1), shared rows / own rows.
+
+  Returns:
+    The number of dropped rows, in [0, N) when o = 0.
+  """
+  own, shared = layout_sizes(num_rows, num_subdomains, overlap)
+  return int(num_rows) - shared - int(num_subdomains) * own
+
+
+def _drops_none(num_rows: int, num_subdomains: int, overlap: float) -> bool:
+  try:
+    return dropped_rows(num_rows, num_subdomains, overlap) == 0
+  except ValueError:  # too few rows for the layout
+    return False
+
+
+def full_batch_sizes(num_rows: int, num_subdomains: int, overlap: float = 0.0
+                     ) -> tuple[int | None, int]:
+  """The nearest batch sizes below and above ``num_rows`` whose layout drops no rows.
+
+  m - c grows by 1 at least every other row (c grows by o / (N + o) < 1/2 per row), so the
+  next size above lies within 2 N rows.
+
+  Args:
+    num_rows: m, the number of rows of the batch.
+    num_subdomains: N >= 1.
+    overlap: o in [0, 1), shared rows / own rows.
+
+  Returns:
+    ``(below, above)``: the largest size < m and the smallest size > m that drop nothing
+    (``below`` is None when no smaller batch fills the layout).
+  """
+  m, n = _as_int("num_rows", num_rows, 0), _as_int("num_subdomains", num_subdomains, 1)
+  below = next((k for k in range(m - 1, 0, -1) if _drops_none(k, n, overlap)), None)
+  above = next(k for k in range(m + 1, m + 2 * n + 3) if _drops_none(k, n, overlap))
+  return below, above
+
+
+def check_remainder(num_rows: int, num_subdomains: int, overlap: float = 0.0,
+                    remainder: str = "warn", *, stacklevel: int = 2) -> int:
+  """Reports the rows the overlap layout drops: a UserWarning, nothing, or a ValueError.
+
+  Args:
+    num_rows: m, the number of rows of the batch.
+    num_subdomains: N >= 1.
+    overlap: o in [0, 1), shared rows / own rows.
+    remainder: what to do when rows are dropped: ``"warn"`` (a ``UserWarning`` naming how many
+      rows out of m and the nearest batch sizes that drop none), ``"drop"`` (drop them quietly:
+      the caller has accepted it) or ``"raise"`` (ValueError).
+    stacklevel: passed to ``warnings.warn`` (2: the caller of this function).
+
+  Returns:
+    The number of dropped rows.
+  """
+  if remainder not in REMAINDER_ACTIONS:
+    raise ValueError(f"remainder must be one of {REMAINDER_ACTIONS}, got {remainder!r}")
+  dropped = dropped_rows(num_rows, num_subdomains, overlap)
+  if dropped == 0 or remainder == "drop":
+    return dropped
+  below, above = full_batch_sizes(num_rows, num_subdomains, overlap)
+  sizes = f"{below} or {above}" if below is not None else f"{above}"
+  message = (f"the subdomain layout (num_subdomains={num_subdomains}, overlap={overlap}) drops "
+             f"{dropped} of the {num_rows} rows of the batch; batches of {sizes} rows drop none")
+  if remainder == "raise":
+    raise ValueError(f"{message}. Use such a batch size, or remainder='drop' to drop them.")
+  warnings.warn(f"{message} (remainder='drop' drops them without this warning).", UserWarning,
+                stacklevel=stacklevel)
+  return dropped
+
+
 def overlap_layout(num_rows: int, num_subdomains: int, overlap: float = 0.0) -> np.ndarray:
   """Global row indices of the overlap layout (METHOD.md section 5); the single source of truth.
 
@@ -145,13 +227,17 @@ def take_rows(batch: Batch, rows: np.ndarray) -> Batch:
   return jax.tree_util.tree_map(lambda leaf: leaf[rows], batch)
 
 
-def overlapping_subdomains(batch: Batch, num_subdomains: int, overlap: float = 0.0) -> Batch:
+def overlapping_subdomains(batch: Batch, num_subdomains: int, overlap: float = 0.0,
+                           remainder: str = "warn") -> Batch:
   """Lays out ``batch`` as N contiguous blocks of own rows plus the shared rows.
 
   Args:
     batch: pytree of arrays sharing a leading row axis of m rows.
     num_subdomains: N >= 1.
     overlap: o in [0, 1), shared rows / own rows (see :func:`overlap_layout`).
+    remainder: when the layout drops the m - c - N b rows that do not fill a block: ``"warn"``
+      (default: drop them with a ``UserWarning`` naming the batch sizes that drop none),
+      ``"drop"`` (quietly) or ``"raise"`` (ValueError); see :func:`check_remainder`.
 
   Returns:
     The batch with N (b + c) rows, ready for ``apts(num_subdomains=N)``. With no shared rows it
@@ -159,6 +245,7 @@ def overlapping_subdomains(batch: Batch, num_subdomains: int, overlap: float = 0
   """
   count = _row_count(batch)
   own, shared = layout_sizes(count, num_subdomains, overlap)
+  check_remainder(count, num_subdomains, overlap, remainder, stacklevel=3)
   if shared == 0:
     return trim_rows(batch, int(num_subdomains))
   return take_rows(batch, overlap_layout(count, num_subdomains, overlap))
@@ -276,6 +363,11 @@ def minibatches(num_rows: int, batch_size: int, *, overlap: float = 0.0, seed: i
 def iterate_minibatches(data: Batch, batch_size: int, *, overlap: float = 0.0, seed: int = 0,
                         epoch: int = 0) -> Iterator[Batch]:
   """Yields one epoch of minibatches of ``data``, gathered by :func:`minibatches`.
+
+  Like :func:`minibatches`, it leaves out of the epoch the fresh rows that cannot fill a whole
+  minibatch: m - B - (num_minibatches - 1)(B - round(o B)) rows, fewer than B - round(o B), and
+  different rows each epoch (the permutation changes). This is the usual last-batch drop of a
+  shuffled loader, documented here rather than warned about.
 
   Args:
     data: pytree of arrays sharing a leading row axis (the whole training set).

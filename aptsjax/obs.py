@@ -80,21 +80,24 @@ def first_order_step(grad: PyTree, radius: Any) -> OBSResult:
     finite, or a traced radius is not positive and finite.
   """
   check_radius(radius)
-  gnorm = _stack_norm(grad)
   dtype = _stack.tree_dtype(grad)
-  radius = jnp.asarray(radius, dtype)
+  gnorm = _stack_norm(grad)   # at least float32: half-precision gradients are scaled in float32
+  radius = jnp.asarray(radius, dtype).astype(gnorm.dtype)
   ok = (gnorm > 0) & jnp.isfinite(gnorm) & jnp.isfinite(radius) & (radius > 0)
   scale = jnp.where(ok, -radius / jnp.where(ok, gnorm, 1.0), 0.0)
-  step = jax.tree.map(lambda g: jnp.where(ok, scale.astype(g.dtype) * g, 0.0), grad)
-  zero = jnp.zeros((), dtype)
-  return OBSResult(step=step, predicted_reduction=jnp.where(ok, radius * gnorm, zero),
-                   on_boundary=ok, sigma=jnp.where(ok, gnorm / jnp.where(ok, radius, 1.0), zero),
+  step = jax.tree.map(
+      lambda g: jnp.where(ok, scale * g.astype(scale.dtype), 0.0).astype(g.dtype), grad)
+  zero = jnp.zeros((), gnorm.dtype)
+  return OBSResult(step=step, predicted_reduction=jnp.where(ok, radius * gnorm, zero).astype(dtype),
+                   on_boundary=ok,
+                   sigma=jnp.where(ok, gnorm / jnp.where(ok, radius, 1.0), zero).astype(dtype),
                    hard_case=jnp.array(False))
 
 
 def _stack_norm(tree: PyTree) -> jax.Array:
+  """The 2-norm of a pytree vector, accumulated in at least float32 (``_stack.upcast``)."""
   return jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(
-      lambda x: jnp.vdot(x, x, precision=jax.lax.Precision.HIGHEST), tree))))
+      lambda x: jnp.vdot(x, x, precision=jax.lax.Precision.HIGHEST), _stack.upcast(tree)))))
 
 
 def _complement_vector(state: lsr1.LSR1State, spec: lsr1.Spectral, like: PyTree) -> PyTree:

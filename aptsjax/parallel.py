@@ -14,6 +14,7 @@ same rows whatever D is, so the results agree up to float rounding. For ``jax.pm
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ from aptsjax.apts import apts
 from aptsjax.apts import state_specs
 from aptsjax import data
 from aptsjax import distributed
+from aptsjax.trust_region import as_int
 
 PyTree = Any
 
@@ -82,9 +84,11 @@ class Trainer(NamedTuple):
     shard_batch: ``batch -> batch``: the global batch (every process passes the same one; only
       this process's rows are read, so a memory-mapped array costs only those rows) laid out by
       ``aptsjax.data.overlapping_subdomains`` and sharded over the devices, subdomain i's rows on
-      the device that holds subdomain i.
+      the device that holds subdomain i. Rows the layout drops are reported as ``remainder``
+      says (a ``UserWarning`` by default).
     step: ``(params, state, batch) -> (params, state)``, jitted; ``batch`` from ``shard_batch``.
       Params and the state's scalars come back replicated on every device of every process.
+      A skipped update (``state.nonfinite``) warns or raises as ``on_nonfinite`` says.
     process_rows: ``num_rows -> indices``: the rows of an ``num_rows``-row global batch that this
       process's devices hold, in order (own rows and shared rows of each of its subdomains).
     shard_local_batch: ``(local_batch, num_rows) -> batch``: like ``shard_batch`` for a process
@@ -156,9 +160,47 @@ def mesh_devices(num_devices: int, devices: list) -> list:
   return [d for g in groups.values() for d in g[:per]]
 
 
+NONFINITE_ACTIONS = ("warn", "raise", "ignore")
+
+
+def _nonfinite_message(iteration: int) -> str:
+  return (f"APTS update {iteration} (state.iteration = {iteration}): the loss or gradient at the "
+          "current parameters is not finite, so the update was skipped: params and state are "
+          "unchanged apart from state.iteration and state.nonfinite. Likely NaN/Inf in the "
+          "batch or in the loss (e.g. a log of 0 or an overflow).")
+
+
+def _warn_nonfinite(iteration: Any) -> None:
+  warnings.warn(_nonfinite_message(int(iteration)), RuntimeWarning, stacklevel=2)
+
+
+def _report_nonfinite(state: NamedTuple) -> None:
+  """Inside the jitted step: a host callback issuing the RuntimeWarning, only for a skipped update.
+
+  Outside ``shard_map`` the callback runs once, on the host of the mesh's first device (process
+  0), asynchronously: the step does not wait for the host.
+  """
+  jax.lax.cond(state.nonfinite, lambda i: jax.debug.callback(_warn_nonfinite, i),
+               lambda i: None, state.iteration)
+
+
+def _raise_nonfinite(step: Callable[..., tuple[PyTree, NamedTuple]]
+                     ) -> Callable[..., tuple[PyTree, NamedTuple]]:
+  """``step`` followed by a host check raising FloatingPointError for a skipped update."""
+  def checked(params, state, batch):
+    params, state = step(params, state, batch)
+    if bool(np.asarray(state.nonfinite)):  # waits for the step: the opt-in cost of "raise"
+      raise FloatingPointError(_nonfinite_message(int(np.asarray(state.iteration))))
+    return params, state
+
+  checked.lower = step.lower
+  return checked
+
+
 def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: int, *,
                  num_devices: int | None = None, overlap: float = 0.0, axis_name: str = "data",
-                 devices: list | None = None, **apts_kwargs: Any) -> Trainer:
+                 devices: list | None = None, on_nonfinite: str = "warn",
+                 remainder: str = "warn", **apts_kwargs: Any) -> Trainer:
   """Builds the mesh, the batch layout and a jitted APTS train step, on one or many processes.
 
   The same call runs on one device, on D devices of one process, and across processes started
@@ -175,11 +217,32 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     overlap: shared rows / own rows of the subdomain layout, in [0, 1) (METHOD.md section 5).
     axis_name: the mesh axis name.
     devices: the devices to use (default ``jax.devices()``, all processes' devices).
+    on_nonfinite: what ``step`` does after an update skipped because the loss or gradient at the
+      current parameters was not finite (``state.nonfinite``; params and state unchanged):
+      ``"warn"`` (default) issues a ``RuntimeWarning`` naming the iteration, from a host
+      callback inside the jitted step (asynchronous, no per-step host sync; once, on process
+      0); ``"raise"`` raises ``FloatingPointError`` from ``step`` (which then waits for every
+      step to finish); ``"ignore"`` leaves it to ``state.nonfinite``.
+    remainder: what ``shard_batch`` / ``shard_local_batch`` do when the layout drops rows (see
+      ``aptsjax.data.check_remainder``): ``"warn"`` (default, a ``UserWarning``), ``"drop"``
+      (quietly) or ``"raise"`` (ValueError).
     **apts_kwargs: passed to ``aptsjax.apts`` (local_steps, second_order, memory, ...).
 
   Returns:
     A ``Trainer``.
+
+  Raises:
+    ValueError: an argument of the wrong type or value (named in the message), checked before
+      any device is queried; N not divisible by D; a configuration differing across processes.
   """
+  num_subdomains = as_int("num_subdomains", num_subdomains, 1)
+  if num_devices is not None:
+    num_devices = as_int("num_devices", num_devices, 1)
+  data._as_overlap(overlap)  # pylint: disable=protected-access
+  if on_nonfinite not in NONFINITE_ACTIONS:
+    raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}.")
+  if remainder not in data.REMAINDER_ACTIONS:
+    raise ValueError(f"remainder must be one of {data.REMAINDER_ACTIONS}, got {remainder!r}.")
   devices = list(devices if devices is not None else jax.devices())
   num_devices = num_devices or default_num_devices(num_subdomains, devices)
   if num_devices > len(devices):
@@ -187,27 +250,37 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   if num_subdomains % num_devices:
     raise ValueError(f"num_subdomains={num_subdomains} is not divisible by "
                      f"num_devices={num_devices}.")
-  data._as_overlap(overlap)  # pylint: disable=protected-access
   multi = num_devices > 1
+  tx = apts(loss_fn, num_subdomains=num_subdomains,
+            axis_name=axis_name if multi else None, **apts_kwargs)
   chosen = mesh_devices(num_devices, devices) if multi else devices[:1]
   distributed.check_same({"num_subdomains": num_subdomains, "num_devices": num_devices,
                           "overlap": overlap, "axis_name": axis_name,
+                          "on_nonfinite": on_nonfinite, "remainder": remainder,
                           "apts_kwargs": sorted(apts_kwargs.items()),
                           "devices": [(d.process_index, d.id) for d in chosen]},
                          "trainer configuration")
-  tx = apts(loss_fn, num_subdomains=num_subdomains,
-            axis_name=axis_name if multi else None, **apts_kwargs)
 
   def layout(batch):
-    return data.overlapping_subdomains(batch, num_subdomains, overlap)
+    return data.overlapping_subdomains(batch, num_subdomains, overlap, remainder)
 
   def one_step(params, state, batch):
     updates, state = tx.update(None, state, params, batch=batch)
     return optax.apply_updates(params, updates), state
 
+  def reported(step):  # the jitted step with the on_nonfinite reporting
+    def run(params, state, batch):
+      params, state = step(params, state, batch)
+      if on_nonfinite == "warn":
+        _report_nonfinite(state)
+      return params, state
+    return run
+
+  finish = _raise_nonfinite if on_nonfinite == "raise" else (lambda step: step)
   if not multi:
     return Trainer(tx=tx, mesh=None, axis_name=None, num_subdomains=num_subdomains,
-                   overlap=overlap, init=tx.init, shard_batch=layout, step=jax.jit(one_step),
+                   overlap=overlap, init=tx.init, shard_batch=layout,
+                   step=finish(jax.jit(reported(one_step))),
                    process_rows=lambda m: data.overlap_layout(m, num_subdomains, overlap),
                    shard_local_batch=lambda local, m: local, replicate=lambda p: p,
                    metrics=jax.jit(_metrics))
@@ -236,6 +309,7 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
 
   def shard_local_batch(local, num_rows):
     own, shared = data.layout_sizes(num_rows, num_subdomains, overlap)
+    data.check_remainder(num_rows, num_subdomains, overlap, remainder, stacklevel=3)
     total = num_subdomains * (own + shared)
     want = len(mine) * per_device * (own + shared)
     if data._row_count(local) != want:  # pylint: disable=protected-access
@@ -253,18 +327,19 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     count = data._row_count(batch)  # pylint: disable=protected-access
     return shard_local_batch(data.take_rows(batch, process_rows(count)), count)
 
-  @jax.jit
-  def sharded_step(params, state, batch):
+  def mapped_step(params, state, batch):
     specs = state_specs(state, axis_name)
     return jax.shard_map(one_step, mesh=mesh, in_specs=(P(), specs, P(axis_name)),
                          out_specs=(P(), specs))(params, state, batch)
+
+  sharded_step = jax.jit(reported(mapped_step))
 
   def step(params, state, batch):
     return sharded_step(replicate(params), state, batch)
 
   step.lower = sharded_step.lower  # for HLO inspection; params must already be replicated
   return Trainer(tx=tx, mesh=mesh, axis_name=axis_name, num_subdomains=num_subdomains,
-                 overlap=overlap, init=init, shard_batch=shard_batch, step=step,
+                 overlap=overlap, init=init, shard_batch=shard_batch, step=finish(step),
                  process_rows=process_rows, shard_local_batch=shard_local_batch,
                  replicate=replicate, metrics=jax.jit(_metrics, out_shardings=replicated))
 

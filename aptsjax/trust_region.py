@@ -19,10 +19,12 @@ The same ``iterate`` function is the global step of APTS and, with a step cap, i
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from aptsjax import _stack
@@ -214,12 +216,87 @@ def make_hyperparams(base: Hyperparams, **overrides: float) -> Hyperparams:
   return base._replace(**{k: float(v) for k, v in overrides.items()}).validate()
 
 
+def as_int(name: str, value: Any, minimum: int) -> int:
+  """Returns ``value`` as a Python int, or raises ValueError naming the argument.
+
+  Args:
+    name: the argument's name, for the message.
+    value: an integer (Python or numpy; not a bool, a float or a string).
+    minimum: the smallest value allowed.
+  """
+  try:
+    result = None if isinstance(value, bool) else operator.index(value)
+  except TypeError:
+    result = None
+  if result is None or result < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+  return result
+
+
+SECOND_ORDER_DTYPES = ("float32", "float64")
+
+
+def check_params(params: PyTree, second_order: bool) -> None:
+  """Raises ValueError unless ``params`` can be optimised (at ``init``, before any tracing).
+
+  Every leaf must be a floating array. The first-order method also runs in bfloat16 and
+  float16 (its norms accumulate in float32); the second-order one needs float32 or float64
+  (its small dense eigenproblems have no half-precision kernels).
+
+  Args:
+    params: the parameter pytree.
+    second_order: whether the L-SR1 model is in use.
+  """
+  leaves = jax.tree.leaves(params)
+  if not leaves:
+    raise ValueError("params must contain at least one array.")
+  dtypes = {jnp.result_type(leaf) for leaf in leaves}
+  bad = sorted(str(d) for d in dtypes if not jnp.issubdtype(d, jnp.floating))
+  if bad:
+    raise ValueError(f"params must be floating arrays, got leaves of dtype {', '.join(bad)}: "
+                     "cast them with jax.tree.map(lambda x: x.astype(jnp.float32), params).")
+  half = sorted(str(d) for d in dtypes if str(d) not in SECOND_ORDER_DTYPES)
+  if second_order and half:
+    raise ValueError(f"second_order=True supports params of dtype "
+                     f"{' or '.join(SECOND_ORDER_DTYPES)}, got {', '.join(half)}: pass "
+                     "second_order=False (the first-order method runs in half precision) or cast "
+                     "the params to float32.")
+
+
+def _empty_batch_rows(batch: Any) -> bool:
+  """Whether every leaf of ``batch`` has a leading axis of size 0 (and there is a leaf)."""
+  shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch)]
+  return bool(shapes) and all(len(shape) >= 1 and shape[0] == 0 for shape in shapes)
+
+
 def scalar_loss(loss_fn: LossFn, params: PyTree, batch: Any) -> jax.Array:
-  """Calls ``loss_fn`` and raises ValueError (at trace time) unless it returns a scalar."""
-  value = loss_fn(params, batch)
+  """Calls ``loss_fn`` and returns its value cast to the parameters' dtype.
+
+  The cast makes mixed precision consistent: float32 parameters with float64 data (under
+  ``jax_enable_x64``) give a float32 loss, like their float32 gradient.
+
+  Raises:
+    ValueError: (at trace time) unless ``loss_fn`` returns a scalar; when ``batch`` is None and
+      ``loss_fn(params, None)`` fails (``update`` was called without ``batch=``); when the
+      batch is empty (every leaf has 0 rows).
+  """
+  if batch is None:
+    try:
+      value = loss_fn(params, batch)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise ValueError(
+          "update() was called without batch= and loss_fn(params, None) failed "
+          f"({type(e).__name__}: {e}). Pass the batch the gradient was computed on: "
+          "tx.update(grads, state, params, batch=batch), or for nnx.Optimizer "
+          "optimizer.update(model, grads, batch=batch).") from e
+  else:
+    if _empty_batch_rows(batch):
+      raise ValueError("the batch has 0 rows: the loss of an empty batch is not defined; "
+                       "skip empty batches (e.g. the tail of a data loader).")
+    value = loss_fn(params, batch)
   if jnp.shape(value) != ():
     raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(value)}.")
-  return value
+  return jnp.asarray(value).astype(_stack.tree_dtype(params))
 
 
 def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
@@ -231,17 +308,34 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
   update: one loss evaluation at ``params`` (skipped when ``value`` is given) and one loss and
   gradient evaluation at the trial point; with full-batch data the gradient for the next update
   is ``state.grad`` and the value ``state.loss``, so a full-batch iteration costs one forward and
-  one backward pass in total. The transformation is the whole optimizer: nothing may rescale
-  its updates afterwards (the ratio test has already judged that exact step), though it can sit
-  in an ``optax.chain`` with transformations that leave its output alone.
+  one backward pass in total.
+
+  It must be the last transformation: nothing may rescale or otherwise change its updates
+  afterwards. The ratio test has judged that exact step, and the state describes the point it
+  leads to, so ``optax.chain(tx, optax.scale(c))`` breaks it: the parameters move by ``c`` times
+  a step that was tested only at full length (with no guarantee of decrease), the radius adapts
+  to the full step, and ``state.loss`` / ``state.grad`` are the loss and gradient at
+  ``params + updates / c``, not at the new parameters (``value_and_grad_from_state`` would then
+  hand the next update wrong values). This is not detected. Transformations that leave its
+  output alone may share the chain.
+
+  Dtypes: the loss and the gradients are cast to the parameters' dtype (float32 parameters with
+  float64 data under ``jax_enable_x64`` work). The first-order method runs with bfloat16 or
+  float16 parameters (norms accumulate in float32); the second-order one needs float32 or
+  float64 (``init`` raises ValueError otherwise, as it does for non-floating parameters).
 
   Non-finite loss or gradient at ``params``: a no-op (zero updates, ``state.nonfinite`` set,
   radius, memory, loss and gradient unchanged). Non-finite trial loss or gradient: the step is
   rejected and the radius shrinks; the pair is not stored.
 
+  ``batch=None`` (the default) calls ``loss_fn(params, None)``, for a loss without data; when
+  that fails, ``update`` raises ValueError saying how to pass the batch. A batch whose leaves
+  all have 0 rows raises ValueError.
+
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
-    memory: number of L-SR1 pairs (second order); 10 by default (the paper's code uses 5).
+    memory: number of L-SR1 pairs (second order), an integer >= 1 (checked for either order);
+      10 by default (the paper's code uses 5).
     second_order: L-SR1 model solved by OBS (True) or the first-order model (False).
     **hyperparams: overrides of ``Hyperparams`` (``init_radius``, ``min_radius``,
       ``max_radius``, ``eta_accept``, ``eta1``, ``eta2``, ``alpha``, ``beta``). ``min_radius``
@@ -252,10 +346,10 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
   """
   hyperparams.setdefault("min_radius", GENERAL_MIN_RADIUS)
   hp = make_hyperparams(Hyperparams(), **hyperparams)
-  if second_order and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
-    raise ValueError(f"memory must be an integer >= 1, got {memory!r}.")
+  memory = as_int("memory", memory, 1)
 
   def init_fn(params: PyTree) -> TrustRegionState:
+    check_params(params, second_order)
     dtype = _stack.tree_dtype(params)
     return TrustRegionState(
         radius=jnp.asarray(hp.init_radius, dtype), loss=jnp.asarray(jnp.inf, dtype),

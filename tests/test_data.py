@@ -71,7 +71,7 @@ def test_zero_overlap_is_plain_split(m, n):
   b = m // n
   np.testing.assert_array_equal(data.overlap_layout(m, n, 0.0), np.arange(n * b))
   batch = _batch(m)
-  out = data.overlapping_subdomains(batch, n)
+  out = data.overlapping_subdomains(batch, n, remainder="drop")  # drops m % n rows
   np.testing.assert_array_equal(out[0], batch[0][:n * b])
   split = data.split_subdomains(out, n)
   assert split[0].shape == (n, b, 3) and split[1]["y"].shape == (n, b)
