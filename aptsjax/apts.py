@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
+from aptsjax import _checks
 from aptsjax import _stack
 from aptsjax import data
 from aptsjax import lsr1
@@ -249,17 +250,17 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``APTSState``.
   """
-  num_subdomains = tr.as_int("num_subdomains", num_subdomains, 1)
-  local_steps = tr.as_int("local_steps", local_steps, 1)
-  memory = tr.as_int("memory", memory, 1)
-  global_steps = tr.as_int("global_steps", global_steps, 0)
+  num_subdomains = _checks.as_int("num_subdomains", num_subdomains, 1)
+  local_steps = _checks.as_int("local_steps", local_steps, 1)
+  memory = _checks.as_int("memory", memory, 1)
+  global_steps = _checks.as_int("global_steps", global_steps, 0)
   hp = tr.make_hyperparams(tr.Hyperparams(), **hyperparams)
   solver = local_solver or trust_region_local_solver(hp.scaled(num_subdomains), local_steps,
                                                      second_order, memory)
   n_sub = num_subdomains
 
   def init_fn(params: PyTree) -> APTSState:
-    tr.check_params(params, second_order)
+    _checks.check_params(params, second_order)
     dtype = _stack.tree_dtype(params)
     local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub, axis=0), solver.init(params))
     zero = jnp.zeros((), dtype)

@@ -35,24 +35,15 @@ from __future__ import annotations
 
 import fractions
 import math
-import operator
 import warnings
 from typing import Any, Iterator
 
 import jax
 import numpy as np
 
+from aptsjax._checks import as_int
+
 Batch = Any
-
-
-def _as_int(name: str, value: Any, minimum: int) -> int:
-  try:
-    result = operator.index(value)
-  except TypeError:
-    raise ValueError(f"{name} must be an integer, got {value!r}") from None
-  if result < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {result}")
-  return result
 
 
 def _as_overlap(overlap: Any) -> float:
@@ -99,8 +90,8 @@ def layout_sizes(num_rows: int, num_subdomains: int, overlap: float = 0.0) -> tu
   Raises:
     ValueError: invalid arguments, or b = 0 (too few rows for N blocks).
   """
-  m = _as_int("num_rows", num_rows, 0)
-  n = _as_int("num_subdomains", num_subdomains, 1)
+  m = as_int("num_rows", num_rows, 0)
+  n = as_int("num_subdomains", num_subdomains, 1)
   o = fractions.Fraction(repr(_as_overlap(overlap)))
   shared = math.floor(o * m / (n + o))
   own = (m - shared) // n
@@ -151,7 +142,7 @@ def full_batch_sizes(num_rows: int, num_subdomains: int, overlap: float = 0.0
     ``(below, above)``: the largest size < m and the smallest size > m that drop nothing
     (``below`` is None when no smaller batch fills the layout).
   """
-  m, n = _as_int("num_rows", num_rows, 0), _as_int("num_subdomains", num_subdomains, 1)
+  m, n = as_int("num_rows", num_rows, 0), as_int("num_subdomains", num_subdomains, 1)
   below = next((k for k in range(m - 1, 0, -1) if _drops_none(k, n, overlap)), None)
   above = next(k for k in range(m + 1, m + 2 * n + 3) if _drops_none(k, n, overlap))
   return below, above
@@ -265,7 +256,7 @@ def check_batch(batch: Batch, num_subdomains: int) -> int:
     ValueError: no leaves, a leaf without a row axis, leaves with different row counts, or a row
       count not divisible by N.
   """
-  n = _as_int("num_subdomains", num_subdomains, 1)
+  n = as_int("num_subdomains", num_subdomains, 1)
   count = _row_count(batch)
   if count % n:
     raise ValueError(
@@ -300,7 +291,7 @@ def trim_rows(batch: Batch, multiple: int) -> Batch:
   Returns:
     The batch itself when nothing is dropped, else the pytree of ``leaf[:keep]``.
   """
-  k = _as_int("multiple", multiple, 1)
+  k = as_int("multiple", multiple, 1)
   count = _row_count(batch)
   keep = count - count % k
   if keep == 0:
@@ -312,8 +303,8 @@ def trim_rows(batch: Batch, multiple: int) -> Batch:
 
 def _minibatch_sizes(num_rows: int, batch_size: int, overlap: float) -> tuple[int, int]:
   """Validates the iterator's arguments; returns (carried rows, number of minibatches)."""
-  m = _as_int("num_rows", num_rows, 1)
-  size = _as_int("batch_size", batch_size, 1)
+  m = as_int("num_rows", num_rows, 1)
+  size = as_int("batch_size", batch_size, 1)
   if size > m:
     raise ValueError(f"batch_size={size} exceeds num_rows={m}")
   carried = round(_as_overlap(overlap) * size)
@@ -349,8 +340,8 @@ def minibatches(num_rows: int, batch_size: int, *, overlap: float = 0.0, seed: i
     A list of int64 index arrays, each of length ``batch_size``.
   """
   carried, count = _minibatch_sizes(num_rows, batch_size, overlap)
-  seed = _as_int("seed", seed, 0)
-  epoch = _as_int("epoch", epoch, 0)
+  seed = as_int("seed", seed, 0)
+  epoch = as_int("epoch", epoch, 0)
   order = np.random.default_rng((seed, epoch)).permutation(num_rows).astype(np.int64)
   fresh = batch_size - carried
   batches = [order[:batch_size]]

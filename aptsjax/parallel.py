@@ -28,7 +28,7 @@ from aptsjax.apts import apts
 from aptsjax.apts import state_specs
 from aptsjax import data
 from aptsjax import distributed
-from aptsjax.trust_region import as_int
+from aptsjax._checks import as_int
 
 PyTree = Any
 
