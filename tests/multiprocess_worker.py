@@ -52,7 +52,7 @@ def make_trainer(order: int, num_devices: int | None = None, num_subdomains: int
   from aptsjax import parallel  # pylint: disable=import-outside-toplevel
 
   return parallel.apts_trainer(mlp_loss, num_subdomains, num_devices=num_devices, overlap=OVERLAP,
-                               second_order=order == 2, local_steps=3)
+                               second_order=order == 2, local_steps=3, remainder="drop")
 
 
 def run(order: int, iters: int, num_devices: int | None = None, *, ckpt: str | None = None,
