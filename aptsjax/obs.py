@@ -36,7 +36,7 @@ from aptsjax import lsr1
 
 PyTree = Any
 
-_NEWTON_TOL = 1e-5      # |p| within max(this, 100 eps) of the radius (relative) ends Newton.
+_NEWTON_TOL = 1e-5      # Newton ends once |p| is within min(this, 100 eps) of the radius (relative).
 _NEWTON_MAX_ITERS = 60  # cap on Newton iterations (monotone convergence needs far fewer).
 
 
