@@ -75,7 +75,7 @@ def test_method_section_references_exist():
               re.finditer(r"^#{1,6}\s+(.+?)\s*$", (DOCS / "method.md").read_text(), re.M)}
   missing = [f"{name}: {ref}" for name, text in _text_files().items()
              for ref in METHOD_SECTION.findall(text) if ref not in headings]
-  assert not missing, (f"references to sections that docs/method.md lacks:\n" + "\n".join(missing)
+  assert not missing, ("references to sections that docs/method.md lacks:\n" + "\n".join(missing)
                        + f"\nheadings: {sorted(headings)}")
 
 
