@@ -9,6 +9,7 @@ docs pages include sections with pymdownx.snippets lines, which must name existi
 """
 import ast
 import difflib
+import os
 import re
 import subprocess
 import sys
@@ -48,12 +49,24 @@ def test_example_docstring_and_sections(name):
     assert example_section(path, section).strip(), f"{name}: section {section} is empty"
 
 
+def example_env() -> dict[str, str]:
+  """This environment (conftest's XLA flags), with this checkout first on the import path.
+
+  A script's own directory, not the working directory, starts ``sys.path``, so without this
+  the examples would import whichever aptsjax is installed rather than the one under test.
+  """
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+  return env
+
+
 def run_quick(name: str) -> subprocess.CompletedProcess:
   """Runs ``examples/<name> --quick`` as a user would (multiprocess.py: 2 processes x 2 devices)."""
+  command = [sys.executable, f"examples/{name}", "--quick"]
   if name == "multiprocess.py":
-    return launch(sys.executable, f"examples/{name}", "--quick", timeout=TIMEOUT)
-  return subprocess.run([sys.executable, f"examples/{name}", "--quick"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=TIMEOUT)
+    return launch(*command, timeout=TIMEOUT, env=example_env())
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                        env=example_env())
 
 
 def selected_examples(items: list[pytest.Item]) -> set[str]:
