@@ -4,7 +4,7 @@ A *stack* holds k pytree vectors (the columns of an n-by-k matrix such as S, Y o
 same structure as the parameters, each leaf carrying a leading axis of size k. The helpers below
 are the only O(n k) operations of the L-SR1 and OBS code; everything else works on k-by-k
 matrices. All products run at ``Precision.HIGHEST`` so that float32 stays float32 on GPUs (no
-TF32, METHOD.md section 7).
+TF32; docs/method.md, "Numerics").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Data-parallel APTS and SAPTS (Algorithm 1 of the paper, lines 4-10) as an optax transformation.
 
 One ``update`` at theta^k with global gradient g^k = ``grads`` and global radius Delta^k
-(METHOD.md section 5):
+(docs/method.md, "APTS (Algorithm 1)"):
 
 1. Split the batch into N equal contiguous blocks D_i (the subdomains; a device holds N / D of
    them) and compute every block's loss and gradient g_i at theta^k (vmapped, one forward and
@@ -73,7 +73,7 @@ class LocalSolver(NamedTuple):
 
 def trust_region_local_solver(hp: tr.Hyperparams, num_steps: int, second_order: bool,
                               memory: int) -> LocalSolver:
-  """The library's TR as the local solver (METHOD.md section 5).
+  """The library's TR as the local solver (docs/method.md, "Local iterations").
 
   Args:
     hp: the local constants (radii already divided by N).
@@ -187,7 +187,8 @@ def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree
 
   With r_i = g^k - grad f(theta^k; D_i), grad f_i(theta^k) = g^k (first-order consistency): the
   term is part of the function that is differentiated, not added after the backward pass as in
-  the reference code (METHOD.md section 8). r_i is constant, so it cancels in L-SR1 pairs.
+  the authors' reference code (docs/method.md, "Departures from the reference code"). r_i is
+  constant, so it cancels in L-SR1 pairs.
   """
   def f_i(theta):
     loss = tr.scalar_loss(loss_fn, theta, block)

@@ -1,6 +1,6 @@
 """The L-SR1 compact form, factored in an orthonormal basis of span(S, Y).
 
-The compact form B = gamma I + Psi M Psi^T (METHOD.md section 3) is evaluated through the
+The compact form B = gamma I + Psi M Psi^T (docs/method.md, "L-SR1 matrices") is evaluated via the
 LDL^T factorization of M^{-1} = D + L + L^T - gamma S^T S in time order: its pivots are the SR1
 denominators d_t = s_t.r_t and Psi L^{-T} = R = [r_1 .. r_k] are the SR1 residuals
 r_t = y_t - B_t s_t, so that
@@ -46,8 +46,8 @@ def rank_tol(dtype) -> float:
   """Eigenvalue threshold of a column-normalized (unit-diagonal) Gram matrix.
 
   Directions below it are dropped as dependent: 10 eps in float32 (1.2e-6: singular values
-  below ~1e-3 of the largest are at the rounding level of the Gram entries, METHOD.md section
-  7), 1e-12 in float64. Normalizing to unit diagonal first keeps pairs of very different
+  below ~1e-3 of the largest are at the rounding level of the Gram entries; docs/method.md,
+  "Numerics"), 1e-12 in float64. Normalizing to unit diagonal first keeps pairs of very different
   lengths from being mistaken for dependent ones.
   """
   return max(1e-12, 10.0 * eps_of(dtype))
@@ -141,10 +141,13 @@ def factor(ss: jax.Array, sy: jax.Array, yy: jax.Array, stamp: jax.Array, gamma:
   (NOISE eps times the size of the terms summed). The kept pairs keep M^{-1} nonsingular.
 
   Args:
-    ss, sy, yy: the Gram matrices of S and Y in slot order.
+    ss: the Gram matrix S^T S in slot order.
+    sy: S^T Y in slot order.
+    yy: the Gram matrix Y^T Y in slot order.
     stamp: insertion numbers, -1 for empty slots.
     gamma: B_0 = gamma I.
-    s, y: the stacks (read only when the basis needs re-orthogonalizing).
+    s: the stack S (read only when the basis needs re-orthogonalizing).
+    y: the stack Y (likewise).
 
   Returns:
     A ``Factor``.

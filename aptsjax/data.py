@@ -5,7 +5,7 @@ A batch is any pytree whose leaves (numpy or jax arrays) share a leading row axi
 
 ``apts`` splits a batch of ``rows`` rows into N equal contiguous blocks, subdomain i holding rows
 ``[i b, (i + 1) b)`` (:func:`split_subdomains`). Overlap between subdomains is a layout made
-beforehand by :func:`overlapping_subdomains`, by the exact rule of METHOD.md section 5
+beforehand by :func:`overlapping_subdomains`, by the exact rule of docs/method.md, "Overlap layout"
 (:func:`overlap_layout`): for a batch of m rows and overlap o (shared rows / own rows),
 
   c = floor(o m / (N + o))   shared rows: the LAST c rows of the batch,
@@ -73,7 +73,7 @@ def _row_count(batch: Batch) -> int:
 
 
 def layout_sizes(num_rows: int, num_subdomains: int, overlap: float = 0.0) -> tuple[int, int]:
-  """Own and shared row counts of the overlap layout (METHOD.md section 5).
+  """Own and shared row counts of the overlap layout (docs/method.md, "Overlap layout").
 
   The overlap is read as the decimal it prints as (``repr(float(overlap))``) and the floors are
   taken in exact rational arithmetic, so every process gets the same counts and o = 0.3, m = 13,
@@ -181,7 +181,7 @@ def check_remainder(num_rows: int, num_subdomains: int, overlap: float = 0.0,
 
 
 def overlap_layout(num_rows: int, num_subdomains: int, overlap: float = 0.0) -> np.ndarray:
-  """Global row indices of the overlap layout (METHOD.md section 5); the single source of truth.
+  """Global row indices of the overlap layout (docs/method.md); the single source of truth.
 
   Args:
     num_rows: m, the number of rows of the batch.
@@ -320,7 +320,7 @@ def num_minibatches(num_rows: int, batch_size: int, overlap: float = 0.0) -> int
 
 def minibatches(num_rows: int, batch_size: int, *, overlap: float = 0.0, seed: int = 0,
                 epoch: int = 0) -> list[np.ndarray]:
-  """Row indices of one epoch's SAPTS minibatches (METHOD.md section 5).
+  """Row indices of one epoch's SAPTS minibatches (docs/method.md, "SAPTS minibatches").
 
   The epoch's order is ``np.random.default_rng((seed, epoch)).permutation(num_rows)``. The first
   minibatch is its first ``batch_size`` rows; each later one is the last k = round(overlap *

@@ -1,6 +1,6 @@
 """Limited-memory SR1 (L-SR1) matrices in compact form, on pytrees.
 
-The matrix kept here is (METHOD.md section 3; Erway & Marcia, SIMAX 2015)
+The matrix kept here is (Erway & Marcia, SIMAX 2015; docs/method.md, "L-SR1 matrices")
 
   B = gamma I + Psi M Psi^T,   Psi = Y - gamma S,   M = (D + L + L^T - gamma S^T S)^{-1},
 
@@ -294,7 +294,7 @@ def dense_pairs(state: LSR1State) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def spectral(state: LSR1State) -> Spectral:
-  """The thin spectral decomposition of B (METHOD.md section 4, steps 1-2), in O(k^3).
+  """The thin spectral decomposition of B (docs/method.md, "The subproblem: OBS"), in O(k^3).
 
   P_par = Z U = [S Y] coef and the eigenvalues lam = gamma + eig(K) on span(S, Y);
   gamma on its orthogonal complement. See ``compact``.

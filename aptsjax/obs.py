@@ -1,11 +1,11 @@
 """The trust-region subproblem for an L-SR1 matrix: the orthonormal-basis SR1 (OBS) method.
 
 Solves  min_p  g.p + 0.5 p.B p  subject to |p|_2 <= radius  globally (Brust, Erway & Marcia,
-COAP 66, 2017; METHOD.md section 4) for B = gamma I + Psi M Psi^T from ``aptsjax.lsr1``, in
-O(n k^2) time and O(n k) memory, never forming B. With the thin spectral decomposition
-B = P_par diag(lam) P_par^T + gamma (I - P_par P_par^T) (``lsr1.spectral``), the problem
-separates into the eigen-components a = P_par^T g and the complement g_perp = g - P_par a
-(formed explicitly, METHOD.md section 7), and
+COAP 66, 2017; docs/method.md, "The subproblem: OBS") for B = gamma I + Psi M Psi^T from
+``aptsjax.lsr1``, in O(n k^2) time and O(n k) memory, never forming B. With the thin spectral
+decomposition B = P_par diag(lam) P_par^T + gamma (I - P_par P_par^T) (``lsr1.spectral``), the
+problem separates into the eigen-components a = P_par^T g and the complement g_perp = g - P_par a
+(formed explicitly, docs/method.md, "Numerics"), and
 
   p(sigma) = -P_par (diag(lam) + sigma I)^{-1} a - g_perp / (gamma + sigma).
 

@@ -214,7 +214,8 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch.
     num_subdomains: N, the total number of subdomains.
     num_devices: D, dividing N (with P processes, a multiple of P); default: the largest possible.
-    overlap: shared rows / own rows of the subdomain layout, in [0, 1) (METHOD.md section 5).
+    overlap: shared rows / own rows of the subdomain layout, in [0, 1) (docs/method.md,
+      "Overlap layout").
     axis_name: the mesh axis name.
     devices: the devices to use (default ``jax.devices()``, all processes' devices).
     on_nonfinite: what ``step`` does after an update skipped because the loss or gradient at the

@@ -1,6 +1,6 @@
 """The trust-region (TR) method as small pure pieces and as an optax transformation.
 
-One TR iteration at theta with gradient g and radius Delta (METHOD.md section 2):
+One TR iteration at theta with gradient g and radius Delta (the paper's (2) and (7)):
 
   s     = argmin g.s + 0.5 s.B s over |s| <= Delta   (B = 0: first order; L-SR1 + OBS: second)
   rho   = (f(theta) - f(theta + s)) / (-m(s))
@@ -38,7 +38,7 @@ class Hyperparams(NamedTuple):
   """The trust-region constants: one table, the same for every problem (no learning rate).
 
   Defaults are the paper's (ML_APTS, utils/utility.py and optimizers/TR.py at commit 92d8443;
-  METHOD.md section 2). ``aptsjax.apts`` uses them as they are. ``aptsjax.trust_region`` uses
+  docs/method.md, "Defaults"). ``aptsjax.apts`` uses them as they are. ``aptsjax.trust_region`` uses
   them too except ``min_radius``, which it lowers to ``GENERAL_MIN_RADIUS`` so that it can
   converge to tight gradient tolerances as a general optimizer (pass ``min_radius=1e-3`` for
   the paper's plain TR).

@@ -11,8 +11,8 @@ use), then, jitted, with compile time reported apart from the median of timed re
 * peak memory from the compiled executables' `memory_analysis()`.
 
 References: one jitted forward+backward (`jax.value_and_grad` of the loss) of the MNIST MLP on
-1,000 and 10,000 samples and of the CIFAR MLP on 10,000. Targets (ISSUE-NOTES #2): at n = 1.8e6,
-k = 10, obs.solve <= 10 passes (the issue: 5) and < 10% of the CIFAR fwd+bwd (the issue: MNIST).
+1,000 and 10,000 samples and of the CIFAR MLP on 10,000. Targets: at n = 1.8e6,
+k = 10, obs.solve <= 10 passes (stretch goal: 5) and < 10% of the CIFAR fwd+bwd (stretch: MNIST).
 Run from the repository root: ``python -m benchmarks.core_cost [--quick] [--out DIR]``.
 """
 
@@ -236,8 +236,8 @@ def verdict(rows: list[Row], refs: list[Row]) -> str:
   ok = lambda c: "MET" if c else "MISSED"
   lines = [f"Verdict at n = {r['n']:,}, memory = {r['memory']} (float32, jitted):",
            f"- obs.solve = {r['solve_ms']:.2f} ms = {r['solve_passes']:.1f} memory passes "
-           f"(floor {r['floor_ms']:.3f} ms): <= 10 passes (ISSUE-NOTES) "
-           f"{ok(r['solve_passes'] <= 10)}; <= 5 passes (issue) {ok(r['solve_passes'] <= 5)}."]
+           f"(floor {r['floor_ms']:.3f} ms): <= 10 passes (target) "
+           f"{ok(r['solve_passes'] <= 10)}; <= 5 passes (stretch) {ok(r['solve_passes'] <= 5)}."]
   for ref in refs:
     if ref["samples"] >= 10_000:
       pct = 100 * r["solve_ms"] / ref["ms"]

@@ -21,7 +21,7 @@ process loading only its subdomains' rows; Adam, SGD and TR are single-process b
 left out (run them without the launcher). Only process 0 prints and writes files; the CSV records
 the process and device counts.
 
-Protocol: Adam and SGD learning rates are
+Protocol (docs/benchmarks.md): Adam and SGD learning rates are
 chosen on a validation split (the last 500 training rows held out) over 13 rates log-spaced in
 1e-5..1e-1, one seed each, by the final validation accuracy; the chosen rate then runs with every
 seed on the whole training set. APTS runs full batch without overlap; SAPTS, Adam and SGD use

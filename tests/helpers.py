@@ -1,6 +1,7 @@
-"""Shared helpers of the benchmark smoke tests and the multi-process tests."""
+"""Shared helpers of the benchmark smoke tests, the multi-process tests and the example tests."""
 import csv
 import os
+import textwrap
 import subprocess
 import sys
 from pathlib import Path
@@ -17,19 +18,41 @@ def read_csv(path: Path) -> list[dict[str, str]]:
   return rows
 
 
-def launch(*command: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
+def launch(*command: str, timeout: float = 240.0,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
   """Runs ``command`` as 2 processes x 2 host CPU devices with ``python -m aptsjax.launch``.
 
-  The processes inherit this environment (tests/conftest.py's XLA flags; the launcher replaces
-  the device count) and run from the repository root; output is captured as text.
+  The processes inherit ``env`` (default: this environment, with tests/conftest.py's XLA flags;
+  the launcher replaces the device count) and run from the repository root; output is captured
+  as text.
   """
   argv = [sys.executable, "-m", "aptsjax.launch", "--num-processes", "2",
           "--devices-per-process", "2", "--timeout", str(timeout), "--", *command]
   return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 30,
-                        env=dict(os.environ))
+                        env=dict(os.environ if env is None else env))
 
 
 def show(result: subprocess.CompletedProcess, lines: int = 40) -> str:
   """The tail of a launched run's output, without gloo's connection chatter."""
   kept = [l for l in result.stdout.splitlines() if "Gloo" not in l]
   return "\n".join(kept[-lines:]) + "\n" + result.stderr[-2000:]
+
+
+def example_section(path: Path, name: str) -> str:
+  """The text of section ``name`` of an example script, as the docs and README show it.
+
+  A section lies between the lines ``# --8<-- [start:name]`` and ``# --8<-- [end:name]``
+  (pymdownx.snippets markers); the marker lines are left out and the text is dedented.
+
+  Raises:
+    ValueError: the file lacks the section, or has its markers more than once or out of order.
+  """
+  lines = Path(path).read_text().splitlines()
+  marks = {kind: [i for i, line in enumerate(lines) if line.strip() == f"# --8<-- [{kind}:{name}]"]
+           for kind in ("start", "end")}
+  if len(marks["start"]) != 1 or len(marks["end"]) != 1 or marks["start"][0] > marks["end"][0]:
+    raise ValueError(f"{path} needs one '# --8<-- [start:{name}]' line followed by one "
+                     f"'# --8<-- [end:{name}]' line; found start at {marks['start']}, "
+                     f"end at {marks['end']}")
+  body = lines[marks["start"][0] + 1:marks["end"][0]]
+  return textwrap.dedent("\n".join(body) + "\n")

@@ -117,7 +117,7 @@ def test_shard_map_and_pmap_match_one_device_float32(second_order):
 
 
 def test_shard_map_with_callers_gradient_and_check_vma():
-  """API.md's recipe: grads = grad of pmean(loss) inside shard_map (check_vma=True and False)."""
+  """The documented recipe: grads = grad of pmean(loss) inside shard_map (check_vma on and off)."""
   params, batch = problem()
   ref_tx = aptsjax.apts(mlp_loss, num_subdomains=4, second_order=False)
   ref_updates, ref_state = ref_tx.update(jax.grad(mlp_loss)(params, batch), ref_tx.init(params),
@@ -195,7 +195,7 @@ def test_allreduce_detector_flags_loops():
 
 
 def test_consistency_term_gives_global_gradient():
-  """METHOD.md section 8: grad f_i(theta^k) == g^k (the reference code adds r_i after backward)."""
+  """grad f_i(theta^k) == g^k (the authors' reference code adds r_i after the backward pass)."""
   params, (x, y) = problem()
   g = jax.grad(mlp_loss)(params, (x, y))
   for i in range(4):

@@ -1,4 +1,4 @@
-"""Tests of aptsjax.data: the overlap layout (METHOD.md section 5) and the SAPTS minibatches."""
+"""Tests of aptsjax.data: the overlap layout (docs/method.md) and the SAPTS minibatches."""
 
 from fractions import Fraction
 
@@ -13,7 +13,7 @@ from aptsjax import data
 
 
 def reference_layout(m: int, n: int, o: float) -> list[list[int]] | None:
-  """The rule of METHOD.md section 5 in plain loops; None when a block would have no own rows."""
+  """The overlap layout rule in plain loops; None when a block would have no own rows."""
   of = Fraction(repr(o))
   c = 0
   while (c + 1) * (n + of) <= of * m:  # c = floor(o m / (N + o))

@@ -294,7 +294,7 @@ def test_more_pairs_than_dimensions(dtype, x64):
 
   Once n pairs are in use the recursion reproduces A, and every later pair has r = y - B s at
   rounding level (amplified by how well the earlier pairs determined B): it carries no
-  information (METHOD.md section 3: skip it; a kept pair with a rounding-level pivot s.r makes
+  information (the SR1 safeguard: skip it; a kept pair with a rounding-level pivot s.r makes
   M = (D + L + L^T - gamma S^T S)^-1 numerically singular). Checked after every pair: matvec ==
   the dense recursion over the pairs dense_pairs reports (norm-wise, `_rtol`: a matvec off by
   more than 1% of |B| fails however small the pivots), and that recursion is finite.

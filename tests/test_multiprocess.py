@@ -2,7 +2,7 @@
 
 Two processes with 2 host CPU devices each form one 4-device mesh; they must give the same
 parameters, losses and radii as one process with 4 devices and as one device with N = 4
-(float32, 3 iterations, 1e-4 relative, as ISSUE-NOTES asks), resume from a checkpoint onto the
+(float32, 3 iterations, 1e-4 relative), resume from a checkpoint onto the
 same trajectory, and reject mismatched configurations at start-up.
 """
 

@@ -230,7 +230,7 @@ def test_moderately_conditioned_psi(dtype, ratio):
   Pairs y = alpha s with the five s spanning a subspace W, S's singular values (1, .5, .2, .1,
   ratio): B = alpha on W, gamma on its complement, and Psi = (alpha - gamma) S has the same
   relative singular values. In float32 a Gram-matrix eigenvalue ratio of ratio^2 >= 1e-5 (~170
-  eps) is above rounding (METHOD.md section 7: nothing below ~eps x the largest eigenvalue is
+  eps) is above rounding (docs/method.md, "Numerics": nothing below ~eps x the largest eigenvalue is
   signal).
   """
   rng = np.random.default_rng(14)
@@ -253,9 +253,10 @@ def test_pairs_of_very_different_lengths(dtype, lams_w):
   """Steps of lengths 1 .. 1e-3 (a trust radius that shrank from 1 to 1e-3 between pairs).
 
   Each pair carries O(1) new information relative to its own length (|s.r| ~ |s||r|), so the
-  SR1 safeguard keeps all five (METHOD.md section 3) and dense_pairs must report them. Psi's
-  singular values then span 1 .. ~1e-3, and OBS must solve for that B, not for a B with the short
-  pairs' directions dropped (API.md: dense_pairs reports the pairs that matvec AND OBS use).
+  SR1 safeguard keeps all five (docs/method.md, "L-SR1 matrices") and dense_pairs must report
+  them. Psi's singular values then span 1 .. ~1e-3, and OBS must solve for that B, not for a B
+  with the short pairs' directions dropped (lsr1.dense_pairs reports the pairs that matvec AND
+  OBS use).
   """
   rng = np.random.default_rng(15)
   like = _params(dtype)
@@ -495,7 +496,7 @@ def test_traced_bad_radius_is_safe(x64):
 
   Asserted: every entry of the step is finite (a non-finite step would corrupt params), and the
   predicted reduction is not a finite negative number (a non-finite one is a rejection signal:
-  METHOD.md section 7 rejects any step whose predicted reduction is <= 0 or not finite). For
+  the ratio test rejects any step whose predicted reduction is <= 0 or not finite). For
   radius <= 0 the step must be zero (the only point with |p| <= max(radius, 0)).
   """
   del x64

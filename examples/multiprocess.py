@@ -1,0 +1,88 @@
+"""APTS across processes with ``jax.distributed``: one script, started once per process.
+
+Shows ``aptsjax.distributed.initialize()`` (a no-op in a single process; the settings come from
+``python -m aptsjax.launch``, or from the cluster with ``initialize(auto=True)``) and the same
+``aptsjax.parallel.apts_trainer`` loop as on one machine: the mesh spans every process's devices,
+each process reads only the rows of its own subdomains from the global minibatch (which every
+process builds identically), parameters and metrics come back replicated on every process, and
+only process 0 prints.
+
+The problem: a 2-16-2 MLP classifying points of the plane as inside or outside a circle, SAPTS
+with N = 4 subdomains (N must be a multiple of the process count).
+
+Run from the repository root, as 2 processes of 2 CPU devices each on this machine::
+
+    python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- python examples/multiprocess.py --quick
+    python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- python examples/multiprocess.py
+
+or as a single process (``python examples/multiprocess.py --quick``), or on a cluster with
+``initialize(auto=True)`` under SLURM, Open MPI or a TPU pod.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import aptsjax
+
+
+def make_problem(rows: int, seed: int = 0) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]:
+  """Initial MLP parameters and ``rows`` labelled points: is the point inside the circle?"""
+  rng = np.random.default_rng(seed)
+  params = {"w1": rng.normal(size=(2, 16)).astype(np.float32), "b1": np.zeros(16, np.float32),
+            "w2": (0.1 * rng.normal(size=(16, 2))).astype(np.float32),
+            "b2": np.zeros(2, np.float32)}
+  x = rng.normal(size=(rows, 2)).astype(np.float32)
+  y = (np.sum(x**2, axis=1) < 1.4).astype(np.int32)   # about half of the points inside
+  return params, (x, y)
+
+
+def logits(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+  return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def loss_fn(params: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Mean cross-entropy over the rows of ``batch = (x, y)``."""
+  x, y = batch
+  return optax.softmax_cross_entropy_with_integer_labels(logits(params, x), y).mean()
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="tiny sizes, two epochs")
+  args = parser.parse_args(argv)
+  rows, batch_size, epochs = (1024, 128, 2) if args.quick else (8192, 660, 10)
+
+  params, train = make_problem(rows)   # the same numpy arrays on every process (seeded)
+
+  # --8<-- [start:multiprocess]
+  aptsjax.distributed.initialize()   # before anything touches jax.devices(); no-op in one process
+  trainer = aptsjax.parallel.apts_trainer(loss_fn, num_subdomains=4, overlap=0.05)  # all devices
+  params, state = trainer.replicate(params), trainer.init(params)
+  for epoch in range(epochs):
+    for batch in aptsjax.data.iterate_minibatches(train, batch_size, overlap=0.05, epoch=epoch):
+      params, state = trainer.step(params, state, trainer.shard_batch(batch))  # own rows only
+    metrics = trainer.metrics(state)           # loss, radius, local_steps, ...: replicated
+    if aptsjax.distributed.is_main_process():  # log and write files on process 0 only
+      print(f"epoch {epoch}: minibatch loss {float(metrics['loss']):.4f}")
+  # --8<-- [end:multiprocess]
+
+  params = aptsjax.parallel.numpy_tree(params)   # every process calls it, at the same point
+  if aptsjax.distributed.is_main_process():
+    _, test = make_problem(1024, seed=1)
+    first_loss = float(loss_fn(make_problem(rows)[0], test))   # at the initial parameters
+    test_loss = float(loss_fn(params, test))
+    x, y = test
+    accuracy = float(jnp.mean(jnp.argmax(logits(params, x), axis=1) == y))
+    print(f"SAPTS N=4 on {jax.process_count()} process(es), {jax.device_count()} device(s) in all, "
+          f"{epochs} epoch(s): test loss {first_loss:.4f} -> {test_loss:.4f}, "
+          f"test accuracy {accuracy:.1%}")
+    assert test_loss < first_loss, "the test loss did not decrease"
+
+
+if __name__ == "__main__":
+  main()
