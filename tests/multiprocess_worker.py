@@ -12,6 +12,7 @@ rows in turn and prints each error the start-up checks raise.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -48,7 +49,9 @@ def flat(params) -> np.ndarray:
   return np.concatenate([np.asarray(params[k]).ravel() for k in sorted(params)])
 
 
+@functools.lru_cache(maxsize=None)
 def make_trainer(order: int, num_devices: int | None = None, num_subdomains: int = NUM_SUBDOMAINS):
+  """One trainer (one compiled step) per configuration and process."""
   from aptsjax import parallel  # pylint: disable=import-outside-toplevel
 
   return parallel.apts_trainer(mlp_loss, num_subdomains, num_devices=num_devices, overlap=OVERLAP,

@@ -1,5 +1,7 @@
 """Tests of aptsjax.apts on one device and across 4 host CPU devices (shard_map and pmap)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,13 +31,19 @@ def problem(dtype=jnp.float32, rows=64, seed=0):
   return params, (x, y)
 
 
+@functools.lru_cache(maxsize=None)
+def cached_trainer(num_devices, second_order, **kw):
+  """One trainer (one compiled step) per configuration, reused by the rounding probes."""
+  return parallel.apts_trainer(mlp_loss, 4, num_devices=num_devices, second_order=second_order,
+                               **kw)
+
+
 def run_trainer(num_devices, second_order, iters, dtype=jnp.float32, params=None, **kw):
   # 128 rows per subdomain: with far fewer rows than parameters per block the local curvature is
   # rank-deficient, and float64 rounding differences grow too fast for a 10-iteration comparison.
   default_params, batch = problem(dtype, rows=512)
   params = default_params if params is None else params
-  trainer = parallel.apts_trainer(mlp_loss, 4, num_devices=num_devices,
-                                  second_order=second_order, **kw)
+  trainer = cached_trainer(num_devices, second_order, **kw)
   state, sharded = trainer.init(params), trainer.shard_batch(batch)
   for _ in range(iters):
     params, state = trainer.step(params, state, sharded)

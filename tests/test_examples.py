@@ -96,6 +96,13 @@ def test_example_runs(quick_runs, name):
   assert result.returncode == 0, (f"examples/{name} --quick exited with {result.returncode}:\n"
                                   f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
   assert result.stdout.strip(), f"examples/{name} printed nothing"
+  assert_no_library_warning(name, result.stdout + result.stderr)
+
+
+def assert_no_library_warning(name: str, output: str) -> None:
+  """An example as written triggers none of aptsjax's own warnings (dropped rows, skipped steps)."""
+  warned = [line for line in output.splitlines() if "Warning:" in line and "aptsjax" in line]
+  assert not warned, f"examples/{name} triggers aptsjax warnings:\n" + "\n".join(warned)
 
 
 def test_multiprocess_example_runs(quick_runs):
@@ -103,6 +110,7 @@ def test_multiprocess_example_runs(quick_runs):
   assert result.returncode == 0, show(result)
   assert re.search(r"^\[process 0\] SAPTS .* on 2 process", result.stdout, re.M), show(result)
   assert "[process 1] SAPTS" not in result.stdout, "only process 0 should print the results"
+  assert_no_library_warning("multiprocess.py", result.stdout + result.stderr)
 
 
 def readme_blocks() -> list[tuple[int, str, str]]:
