@@ -1,6 +1,7 @@
 """Shared helpers of the benchmark smoke tests, the multi-process tests and the example tests."""
 import csv
 import os
+import re
 import textwrap
 import subprocess
 import sys
@@ -56,3 +57,12 @@ def example_section(path: Path, name: str) -> str:
                      f"end at {marks['end']}")
   body = lines[marks["start"][0] + 1:marks["end"][0]]
   return textwrap.dedent("\n".join(body) + "\n")
+
+
+def printed(output: str, process: int, message: str) -> bool:
+  """Whether process ``process`` of a launched run printed a line containing ``message``.
+
+  gloo's C++ logging shares each process's stdout and can land between the launcher's
+  ``[process i]`` prefix and the message on the same line, so anything may stand between them.
+  """
+  return re.search(rf"^\[process {process}\] .*{re.escape(message)}", output, re.M) is not None

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.helpers import ROOT, example_section, launch, show
+from tests.helpers import ROOT, example_section, launch, printed, show
 
 # Every example script and the sections the README and the docs may include from it.
 EXAMPLES = {
@@ -108,7 +108,7 @@ def assert_no_library_warning(name: str, output: str) -> None:
 def test_multiprocess_example_runs(quick_runs):
   result = quick_runs["multiprocess.py"].result()
   assert result.returncode == 0, show(result)
-  assert re.search(r"^\[process 0\] SAPTS .* on 2 process", result.stdout, re.M), show(result)
+  assert printed(result.stdout, 0, "SAPTS N=4 on 2 process"), show(result)
   assert "[process 1] SAPTS" not in result.stdout, "only process 0 should print the results"
   assert_no_library_warning("multiprocess.py", result.stdout + result.stderr)
 

@@ -20,7 +20,7 @@ from aptsjax import distributed
 from aptsjax import launch as launcher
 from tests import multiprocess_worker as worker
 from tests import rounding
-from tests.helpers import ROOT, launch, show
+from tests.helpers import ROOT, launch, printed, show
 
 ITERS = 3
 
@@ -78,10 +78,9 @@ def test_configuration_mismatch_is_an_error_at_start_up():
   assert result.returncode == 0, show(result)
   text = result.stdout
   for process in (0, 1):
-    prefix = f"[process {process}] MISMATCH"
-    assert f"{prefix} num_subdomains: the trainer configuration differs" in text, show(result)
-    assert f"{prefix} params: the parameter pytree differs" in text, show(result)
-    assert f"{prefix} rows: the batch differs" in text, show(result)
+    for message in ("num_subdomains: the trainer configuration differs",
+                    "params: the parameter pytree differs", "rows: the batch differs"):
+      assert printed(text, process, f"MISMATCH {message}"), show(result)
   assert "num_subdomains (process 1 has 2" in text and "(4, 9):float32" in text
 
 
