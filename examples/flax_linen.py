@@ -20,19 +20,12 @@ import argparse
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
 
 import aptsjax
+from circle import make_data
 from aptsjax.flax_utils import apply_train_state
-
-
-def make_data(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """``rows`` labelled points of the plane: is the point inside the circle?"""
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(rows, 2)).astype(np.float32)
-  return x, (np.sum(x**2, axis=1) < 1.4).astype(np.int32)   # about half of the points inside
 
 
 def main(argv: list[str] | None = None) -> None:

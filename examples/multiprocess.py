@@ -24,31 +24,9 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 import aptsjax
-
-
-def make_problem(rows: int, seed: int = 0) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]:
-  """Initial MLP parameters and ``rows`` labelled points: is the point inside the circle?"""
-  rng = np.random.default_rng(seed)
-  params = {"w1": rng.normal(size=(2, 16)).astype(np.float32), "b1": np.zeros(16, np.float32),
-            "w2": (0.1 * rng.normal(size=(16, 2))).astype(np.float32),
-            "b2": np.zeros(2, np.float32)}
-  x = rng.normal(size=(rows, 2)).astype(np.float32)
-  y = (np.sum(x**2, axis=1) < 1.4).astype(np.int32)   # about half of the points inside
-  return params, (x, y)
-
-
-def logits(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-  return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
-
-
-def loss_fn(params: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-  """Mean cross-entropy over the rows of ``batch = (x, y)``."""
-  x, y = batch
-  return optax.softmax_cross_entropy_with_integer_labels(logits(params, x), y).mean()
+from circle import logits, loss_fn, make_problem
 
 
 def main(argv: list[str] | None = None) -> None:
