@@ -285,19 +285,25 @@ def plot(stacked: list[Row], pieces: list[Row], path: Path) -> None:
               label=f"obs.solve, n={n:,}, k={k}")
     left.plot(ns, [r["update_passes"] for r in sel], "s--", color=f"C{i}", alpha=0.6,
               label=f"lsr1.update, n={n:,}, k={k}")
+  left.set_xticks(sorted({r["N"] for r in stacked}))
   left.set(xlabel="N (vmapped memories)", ylabel="passes over the N stacks", yscale="log",
            title="vmapped L-SR1 update / OBS solve")
   left.grid(True, which="both", alpha=0.3)
   left.legend(fontsize=6, ncol=2)
+  names = list(dict.fromkeys(r["piece"] for r in pieces if r["in_sum"]))
+  labelled: set[str] = set()
   for j, (_, order) in enumerate(ORDERS):
     base = 0.0
-    for i, r in enumerate(x for x in pieces if x["order"] == order and x["in_sum"]):
-      right.barh(j, r["grad_evals"], left=base, color=f"C{i}", edgecolor="k",
-                 label=r["piece"] if j == len(ORDERS) - 1 else None)
-      base += r["grad_evals"]
-    rest = next(x for x in pieces if x["order"] == order and x["piece"].startswith("overhead"))
-    right.barh(j, max(rest["grad_evals"], 0.0), left=base, color="0.8", edgecolor="k",
-               label="overhead" if j == len(ORDERS) - 1 else None)
+    mine = [x for x in pieces if x["order"] == order]
+    bars = [(x["piece"], x["grad_evals"], f"C{names.index(x['piece'])}") for x in mine
+            if x["in_sum"]]
+    bars += [("overhead", max(x["grad_evals"], 0.0), "0.8") for x in mine
+             if x["piece"].startswith("overhead")]
+    for name, width, color in bars:
+      right.barh(j, width, left=base, color=color, edgecolor="k",
+                 label=None if name in labelled else name)
+      labelled.add(name)
+      base += width
   right.set_yticks(range(len(ORDERS)), [order for _, order in ORDERS])
   right.set(xlabel="gradient evaluations per APTS iteration", title="one APTS iteration")
   right.legend(fontsize=6)
