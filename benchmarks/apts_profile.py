@@ -47,6 +47,7 @@ PROFILE = {"num": 2, "local_steps": 5, "rows": 1_000, "memory": 10, "input_dim":
            "features": (512, 256, 10)}
 QUICK_PROFILE = {"num": 2, "local_steps": 2, "rows": 64, "memory": 3, "input_dim": 16,
                  "features": (32, 10)}
+PIECE_REPEATS = 30  # the pieces are differenced: repeat them more than the budget asks.
 ORDERS = ((False, "first order"), (True, "second order"))
 
 
@@ -130,13 +131,13 @@ def profile_order(second_order: bool, warmup: int, budget_s: float, config: dict
   step, compile_s = compile_jitted(trainer.step, (params, state, batch))
   for _ in range(warmup):
     params, state = step(params, state, batch)
-  whole, (_, after) = time_compiled(step, (params, state, batch), budget_s, 10)
+  whole, (_, after) = time_compiled(step, (params, state, batch), budget_s, PIECE_REPEATS)
   whole["compile_s"] = compile_s
   local_iters = int(np.max(np.asarray(after.local_steps)))
 
   fns = piece_functions(loss_fn, num)
   blocks = data.split_subdomains(batch, num)
-  time_piece = lambda fn, *args: time_jitted(fn, args, budget_s, 10)
+  time_piece = lambda fn, *args: time_jitted(fn, args, budget_s, PIECE_REPEATS)
   t_block, (losses, block_grads) = time_piece(fns["block_vg"], params, blocks)
   grad, loss = _mean(block_grads), jnp.mean(losses)
   bound = state.radius / num
@@ -226,7 +227,7 @@ def run(budget_s: float, warmup: int, config: dict[str, int] | None = None,
   """The profile of both orders and the compile table; returns (pieces, compiles, info)."""
   config = config or PROFILE
   problem = mlp_problem(config["rows"], config["features"], config["input_dim"])
-  grad_t, _ = time_jitted(jax.value_and_grad(problem[0]), problem[1:3], budget_s, 20)
+  grad_t, _ = time_jitted(jax.value_and_grad(problem[0]), problem[1:3], budget_s, PIECE_REPEATS)
   info = {"source": problem[3], "n": models.count_params(problem[1]), "grad_ms": grad_t["ms"],
           **config}
   pieces, compiles = [], [{"what": "value_and_grad, profiled model (one gradient)",
