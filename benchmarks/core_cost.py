@@ -13,91 +13,62 @@ use), then, jitted, with compile time reported apart from the median of timed re
 References: one jitted forward+backward (`jax.value_and_grad` of the loss) of the MNIST MLP on
 1,000 and 10,000 samples and of the CIFAR MLP on 10,000. Targets: at n = 1.8e6,
 k = 10, obs.solve <= 10 passes (stretch goal: 5) and < 10% of the CIFAR fwd+bwd (stretch: MNIST).
-Run from the repository root: ``python -m benchmarks.core_cost [--quick] [--out DIR]``.
+Outputs: core_cost.csv, reference.csv, core_cost.png.
+
+Vmapped (``--parts stacked``): ``jax.vmap`` of `lsr1.update` and `obs.solve` over N stacked
+full memories (N independent problems, built under ``jax.vmap``: the layout ``aptsjax.apts``
+keeps its subdomains' memories in), N in {1, 2, 6}, n in {5.4e5, 1.8e6}, k in {5, 10, 20}; one
+pass = one read of the N stacks of 2 k n floats, timed in the same process.
+Output: core_cost_stacked.csv.
+
+Profile (``--parts profile``, `benchmarks.apts_profile`): the pieces of one APTS iteration of
+the paper MLP (N = 2, nu = 5, 1,000 rows, memory 10) for both orders, in ms and in gradient
+evaluations, and compile times at the XLA flags of the process (this module sets none).
+Outputs: apts_profile.csv, compile_times.csv and, with the vmapped part, core_cost_apts.png.
+
+Run from the repository root:
+``python -m benchmarks.core_cost [--quick] [--out DIR] [--parts table stacked profile]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
-import time
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from aptsjax import _stack, lsr1, obs
-from benchmarks import models
+from benchmarks import apts_profile, models
+from benchmarks.timing import MEMORY_KEYS, Row, time_jitted, write_csv
 
 FULL_NS = (10_000, 100_000, 540_000, 1_800_000)
 FULL_MEMORIES = (1, 5, 10, 20)
-QUICK_NS = (1_000, 10_000)
-QUICK_MEMORIES = (2, 5)
+QUICK_NS = (1_000,)
+QUICK_MEMORIES = (2,)
+STACKED_NS = (540_000, 1_800_000)
+STACKED_MEMORIES = (5, 10, 20)
+STACKED_SUBDOMAINS = (1, 2, 6)
+QUICK_SUBDOMAINS = (2,)
+FLOOR_REPEATS = 30
+PARTS = ("table", "stacked", "profile")
 TARGET = (1_800_000, 10)
 RANK = 4  # rank of the low-rank part of A.
-Row = dict[str, Any]
-MEMORY_KEYS = ("argument", "output", "alias", "temp", "peak", "xla_peak")
 
 
-def memory_stats(compiled: Any) -> dict[str, float | None]:
-  """Sizes in MiB from `compiled.memory_analysis()` (None where unavailable).
-
-  ``peak`` = argument + output + temp - alias: every buffer the executable holds, live at once
-  (an upper bound). ``xla_peak`` is XLA's own ``peak_memory_in_bytes``; on CPU it leaves temps
-  out (it equals argument + output), so it is kept in the CSV only.
-  """
-  try:
-    ma = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  (backends may not implement it)
-    ma = None
-  out = {name: getattr(ma, f"{name}_size_in_bytes", None)
-         for name in ("argument", "output", "alias", "temp")}
-  out["xla_peak"] = getattr(ma, "peak_memory_in_bytes", None)
-  parts = [out[k] for k in ("argument", "output", "temp", "alias")]
-  out["peak"] = None if None in parts else parts[0] + parts[1] + parts[2] - parts[3]
-  return {k: (None if v is None else v / 2**20) for k, v in out.items()}
-
-
-def time_jitted(fn: Callable[..., Any], args: Sequence[Any], budget_s: float,
-                max_repeats: int) -> tuple[Row, Any]:
-  """Compiles ``fn`` for ``args`` and times it (median of repeats, warm-up excluded).
-
-  Args:
-    fn: the function to jit.
-    args: its arguments.
-    budget_s: rough time budget for the timed repeats.
-    max_repeats: the most repeats; at least 3 are always run.
-
-  Returns:
-    A dict with ``ms`` (median), ``compile_s``, ``repeats`` and the memory statistics (MiB),
-    and the output of the last call.
-  """
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  start = time.perf_counter()
-  out = jax.block_until_ready(compiled(*args))
-  warm = time.perf_counter() - start
-  repeats = int(min(max_repeats, max(3, budget_s / max(warm, 1e-6))))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return {"ms": 1e3 * statistics.median(times), "compile_s": compile_s, "repeats": repeats,
-          **memory_stats(compiled)}, out
-
-
-def make_problem(n: int, memory: int, seed: int = 0) -> tuple[Any, ...]:
+def make_problem(n: int, memory: int, seed: int = 0, num: int | None = None
+                 ) -> tuple[Any, ...]:
   """Returns ``(state, s_new, y_new, grad, radius)`` with a full state (all k slots in use).
 
   One jitted build: k pairs y = A s, A = diag(d) + U diag(w) U^T, pushed with `lsr1.update`.
+  With ``num`` = N, N independent problems are built under ``jax.vmap`` (every leaf gains a
+  leading axis N: the stacked memories of N subdomains, as ``aptsjax.apts`` holds them).
   """
-  @jax.jit
   def build(key: jax.Array) -> tuple[Any, ...]:
     kd, ku, kw, kg, kp = jax.random.split(key, 5)
     d = jax.random.uniform(kd, (n,), jnp.float32, 0.5, 2.0)
@@ -115,10 +86,13 @@ def make_problem(n: int, memory: int, seed: int = 0) -> tuple[Any, ...]:
     radius = 1e-3 * jnp.linalg.norm(grad)  # far inside |B^-1 g| >= |g| / lam_max: boundary.
     return state, *pair(memory), grad, radius
 
-  state, s_new, y_new, grad, radius = build(jax.random.key(seed))
-  if int(state.count) != memory or not bool(jnp.all(state.in_use)):
-    print(f"  WARNING: state not full (count {int(state.count)}, in_use {state.in_use})",
-          flush=True)
+  key = jax.random.key(seed)
+  if num is None:
+    state, s_new, y_new, grad, radius = jax.jit(build)(key)
+  else:
+    state, s_new, y_new, grad, radius = jax.jit(jax.vmap(build))(jax.random.split(key, num))
+  if not (bool(jnp.all(state.count == memory)) and bool(jnp.all(state.in_use))):
+    print(f"  WARNING: state not full (count {state.count}, in_use {state.in_use})", flush=True)
   return state, s_new, y_new, grad, radius
 
 
@@ -153,6 +127,49 @@ def measure_config(n: int, memory: int, budget_s: float) -> Row:
       **{f"update_{k}_mib": upd[k] for k in MEMORY_KEYS},
       **{f"solve_{k}_mib": sol[k] for k in MEMORY_KEYS},
   }
+
+
+def measure_stacked(num: int, n: int, memory: int, budget_s: float) -> Row:
+  """Times ``jax.vmap`` of update and solve over N full memories, in ms and in passes.
+
+  One pass = one read of the N stacks of 2 k n floats (the faster of the two floors, on the
+  same stacked arrays, in the same process).
+  """
+  state, s_new, y_new, grad, radius = make_problem(n, memory, num=num)
+  max_repeats = 10 if num * n <= 1_000_000 else 3
+  upd, _ = time_jitted(jax.vmap(lsr1.update), (state, s_new, y_new), budget_s, max_repeats)
+  sol, result = time_jitted(jax.vmap(obs.solve), (grad, state, radius), budget_s, max_repeats)
+  # The floor is cheap and its noise enters every ratio: repeat it more.
+  f_sum, _ = time_jitted(floor_sum, (state.s, state.y), budget_s, FLOOR_REPEATS)
+  f_mv, _ = time_jitted(jax.vmap(floor_matvec), (state.s, state.y, grad), budget_s,
+                        FLOOR_REPEATS)
+  floor = min(f_sum["ms"], f_mv["ms"])
+  del state, s_new, y_new, grad
+  return {
+      "N": num, "n": n, "memory": memory, "stored_mib": 2 * num * memory * n * 4 / 2**20,
+      "on_boundary": bool(jnp.all(result.on_boundary)),
+      "update_ms": upd["ms"], "solve_ms": sol["ms"], "floor_ms": floor,
+      "update_passes": upd["ms"] / floor, "solve_passes": sol["ms"] / floor,
+      "sum_passes": (upd["ms"] + sol["ms"]) / floor,
+      "update_peak_mib": upd["peak"], "solve_peak_mib": sol["peak"],
+      "update_temp_mib": upd["temp"], "solve_temp_mib": sol["temp"],
+      "update_compile_s": upd["compile_s"], "solve_compile_s": sol["compile_s"],
+      "repeats": upd["repeats"],
+  }
+
+
+def markdown_stacked(rows: list[Row]) -> str:
+  """The vmapped (N stacked memories) measurements as a Markdown table."""
+  lines = ["| N | n | k | stored MiB | update ms | solve ms | floor ms | update passes | "
+           "solve passes | update+solve passes | update peak MiB | solve peak MiB | "
+           "compile s (upd/solve) |", "|" + "---|" * 13]
+  lines += [f"| {r['N']} | {r['n']:,} | {r['memory']} | {r['stored_mib']:.0f} | "
+            f"{fmt(r['update_ms'])} | {fmt(r['solve_ms'])} | {fmt(r['floor_ms'], 3)} | "
+            f"{fmt(r['update_passes'], 1)} | {fmt(r['solve_passes'], 1)} | "
+            f"{fmt(r['sum_passes'], 1)} | {fmt(r['update_peak_mib'], 0)} | "
+            f"{fmt(r['solve_peak_mib'], 0)} | {fmt(r['update_compile_s'], 1)}/"
+            f"{fmt(r['solve_compile_s'], 1)} |" for r in rows]
+  return "\n".join(lines)
 
 
 def measure_references(rows: tuple[int, int, int], budget_s: float) -> list[Row]:
@@ -272,39 +289,12 @@ def plot(rows: list[Row], refs: list[Row], path: Path) -> None:
   plt.close(fig)
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
-  """Writes rows (dicts with the same keys) as CSV."""
-  with path.open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-
-
-def main(argv: Sequence[str] | None = None) -> list[Row]:
-  """Runs the benchmark; returns the per-configuration rows."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="tiny smoke version")
-  parser.add_argument("--out", default="results/core_cost", help="output directory")
-  parser.add_argument("--ns", type=int, nargs="+", help="override the sizes n")
-  parser.add_argument("--memories", type=int, nargs="+", help="override the memories k")
-  parser.add_argument("--no-breakdown", action="store_true", help="skip the solve breakdown")
-  args = parser.parse_args(argv)
+def run_table(args: argparse.Namespace, out: Path, budget_s: float) -> list[Row]:
+  """The single-memory table, the references and their outputs (core_cost.csv/png)."""
   ns = args.ns or (QUICK_NS if args.quick else FULL_NS)
   memories = args.memories or (QUICK_MEMORIES if args.quick else FULL_MEMORIES)
-  budget_s = 0.2 if args.quick else 1.5
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  print(f"core_cost on {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), "
-        f"jax {jax.__version__}", flush=True)
-  rows = []
-  for n in ns:
-    for k in memories:
-      start = time.perf_counter()
-      rows.append(row := measure_config(n, k, budget_s))
-      print(f"n={n:>9,} k={k:>2}: update {row['update_ms']:8.2f} ms, solve "
-            f"{row['solve_ms']:8.2f} ms ({row['solve_passes']:5.1f} passes), floor "
-            f"{row['floor_ms']:7.3f} ms, boundary {row['on_boundary']} "
-            f"[{time.perf_counter() - start:.0f} s]", flush=True)
+  rows = [measure_config(n, k, budget_s) for n, k in tqdm(
+      [(n, k) for n in ns for k in memories], desc="single memory", file=sys.stdout)]
   refs = measure_references((64, 128, 128) if args.quick else (1_000, 10_000, 10_000), budget_s)
   write_csv(rows, out / "core_cost.csv")
   write_csv(refs, out / "reference.csv")
@@ -316,8 +306,57 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
           "last line):\n| piece | ms | passes |\n|---|---|---|\n"
           + "\n".join(f"| {p} | {ms:.2f} | {ms / parts[-1][1]:.1f} |" for p, ms in parts),
           flush=True)
-  print(f"\nWrote {out / 'core_cost.csv'}, {out / 'reference.csv'}, {out / 'core_cost.png'}")
   return rows
+
+
+def run_stacked(args: argparse.Namespace, out: Path, budget_s: float) -> list[Row]:
+  """update and solve vmapped over N stacked memories (core_cost_stacked.csv)."""
+  quick = args.quick
+  configs = [(num, n, k) for n in (QUICK_NS if quick else STACKED_NS)
+             for k in (QUICK_MEMORIES[:1] if quick else STACKED_MEMORIES)
+             for num in (QUICK_SUBDOMAINS if quick else STACKED_SUBDOMAINS)]
+  rows = [measure_stacked(*c, budget_s) for c in tqdm(configs, desc="vmapped memories",
+                                                       file=sys.stdout)]
+  write_csv(rows, out / "core_cost_stacked.csv")
+  print("\nupdate and solve vmapped over N full memories (passes: of the N stacks):\n"
+        + markdown_stacked(rows), flush=True)
+  return rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, list[Row]]:
+  """Runs the benchmark; returns the rows of each part that ran (``table``, ``stacked``, ...)."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="tiny smoke version")
+  parser.add_argument("--out", default="results/core_cost", help="output directory")
+  parser.add_argument("--ns", type=int, nargs="+", help="override the sizes n of the table")
+  parser.add_argument("--memories", type=int, nargs="+", help="override the memories k")
+  parser.add_argument("--no-breakdown", action="store_true", help="skip the solve breakdown")
+  parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                      help="what to run (default: all)")
+  args = parser.parse_args(argv)
+  budget_s = 0.2 if args.quick else 0.5
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  print(f"core_cost on {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), "
+        f"jax {jax.__version__}", flush=True)
+  results: dict[str, list[Row]] = {}
+  if "table" in args.parts:
+    results["table"] = run_table(args, out, budget_s)
+  if "stacked" in args.parts:
+    results["stacked"] = run_stacked(args, out, budget_s)
+  if "profile" in args.parts:
+    config = apts_profile.QUICK_PROFILE if args.quick else apts_profile.PROFILE
+    # The pieces are differenced: four times the budget of the other parts.
+    pieces, compiles, info = apts_profile.run(4 * budget_s, 2 if args.quick else 10, config,
+                                              progress=tqdm.write)
+    write_csv(pieces, out / "apts_profile.csv")
+    write_csv(compiles, out / "compile_times.csv")
+    print("\n" + apts_profile.markdown(pieces, compiles, info), flush=True)
+    results["profile"], results["compile"] = pieces, compiles
+    if "stacked" in results:
+      apts_profile.plot(results["stacked"], pieces, out / "core_cost_apts.png")
+  print(f"\nWrote {', '.join(sorted(str(p) for p in out.iterdir()))}")
+  return results
 
 
 if __name__ == "__main__":

@@ -1,22 +1,61 @@
-"""Smoke test of benchmarks.core_cost: the quick mode runs end to end at a tiny size."""
+"""Smoke test of benchmarks.core_cost: the quick mode runs end to end at tiny sizes."""
 import csv
 import math
 
 from benchmarks import core_cost
 
 
-def test_quick_mode_writes_finite_positive_times(tmp_path):
-  """One tiny configuration: the CSV, the reference CSV and the plot are written."""
-  rows = core_cost.main(["--quick", "--ns", "1000", "--memories", "2", "--out", str(tmp_path)])
-  assert len(rows) == 1
-  with (tmp_path / "core_cost.csv").open() as f:
-    written = list(csv.DictReader(f))
+def read(path):
+  """The rows of a CSV file as dicts."""
+  with path.open() as f:
+    return list(csv.DictReader(f))
+
+
+def positive(rows, keys):
+  """Asserts every value of ``keys`` in ``rows`` is a finite positive number."""
+  for row in rows:
+    for key in keys:
+      value = float(row[key])
+      assert math.isfinite(value) and value > 0, (key, value, row)
+
+
+def test_quick_mode_writes_every_output(tmp_path):
+  """The quick run writes the single-memory, vmapped, profile and compile outputs and the plots."""
+  results = core_cost.main(["--quick", "--ns", "1000", "--memories", "2", "--out", str(tmp_path)])
+  assert set(results) == {"table", "stacked", "profile", "compile"}
+
+  written = read(tmp_path / "core_cost.csv")
   assert len(written) == 1
-  for key in ("update_ms", "solve_ms", "sum_ms", "floor_ms", "solve_passes"):
-    value = float(written[0][key])
-    assert math.isfinite(value) and value > 0, (key, value)
+  positive(written, ("update_ms", "solve_ms", "sum_ms", "floor_ms", "solve_passes"))
   assert int(written[0]["in_use"]) == 2
   assert written[0]["on_boundary"] == "True"
-  with (tmp_path / "reference.csv").open() as f:
-    assert all(float(r["ms"]) > 0 for r in csv.DictReader(f))
-  assert (tmp_path / "core_cost.png").stat().st_size > 0
+  positive(read(tmp_path / "reference.csv"), ("ms",))
+
+  stacked = read(tmp_path / "core_cost_stacked.csv")
+  assert [int(r["N"]) for r in stacked] == list(core_cost.QUICK_SUBDOMAINS)
+  positive(stacked, ("update_ms", "solve_ms", "floor_ms", "update_passes", "solve_passes",
+                     "stored_mib", "update_peak_mib", "solve_peak_mib"))
+  assert all(r["on_boundary"] == "True" for r in stacked)
+
+  pieces = read(tmp_path / "apts_profile.csv")
+  for order in ("first order", "second order"):
+    mine = {r["piece"]: r for r in pieces if r["order"] == order}
+    assert "whole trainer step" in mine and "global TR step" in mine, sorted(mine)
+    assert any(p.startswith("overhead") for p in mine)
+    positive([r for p, r in mine.items() if not p.startswith("overhead")],
+             ("ms", "iteration_ms", "grad_evals"))
+    summed = sum(float(r["iteration_ms"]) for r in mine.values() if r["in_sum"] == "True")
+    overhead = next(float(r["ms"]) for p, r in mine.items() if p.startswith("overhead"))
+    assert math.isclose(summed + overhead, float(mine["whole trainer step"]["ms"]), rel_tol=1e-6)
+  assert any("L-SR1 update" in r["piece"] for r in pieces if r["order"] == "second order")
+  assert not any("L-SR1" in r["piece"] for r in pieces if r["order"] == "first order")
+
+  compiles = read(tmp_path / "compile_times.csv")
+  names = [r["what"] for r in compiles]
+  for part in ("APTS trainer step, first order", "APTS trainer step, second order",
+               "trust_region second order", "lsr1.update alone", "obs.solve alone",
+               "optax.adam step, profiled", "tiny 2-16-2"):
+    assert any(part in n for n in names), (part, names)
+  positive(compiles, ("compile_s", "first_s", "ms"))
+  for name in ("core_cost.png", "core_cost_apts.png"):
+    assert (tmp_path / name).stat().st_size > 0
