@@ -8,6 +8,9 @@ the same arrays.
 """
 from __future__ import annotations
 
+import argparse
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +50,18 @@ def loss_fn(params: Params, batch: Batch) -> jax.Array:
 def accuracy(scores: jax.Array, y: jax.Array) -> float:
   """The fraction of rows whose highest score is their label."""
   return float(jnp.mean(jnp.argmax(scores, axis=1) == y))
+
+
+def sizes(doc: str, quick: tuple[Any, ...], full: tuple[Any, ...],
+          argv: list[str] | None = None) -> tuple[Any, ...]:
+  """Parses a script's command line (``--quick`` alone) and returns ``quick`` or ``full``.
+
+  Args:
+    doc: the script's docstring; its first line is the ``--help`` description.
+    quick: the sizes of the ``--quick`` run (tiny, a few iterations).
+    full: the sizes of the default run.
+    argv: the arguments (default: ``sys.argv[1:]``).
+  """
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help=f"tiny sizes {quick} instead of {full}")
+  return quick if parser.parse_args(argv).quick else full

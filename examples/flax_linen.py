@@ -15,8 +15,6 @@ Run from the repository root::
 """
 from __future__ import annotations
 
-import argparse
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,15 +22,12 @@ import optax
 from flax.training import train_state
 
 import aptsjax
-from circle import make_data
+from circle import make_data, sizes
 from aptsjax.flax_utils import apply_train_state
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations")
-  args = parser.parse_args(argv)
-  rows, iterations = (256, 20) if args.quick else (2048, 300)
+  rows, iterations = sizes(__doc__, quick=(256, 20), full=(2048, 300), argv=argv)
   batch = make_data(rows)
 
   # --8<-- [start:linen]

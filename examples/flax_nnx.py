@@ -16,22 +16,17 @@ Run from the repository root::
 """
 from __future__ import annotations
 
-import argparse
-
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 import aptsjax
-from circle import make_data
+from circle import make_data, sizes
 from aptsjax.flax_utils import nnx_loss_fn
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations")
-  args = parser.parse_args(argv)
-  rows, iterations = (256, 20) if args.quick else (2048, 300)
+  rows, iterations = sizes(__doc__, quick=(256, 20), full=(2048, 300), argv=argv)
   batch = make_data(rows)
 
   # --8<-- [start:nnx]

@@ -20,21 +20,17 @@ or as a single process (``python examples/multiprocess.py --quick``), or on a cl
 """
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 
 import aptsjax
-from circle import logits, loss_fn, make_problem
+from circle import logits, loss_fn, make_problem, sizes
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny sizes, two epochs")
-  args = parser.parse_args(argv)
   # 129 and 660 rows fill the 4 subdomains of the 5% overlap layout exactly (no row left out).
-  rows, batch_size, epochs = (1024, 129, 2) if args.quick else (8192, 660, 10)
+  rows, batch_size, epochs = sizes(__doc__, quick=(1024, 129, 2), full=(8192, 660, 10),
+                                  argv=argv)
 
   params, train = make_problem(rows)   # the same numpy arrays on every process (seeded)
 

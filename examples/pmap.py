@@ -25,21 +25,16 @@ import cpu_devices  # examples/ is on sys.path when one of its scripts runs
 cpu_devices.simulate(4)   # before jax is imported; GPUs and TPUs ignore it
 
 # pylint: disable=wrong-import-position
-import argparse  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import aptsjax  # noqa: E402
-from circle import logits, loss_fn, make_problem  # noqa: E402
+from circle import logits, loss_fn, make_problem, sizes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations")
-  args = parser.parse_args(argv)
-  rows, iterations = (512, 5) if args.quick else (4096, 100)
+  rows, iterations = sizes(__doc__, quick=(512, 5), full=(4096, 100), argv=argv)
   params, batch = make_problem(rows)        # rows: a multiple of N = 8
   first_loss = float(loss_fn(params, batch))
 

@@ -14,21 +14,16 @@ Run from the repository root::
 """
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import optax
 
 import aptsjax
-from circle import logits, loss_fn, make_problem
+from circle import logits, loss_fn, make_problem, sizes
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny sizes, a few iterations")
-  args = parser.parse_args(argv)
-  rows, iterations = (256, 20) if args.quick else (2048, 300)
+  rows, iterations = sizes(__doc__, quick=(256, 20), full=(2048, 300), argv=argv)
   params, batch = make_problem(rows)
   first_loss = float(loss_fn(params, batch))
 
