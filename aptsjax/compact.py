@@ -1,22 +1,28 @@
-"""The L-SR1 compact form, factored in an orthonormal basis of span(S, Y).
+"""The L-SR1 compact form in the small space: Gram matrices and 2k-by-2k factorizations.
 
-The compact form B = gamma I + Psi M Psi^T (docs/method.md, "L-SR1 matrices") is evaluated via the
-LDL^T factorization of M^{-1} = D + L + L^T - gamma S^T S in time order: its pivots are the SR1
-denominators d_t = s_t.r_t and Psi L^{-T} = R = [r_1 .. r_k] are the SR1 residuals
+The compact form B = gamma I + Psi M Psi^T (docs/method.md, "L-SR1 matrices") is evaluated via
+the LDL^T factorization of M^{-1} = D + L + L^T - gamma S^T S in time order: its pivots are the
+SR1 denominators d_t = s_t.r_t and Psi L^{-T} = R = [r_1 .. r_k] are the SR1 residuals
 r_t = y_t - B_t s_t, so that
 
   B = gamma I + R D^{-1} R^T = gamma I + Z K Z^T,   K = C D^{-1} C^T,
 
 where Z = [S Y] W is an orthonormal basis of span(S, Y) and C holds the coordinates of the r_t
-in it. Everything here works on the k-by-k Gram matrices of S and Y (no pass over n), except one
-optional re-orthogonalization pass: no k-by-k inverse of the possibly near-singular M^{-1} is
-ever formed, and r_t is built as a coordinate vector by the recursion itself, so rounding errors
-grow linearly, not quadratically, with the size of the terms that cancel in y_t - B_t s_t.
+in it. Z is never formed: W comes from the eigen-decomposition of the (Jacobi-scaled) Gram
+matrix of [S Y], and everything here works on k-by-k and 2k-by-2k matrices. The only passes
+over n are ``pair_dots`` ([S Y]^T V) and ``pair_combine`` ([S Y] C), each one read of the stored
+pairs. No k-by-k inverse of the possibly near-singular M^{-1} is ever formed, and r_t is built
+as a coordinate vector by the recursion itself, so rounding errors grow linearly, not
+quadratically, with the size of the terms that cancel in y_t - B_t s_t.
+
+Accuracy: Z is orthonormal to about eps / e_min, e_min the smallest kept eigenvalue of the
+unit-diagonal Gram matrix (directions below ``rank_tol`` are dropped); docs/method.md,
+"Numerics", states what that costs and why no explicit re-orthogonalization pass is made.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,16 +59,6 @@ def rank_tol(dtype) -> float:
   return max(1e-12, 10.0 * eps_of(dtype))
 
 
-def reorthogonalize_below(dtype) -> float:
-  """Smallest kept eigenvalue of the unit-diagonal Gram matrix below which the basis is redone.
-
-  The Gram route loses about eps / e_min of orthogonality: 1e-3 (float32) keeps that under
-  1e-4; 1e-4 in float64 keeps it under 1e-11, so that whether the pass runs (a threshold
-  decision that rounding can flip) changes results by no more than that.
-  """
-  return 1e-3 if eps_of(dtype) > 1e-10 else 1e-4
-
-
 def eig_basis(gram: jax.Array, mask: jax.Array, tol: float | None = None
               ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Coefficients W such that A W is orthonormal, for a stack A with Gram matrix ``gram``.
@@ -90,77 +86,66 @@ def pair_gram(ss: jax.Array, sy: jax.Array, yy: jax.Array) -> jax.Array:
   return jnp.block([[ss, sy], [sy.T, yy]])
 
 
-def pair_dot(s: PyTree, y: PyTree, v: PyTree) -> jax.Array:
-  """[S Y]^T v, a 2k-vector (one pass over the stored pairs)."""
-  return jnp.concatenate([_stack.dot(s, v), _stack.dot(y, v)])
+def pair_dots(s: PyTree, y: PyTree, vectors: Sequence[PyTree]) -> jax.Array:
+  """[S Y]^T [v_1 .. v_m], a 2k-by-m matrix, in one pass over the stored pairs.
+
+  The m vectors are stacked first (m n floats) so that every stored leaf is read once.
+  """
+  v = jax.tree.map(lambda *x: jnp.stack(x), *vectors)
+  return jnp.concatenate([_stack.gram(s, v), _stack.gram(y, v)])
 
 
-def pair_combine(s: PyTree, y: PyTree, c: jax.Array) -> PyTree:
-  """[S Y] c for a 2k-vector c (one pass over the stored pairs)."""
+def pair_combine(s: PyTree, y: PyTree, coef: jax.Array) -> PyTree:
+  """[S Y] C for a 2k-by-m matrix C: a stack of m vectors, in one pass over the stored pairs."""
   k = _stack.stack_size(s)
-  return jax.tree.map(lambda a, b: a + b, _stack.combine(s, c[:k]), _stack.combine(y, c[k:]))
+  return jax.tree.map(lambda a, b: a + b, _stack.combine_matrix(s, coef[:k]),
+                      _stack.combine_matrix(y, coef[k:]))
 
 
 class Factor(NamedTuple):
-  """B = gamma I + Z K Z^T with Z = [S Y] ``basis`` orthonormal on the ``keep`` columns."""
-  in_use: jax.Array
+  """The SR1 recursion over some slots, in the orthonormal basis Z = [S Y] ``basis``.
+
+  Attributes:
+    kept: ``(m,)`` bool in slot order, the pairs the recursion keeps.
+    basis: ``(2m, 2m)`` coefficients W of Z on [S Y] (zero columns where not ``keep``).
+    keep: ``(2m,)`` bool, the columns of W in use.
+    core: ``(2m, 2m)`` K with B = gamma I + Z K Z^T over the kept pairs.
+  """
+  kept: jax.Array
   basis: jax.Array
   keep: jax.Array
   core: jax.Array
 
 
-def _coordinates(ss, sy, yy, valid, s, y):
-  """An orthonormal basis of span(S, Y) and the coordinates of every s_i and y_i in it."""
-  gram = pair_gram(ss, sy, yy)
-  w, keep, e_min = eig_basis(gram, jnp.concatenate([valid, valid]))
-  coords = _mm(w.T, gram)
-
-  def reorthogonalize(carry):  # one explicit pass: the Gram route squares the conditioning.
-    i, w, keep, _ = carry
-    k = ss.shape[0]
-    z = jax.tree.map(lambda a, b: a + b, _stack.combine_matrix(s, w[:k]),
-                     _stack.combine_matrix(y, w[k:]))
-    w2, keep2, _ = eig_basis(_stack.gram(z, z), keep)
-    coords = _mm(w2.T, jnp.concatenate([_stack.gram(z, s), _stack.gram(z, y)], axis=1))
-    return i + 1, _mm(w, w2), keep2, coords
-
-  # 0 or 1 trips; under vmap (APTS subdomains) the pass runs only if some subdomain needs it.
-  needed = e_min < reorthogonalize_below(ss.dtype)
-  _, w, keep, coords = jax.lax.while_loop(
-      lambda c: (c[0] < 1) & needed, reorthogonalize,
-      _stack.match_varying((jnp.zeros((), jnp.int32), w, keep, coords), gram[0, 0] + e_min))
-  return w, keep, coords
-
-
-def factor(ss: jax.Array, sy: jax.Array, yy: jax.Array, stamp: jax.Array, gamma: jax.Array,
-           s: PyTree, y: PyTree) -> Factor:
+def factor(gram: jax.Array, valid: jax.Array, stamp: jax.Array, gamma: jax.Array,
+           force: jax.Array) -> Factor:
   """The pairs in use and the factored B, by the SR1 recursion from gamma I, oldest first.
 
   Pair t is kept iff, with r = y_t - B_t s_t over the kept pairs before it, the pivot
   d = s_t.r satisfies |d| > r_tol |s_t| |r| and r and d are above their rounding noise
-  (NOISE eps times the size of the terms summed). The kept pairs keep M^{-1} nonsingular.
+  (NOISE eps times the size of the terms summed); a ``force``d pair is kept whenever d is finite
+  and nonzero (the pairs of a B already tested). The kept pairs keep M^{-1} nonsingular.
+  Everything is computed from the Gram matrix, in coordinates of Z: no pass over n.
 
   Args:
-    ss: the Gram matrix S^T S in slot order.
-    sy: S^T Y in slot order.
-    yy: the Gram matrix Y^T Y in slot order.
-    stamp: insertion numbers, -1 for empty slots.
+    gram: the 2m-by-2m Gram matrix of [S Y] (``pair_gram``), slots in any order.
+    valid: ``(m,)`` bool, the slots that hold a candidate pair.
+    stamp: ``(m,)`` insertion numbers (time order: smallest is oldest).
     gamma: B_0 = gamma I.
-    s: the stack S (read only when the basis needs re-orthogonalizing).
-    y: the stack Y (likewise).
+    force: ``(m,)`` bool, the slots kept without the safeguard tests.
 
   Returns:
     A ``Factor``.
   """
-  dtype = ss.dtype
+  dtype = gram.dtype
   eps, tol = eps_of(dtype), r_tol(dtype)
-  k = stamp.shape[0]
-  valid = stamp >= 0
+  m = stamp.shape[0]
   order = jnp.argsort(jnp.where(valid, stamp, jnp.iinfo(jnp.int32).max))
-  w, keep, coords = _coordinates(ss, sy, yy, valid, s, y)
-  cs, cy = coords[:, :k][:, order], coords[:, k:][:, order]     # time order
+  w, keep, _ = eig_basis(gram, jnp.concatenate([valid, valid]))
+  coords = _mm(w.T, gram)
+  cs, cy = coords[:, :m][:, order], coords[:, m:][:, order]     # time order
   cpsi = cy - gamma * cs
-  valid_t = valid[order]
+  valid_t, force_t = valid[order], force[order]
 
   def step(carry, t):
     kept, res, dinv = carry
@@ -172,21 +157,19 @@ def factor(ss: jax.Array, sy: jax.Array, yy: jax.Array, stamp: jax.Array, gamma:
     r_n, bs_n = jnp.linalg.norm(r), jnp.linalg.norm(gamma * cs[:, t] + low)
     scale = (y_n + jnp.abs(gamma) * s_n + bs_n
              + jnp.sum(jnp.abs(proj) * jnp.linalg.norm(res, axis=0)))
-    ok = (valid_t[t] & jnp.isfinite(d) & jnp.isfinite(r_n)
-          & (jnp.abs(d) > tol * s_n * r_n)
-          & (r_n > NOISE * eps * scale)
-          & (jnp.abs(d) > NOISE * eps * s_n * scale))
+    tested = ((jnp.abs(d) > tol * s_n * r_n) & (r_n > NOISE * eps * scale)
+              & (jnp.abs(d) > NOISE * eps * s_n * scale))
+    ok = valid_t[t] & jnp.isfinite(d) & jnp.isfinite(r_n) & (d != 0) & (force_t[t] | tested)
     res = res.at[:, t].set(jnp.where(ok, r, 0.0))
     dinv = dinv.at[t].set(jnp.where(ok, 1.0 / jnp.where(ok, d, 1.0), 0.0))
     return (kept.at[t].set(ok), res, dinv), None
 
-  start = (jnp.zeros((k,), bool), jnp.zeros((2 * k, k), dtype), jnp.zeros((k,), dtype))
+  start = (jnp.zeros((m,), bool), jnp.zeros((2 * m, m), dtype), jnp.zeros((m,), dtype))
   (kept, res, dinv), _ = jax.lax.scan(
-      step, _stack.match_varying(start, cpsi[0, 0] + gamma), jnp.arange(k))
+      step, _stack.match_varying(start, cpsi[0, 0] + gamma), jnp.arange(m))
   core = _mm(res * dinv[None, :], res.T)
   core = 0.5 * (core + core.T)
-  in_use = jnp.zeros((k,), bool).at[order].set(kept)
-  return Factor(in_use=in_use, basis=w, keep=keep, core=core)
+  return Factor(kept=jnp.zeros((m,), bool).at[order].set(kept), basis=w, keep=keep, core=core)
 
 
 class Spectral(NamedTuple):
@@ -213,11 +196,6 @@ def spectral(gamma: jax.Array, basis: jax.Array, keep: jax.Array, core: jax.Arra
   coef = jnp.where(valid[None, :], _mm(basis, u), 0.0)
   return Spectral(coef=coef, lam=jnp.where(valid, lam_hat + gamma, gamma), valid=valid,
                   gamma=gamma)
-
-
-def low_rank_matvec(s: PyTree, y: PyTree, basis: jax.Array, core: jax.Array, v: PyTree) -> PyTree:
-  """Z K Z^T v, two passes over the stored pairs."""
-  return pair_combine(s, y, _mm(basis, _mm(core, _mm(basis.T, pair_dot(s, y, v)))))
 
 
 def complement_pattern(like: PyTree) -> PyTree:

@@ -8,20 +8,23 @@ with S^T Y = L + D + U over the pairs *in use*, taken oldest first. It equals th
 B_{j+1} = B_j + r r^T / (r.s_j), r = y_j - B_j s_j, started from B_0 = gamma I over those pairs.
 
 Pairs live in a ring buffer of ``memory`` slots (stacks whose leaves have shape
-``(memory, *leaf.shape)``) with the k-by-k Gram matrices S^T S, S^T Y and Y^T Y kept up to date
-with O(n k) work per pair, so that everything that depends on gamma is O(k^3) (``compact``:
-the compact form is kept factored in an orthonormal basis of span(S, Y)). An ``update``:
+``(memory, *leaf.shape)``) with the k-by-k Gram matrices S^T S, S^T Y and Y^T Y kept up to date,
+so that everything that depends on gamma is O(k^3) on small matrices (``compact``). An
+``update`` reads the stored pairs once ([S Y]^T s and [S Y]^T y), writes the new pair into its
+slot in place, and does the rest in the small space:
 
 1. rejects a pair with a non-finite entry (the state is returned unchanged);
-2. tests the SR1 safeguard against the current B (explicitly, one pass over n):
-   skip unless |s.r| > r_tol |s| |r| and |r| > c eps (|y| + |B s|), r = y - B s;
+2. tests the SR1 safeguard against the current B: with r = y - B s, skip unless
+   |s.r| > r_tol |s| |r| and r and s.r lie above their rounding noise (``compact.factor``, the
+   new pair as the newest of the pairs in use, with the current gamma);
 3. inserts the pair into the ring, dropping the oldest;
 4. recomputes gamma from the stored pairs (:func:`choose_gamma`);
 5. recomputes the in-use mask from scratch, oldest to newest, each pair tested against the
    recursion from gamma I over the kept pairs before it (``compact.factor``); a pair masked out
    can come back when gamma changes;
 6. sets gamma = 0 while no pair is in use (B = 0: the first step of a method built on this is the
-   first-order step, with no hidden learning rate).
+   first-order step, with no hidden learning rate);
+7. keeps the thin spectral decomposition of B (``spectral``) for ``matvec`` and the OBS solver.
 
 ``dense_pairs`` reports exactly the pairs that ``matvec`` and the OBS solver use.
 """
@@ -69,10 +72,10 @@ class LSR1State(NamedTuple):
       ``count % memory``).
     gamma: scalar, B_0 = gamma I.
     in_use: ``(memory,)`` bool, the pairs that define B (stored and passing the recursion test).
-    basis: ``(2 memory, 2 memory)`` coefficients W: Z = [S Y] W is an orthonormal basis of
-      span(S, Y) on its ``basis_keep`` columns.
-    basis_keep: ``(2 memory,)`` bool, the columns of W in use.
-    core: ``(2 memory, 2 memory)`` K with B = gamma I + Z K Z^T (``compact``).
+    coef: ``(2 memory, 2 memory)`` the eigenvectors of B on span(S, Y) as coefficients on [S Y]:
+      P_par = [S Y] coef (``compact.Spectral``; columns outside ``lam_valid`` are zero).
+    lam: ``(2 memory,)`` the eigenvalues of B on those eigenvectors.
+    lam_valid: ``(2 memory,)`` bool, the columns of ``coef`` that are eigenvectors.
   """
   s: PyTree
   y: PyTree
@@ -83,9 +86,9 @@ class LSR1State(NamedTuple):
   count: jax.Array
   gamma: jax.Array
   in_use: jax.Array
-  basis: jax.Array
-  basis_keep: jax.Array
-  core: jax.Array
+  coef: jax.Array
+  lam: jax.Array
+  lam_valid: jax.Array
 
 
 def memory_size(state: LSR1State) -> int:
@@ -119,9 +122,8 @@ def init(params: PyTree, memory: int = 10) -> LSR1State:
       s=jax.tree.map(zeros, params), y=jax.tree.map(zeros, params), ss=small, sy=small, yy=small,
       stamp=jnp.full((memory,), -1, jnp.int32), count=jnp.zeros((), jnp.int32),
       gamma=jnp.zeros((), dtype), in_use=jnp.zeros((memory,), bool),
-      basis=jnp.zeros((2 * memory, 2 * memory), dtype),
-      basis_keep=jnp.zeros((2 * memory,), bool),
-      core=jnp.zeros((2 * memory, 2 * memory), dtype))
+      coef=jnp.zeros((2 * memory, 2 * memory), dtype), lam=jnp.zeros((2 * memory,), dtype),
+      lam_valid=jnp.zeros((2 * memory,), bool))
 
 
 def time_symmetric(sy: jax.Array, stamp: jax.Array) -> jax.Array:
@@ -189,7 +191,9 @@ def matvec(state: LSR1State, v: PyTree) -> PyTree:
   """
   _check_vector(state, v, "v")
   v = jax.tree.map(lambda x, r: x.astype(r.dtype), v, jax.tree.map(lambda b: b[0], state.s))
-  low_rank = compact.low_rank_matvec(state.s, state.y, state.basis, state.core, v)
+  scale = jnp.where(state.lam_valid, state.lam - state.gamma, 0.0)   # B - gamma I on span(P_par)
+  c = _mm(state.coef, scale[:, None] * _mm(state.coef.T, pair_dots(state, [v])))
+  low_rank = jax.tree.map(lambda x: x[0], pair_combine(state, c))
   return jax.tree.map(lambda x, l: state.gamma.astype(x.dtype) * x + l, v, low_rank)
 
 
@@ -213,60 +217,71 @@ def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = Tru
   s = jax.tree.map(lambda x, r: jnp.asarray(x).astype(r.dtype), s, like)
   y = jax.tree.map(lambda x, r: jnp.asarray(x).astype(r.dtype), y, like)
   dtype = state.ss.dtype
-  eps = _eps(dtype)
   k = memory_size(state)
 
   finite = _stack.all_finite(s) & _stack.all_finite(y) & jnp.asarray(valid)
   s = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), s)
   y = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), y)
 
-  # (2) The safeguard against the current B, computed explicitly.
-  # (2) The safeguard against the current B, computed explicitly: r = y - B s.
-  bs = matvec(state, s)
-  r = jax.tree.map(lambda a, b: a - b, y, bs)
-  s_norm, r_norm = _norm(s), _norm(r)
-  y_norm, bs_norm = _norm(y), _norm(bs)
-  sr = _vdot(s, r)
-  accept = (finite & (s_norm > 0) & (jnp.abs(sr) > r_tol(dtype) * s_norm * r_norm)
-            & (r_norm > _NOISE * eps * (y_norm + bs_norm)))
-
-  # (3) Insert into slot j (the oldest pair, if the ring is full) and patch the Gram matrices.
-  j = state.count % k
-  s_dots, y_dots = _stack.dot(state.s, s), _stack.dot(state.y, s)   # <s_i, s>, <y_i, s>
-  sy_col, yy_col = _stack.dot(state.s, y), _stack.dot(state.y, y)   # <s_i, y>, <y_i, y>
+  # The one pass over the stored pairs: [S Y]^T s and [S Y]^T y.
+  dots = pair_dots(state, [s, y])
+  s_col, y_col = dots[:, 0], dots[:, 1]          # [S^T s; Y^T s], [S^T y; Y^T y]
   ss_jj, sy_jj, yy_jj = _vdot(s, s), _vdot(s, y), _vdot(y, y)
+
+  # (3) The Gram matrices with the pair in slot j (the oldest pair, if the ring is full).
+  j = state.count % k
   set_row_col = lambda m, row, col: m.at[j, :].set(row).at[:, j].set(col)
-  ss_col = s_dots.at[j].set(ss_jj)
-  yy_c = yy_col.at[j].set(yy_jj)
-  ss = set_row_col(state.ss, ss_col, ss_col)
-  sy = set_row_col(state.sy, y_dots.at[j].set(sy_jj), sy_col.at[j].set(sy_jj))
+  ss_c = s_col[:k].at[j].set(ss_jj)
+  yy_c = y_col[k:].at[j].set(yy_jj)
+  ss = set_row_col(state.ss, ss_c, ss_c)
+  sy = set_row_col(state.sy, s_col[k:].at[j].set(sy_jj), y_col[:k].at[j].set(sy_jj))
   yy = set_row_col(state.yy, yy_c, yy_c)
   stamp = state.stamp.at[j].set(state.count)
+  gamma = choose_gamma(ss, sy, stamp, state.gamma)                              # (4)
 
-  # (4)-(6) gamma, then the in-use mask under it; gamma = 0 while nothing is in use.
+  # (2) and (5) as one batched recursion over k + 1 slots: [current pairs in use, new pair]
+  # with the current gamma (the safeguard against the current B) and [ring after the insert,
+  # empty slot] with the new gamma (the in-use mask).
+  grow = lambda m, col, row, corner: jnp.block([[m, col[:, None]], [row[None, :], corner]])
+  pad = lambda m: jnp.pad(m, ((0, 1), (0, 1)))
+  grams = jnp.stack([
+      compact.pair_gram(grow(state.ss, s_col[:k], s_col[:k], ss_jj[None, None]),
+                        grow(state.sy, y_col[:k], s_col[k:], sy_jj[None, None]),
+                        grow(state.yy, y_col[k:], y_col[k:], yy_jj[None, None])),
+      compact.pair_gram(pad(ss), pad(sy), pad(yy))])
+  new_ok = finite & (ss_jj > 0)
+  valid_now = jnp.concatenate([state.in_use, new_ok[None]])
+  stamps = jnp.stack([jnp.concatenate([state.stamp, state.count[None]]),
+                      jnp.concatenate([stamp, jnp.full((1,), -1, jnp.int32)])])
+  fac = jax.vmap(compact.factor)(
+      grams, jnp.stack([valid_now, stamps[1] >= 0]), stamps, jnp.stack([state.gamma, gamma]),
+      jnp.stack([valid_now.at[k].set(False), jnp.zeros((k + 1,), bool)]))
+  accept = new_ok & fac.kept[0, k]
+
+  # The new factor without its empty slot (rows k and 2k + 1 of W; its two columns are
+  # dropped directions, which eigh sorts first), then its spectral form. (6): gamma = 0 and
+  # B = 0 while no pair is in use.
+  in_use = fac.kept[1, :k]
+  rows = np.concatenate([np.arange(k), k + 1 + np.arange(k)])
+  used = jnp.any(in_use)
+  gamma = jnp.where(used, gamma, 0.0).astype(dtype)
+  spec = compact.spectral(gamma, fac.basis[1][rows][:, 2:], fac.keep[1][2:],
+                          jnp.where(used, fac.core[1][2:, 2:], 0.0))
+
   pick = lambda new, old: jnp.where(accept, new, old)
-  insert = lambda buf, x: buf.at[j].set(jnp.where(accept, x, buf[j]))
-  new_s, new_y = jax.tree.map(insert, state.s, s), jax.tree.map(insert, state.y, y)
-  gamma = choose_gamma(ss, sy, stamp, state.gamma)
-  fac = compact.factor(ss, sy, yy, stamp, gamma, new_s, new_y)
-  gamma = jnp.where(jnp.any(fac.in_use), gamma, 0.0).astype(dtype)
-  core = jnp.where(jnp.any(fac.in_use), fac.core, 0.0)
+  insert = lambda buf, x: buf.at[j].set(jnp.where(accept, x, buf[j]))   # in place, one slot
   return LSR1State(
-      s=new_s, y=new_y,
+      s=jax.tree.map(insert, state.s, s), y=jax.tree.map(insert, state.y, y),
       ss=pick(ss, state.ss), sy=pick(sy, state.sy), yy=pick(yy, state.yy),
       stamp=pick(stamp, state.stamp), count=pick(state.count + 1, state.count),
-      gamma=pick(gamma, state.gamma), in_use=pick(fac.in_use, state.in_use),
-      basis=pick(fac.basis, state.basis), basis_keep=pick(fac.keep, state.basis_keep),
-      core=pick(core, state.core))
+      gamma=pick(gamma, state.gamma), in_use=pick(in_use, state.in_use),
+      coef=pick(spec.coef, state.coef), lam=pick(spec.lam, state.lam),
+      lam_valid=pick(spec.valid, state.lam_valid))
 
 
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
   parts = jax.tree.map(lambda x, y: jnp.vdot(x, y, precision=_HIGHEST), a, b)
   return sum(jax.tree.leaves(parts))
-
-
-def _norm(a: PyTree) -> jax.Array:
-  return jnp.sqrt(_vdot(a, a))
 
 
 def dense_pairs(state: LSR1State) -> tuple[np.ndarray, np.ndarray, float]:
@@ -294,19 +309,19 @@ def dense_pairs(state: LSR1State) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def spectral(state: LSR1State) -> Spectral:
-  """The thin spectral decomposition of B (docs/method.md, "The subproblem: OBS"), in O(k^3).
+  """The thin spectral decomposition of B (docs/method.md, "The subproblem: OBS"), kept in the state.
 
-  P_par = Z U = [S Y] coef and the eigenvalues lam = gamma + eig(K) on span(S, Y);
-  gamma on its orthogonal complement. See ``compact``.
+  P_par = [S Y] coef and the eigenvalues lam on span(S, Y); gamma on its orthogonal complement.
+  ``update`` computes it (O(k^3), no pass over n); see ``compact``.
   """
-  return compact.spectral(state.gamma, state.basis, state.basis_keep, state.core)
+  return Spectral(coef=state.coef, lam=state.lam, valid=state.lam_valid, gamma=state.gamma)
 
 
-def pair_dot(state: LSR1State, v: PyTree) -> jax.Array:
-  """[S Y]^T v (one pass over the stored pairs)."""
-  return compact.pair_dot(state.s, state.y, v)
+def pair_dots(state: LSR1State, vectors: list[PyTree]) -> jax.Array:
+  """[S Y]^T [v_1 .. v_m], a 2k-by-m matrix (one pass over the stored pairs)."""
+  return compact.pair_dots(state.s, state.y, vectors)
 
 
-def pair_combine(state: LSR1State, c: jax.Array) -> PyTree:
-  """[S Y] c (one pass over the stored pairs)."""
-  return compact.pair_combine(state.s, state.y, c)
+def pair_combine(state: LSR1State, coef: jax.Array) -> PyTree:
+  """[S Y] C for a 2k-by-m matrix C: a stack of m vectors (one pass over the stored pairs)."""
+  return compact.pair_combine(state.s, state.y, coef)

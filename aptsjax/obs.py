@@ -94,19 +94,14 @@ def first_order_step(grad: PyTree, radius: Any) -> OBSResult:
                    hard_case=jnp.array(False))
 
 
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _stack_norm(tree: PyTree) -> jax.Array:
   """The 2-norm of a pytree vector, accumulated in at least float32 (``_stack.upcast``)."""
   return jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(
       lambda x: jnp.vdot(x, x, precision=jax.lax.Precision.HIGHEST), _stack.upcast(tree)))))
-
-
-def _complement_vector(state: lsr1.LSR1State, spec: lsr1.Spectral, like: PyTree) -> PyTree:
-  """A unit vector orthogonal to span(P_par): a fixed pattern with its P_par part removed."""
-  z0 = compact.complement_pattern(like)
-  proj = lsr1.pair_combine(state, spec.coef @ (spec.coef.T @ lsr1.pair_dot(state, z0)))
-  z = jax.tree.map(lambda a, b: a - b, z0, proj)
-  zn = _stack_norm(z)
-  return jax.tree.map(lambda x: jnp.where(zn > 0, x / jnp.where(zn > 0, zn, 1.0), 0.0), z)
 
 
 def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
@@ -138,9 +133,15 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
 
   spec = lsr1.spectral(state)
   k = spec.valid.shape[0]                        # 2 memory eigen-directions at most
-  a_par = jnp.where(spec.valid, spec.coef.T @ lsr1.pair_dot(state, g), 0.0)
-  g_perp = jax.tree.map(lambda x, p: x - p, g, lsr1.pair_combine(state, spec.coef @ a_par))
-  gperp_norm = _stack_norm(g_perp)
+  # Pass 1 over the pairs: [S Y]^T [g z0], z0 the fixed pattern the hard case may need.
+  z0 = compact.complement_pattern(g)
+  coef = jnp.where(spec.valid[None, :], spec.coef, 0.0)
+  comps = _mm(coef.T, lsr1.pair_dots(state, [g, z0]))  # P_par^T g and P_par^T z0
+  a_par = jnp.where(spec.valid, comps[:, 0], 0.0)
+  # Pass 2: the explicit projections g_perp = g - P_par a_par and z_perp (for their norms).
+  proj = lsr1.pair_combine(state, _mm(coef, comps))
+  perp_norm = lambda v, i: _stack_norm(jax.tree.map(lambda x, p: x - p[i], v, proj))
+  gperp_norm, zperp_norm = perp_norm(g, 0), perp_norm(z0, 1)
   gnorm = _stack_norm(g)
   has_complement = jnp.sum(spec.valid) < n
 
@@ -197,22 +198,22 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   x_norm = jnp.sqrt(jnp.sum(x**2))
   c = jnp.where(inside | (x_norm == 0), 1.0, delta / jnp.where(x_norm > 0, x_norm, 1.0))
 
-  # Hard case: add tau z along an eigenvector of lam_min (in P_par, or the complement).
+  # Hard case: add tau z along an eigenvector of lam_min (in P_par, or the complement, where
+  # z = z_perp / |z_perp|).
   tau = jnp.where(hard, jnp.sqrt(jnp.maximum(delta**2 - p_low_norm**2, 0.0)), 0.0)
   par_sing = sing[:k]
   z_index = jnp.argmax(par_sing)
   z_in_par = jnp.any(par_sing)
-  z_perp = jax.lax.cond(
-      hard & ~z_in_par, lambda: _stack.match_varying(_complement_vector(state, spec, g), ref),
-      lambda: _stack.match_varying(jax.tree.map(jnp.zeros_like, g), ref))
 
-  # The step (one pass over the pairs) and its predicted reduction as non-negative eigen-terms.
+  # Pass 3: the step p = P_par xs + perp_coef g_perp + tau_z z_perp, written as
+  # [S Y] coef (xs - perp_coef a_par - tau_z P_par^T z0) + perp_coef g + tau_z z0.
   xs = c * x[:k] + jnp.where(z_in_par & (jnp.arange(k) == z_index), tau, 0.0)
   perp_coef = c * jnp.where(used[k], -1.0 / den[k], 0.0)
-  tau_perp = jnp.where(z_in_par, 0.0, tau)
+  tau_z = jnp.where(z_in_par | (zperp_norm == 0), 0.0, tau / jnp.where(zperp_norm > 0, zperp_norm, 1.0))
+  par = _mm(coef, (xs - perp_coef * a_par - tau_z * comps[:, 1])[:, None])
   step = jax.tree.map(
-      lambda p, gp, z: p + perp_coef.astype(p.dtype) * gp + tau_perp.astype(p.dtype) * z,
-      lsr1.pair_combine(state, spec.coef @ xs), g_perp, z_perp)
+      lambda p, gv, z: p[0] + perp_coef.astype(p.dtype) * gv + tau_z.astype(p.dtype) * z,
+      lsr1.pair_combine(state, par), g, z0)
   # Rounding (P_par is orthonormal only to working precision) changes |p| slightly: scale by f
   # so that |p| <= radius always, and the predicted reduction with it.
   # A boundary (or hard-case) step is scaled to length exactly radius, an interior one only down.

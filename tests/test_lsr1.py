@@ -359,7 +359,10 @@ def test_jit_matches_eager(x64):
   eager = _push(lsr1.init(_params(np.float64), memory=5), pairs, np.float64, update=lsr1.update)
   jitted = _push(jax.jit(lsr1.init, static_argnames="memory")(_params(np.float64), memory=5),
                  pairs, np.float64)
-  _leaves_close(jitted, eager, rtol=1e-12)
+  # Eigenvectors are unique only up to sign (and rotation within repeated eigenvalues): the
+  # spectral coefficients are compared through matvec below.
+  no_vectors = lambda s: s._replace(coef=jnp.zeros_like(s.coef))
+  _leaves_close(no_vectors(jitted), no_vectors(eager), rtol=1e-12)
   for a, b in zip(lsr1.dense_pairs(jitted)[:2], lsr1.dense_pairs(eager)[:2]):
     np.testing.assert_array_equal(a, b)
   v = _unravel(rng.standard_normal(N), np.float64)
