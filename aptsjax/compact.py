@@ -17,7 +17,7 @@ quadratically, with the size of the terms that cancel in y_t - B_t s_t.
 
 Accuracy: Z is orthonormal to about eps / e_min, e_min the smallest kept eigenvalue of the
 unit-diagonal Gram matrix (directions below ``rank_tol`` are dropped); docs/method.md,
-"Numerics", states what that costs and why no explicit re-orthogonalization pass is made.
+"Factored form", states what that costs and why no re-orthogonalization pass is made.
 """
 
 from __future__ import annotations
