@@ -198,10 +198,33 @@ def spectral(gamma: jax.Array, basis: jax.Array, keep: jax.Array, core: jax.Arra
                   gamma=gamma)
 
 
-def complement_pattern(like: PyTree) -> PyTree:
-  """A fixed, dense, deterministic vector shaped like ``like`` (for complement directions)."""
-  offsets = np.cumsum([0] + [int(np.prod(x.shape)) for x in jax.tree.leaves(like)])[:-1]
-  leaves, treedef = jax.tree.flatten(like)
-  return jax.tree.unflatten(treedef, [
-      jnp.cos(0.7548776662 * (o + 1 + jnp.arange(x.size, dtype=x.dtype))).reshape(x.shape)
-      for o, x in zip(offsets, leaves)])
+def _leading_sizes(like: PyTree, count: int) -> list[int]:
+  """How many of the first ``count`` flat entries (leaf order) fall in each leaf of ``like``."""
+  sizes, left = [], count
+  for x in jax.tree.leaves(like):
+    sizes.append(min(left, int(np.prod(x.shape[1:] if x.ndim else ()))))
+    left -= sizes[-1]
+  return sizes
+
+
+def leading_entries(stack: PyTree, count: int) -> jax.Array:
+  """The first ``count`` flat entries (leaf order) of every vector of a stack: ``(k, count)``.
+
+  These are the products [S Y]^T e_i with the first ``count`` unit vectors, without a pass over n.
+  """
+  k = _stack.stack_size(stack)
+  parts = [jnp.reshape(x, (k, -1))[:, :c]
+           for x, c in zip(jax.tree.leaves(stack), _leading_sizes(stack, count)) if c]
+  return jnp.concatenate(parts, axis=1)
+
+
+def add_to_leading(tree: PyTree, values: jax.Array) -> PyTree:
+  """``tree + sum_i values_i e_i`` over the first ``len(values)`` flat entries (leaf order)."""
+  like = jax.tree.map(lambda x: x[None], tree)
+  sizes = _leading_sizes(like, values.shape[0])
+  offsets = np.cumsum([0] + sizes)
+  leaves, treedef = jax.tree.flatten(tree)
+  out = [x if not c else
+         jnp.reshape(jnp.reshape(x, (-1,)).at[:c].add(values[o:o + c].astype(x.dtype)), x.shape)
+         for x, c, o in zip(leaves, sizes, offsets)]
+  return jax.tree.unflatten(treedef, out)

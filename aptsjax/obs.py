@@ -133,15 +133,19 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
 
   spec = lsr1.spectral(state)
   k = spec.valid.shape[0]                        # 2 memory eigen-directions at most
-  # Pass 1 over the pairs: [S Y]^T [g z0], z0 the fixed pattern the hard case may need.
-  z0 = compact.complement_pattern(g)
   coef = jnp.where(spec.valid[None, :], spec.coef, 0.0)
-  comps = _mm(coef.T, lsr1.pair_dots(state, [g, z0]))  # P_par^T g and P_par^T z0
-  a_par = jnp.where(spec.valid, comps[:, 0], 0.0)
-  # Pass 2: the explicit projections g_perp = g - P_par a_par and z_perp (for their norms).
-  proj = lsr1.pair_combine(state, _mm(coef, comps))
-  perp_norm = lambda v, i: _stack_norm(jax.tree.map(lambda x, p: x - p[i], v, proj))
-  gperp_norm, zperp_norm = perp_norm(g, 0), perp_norm(z0, 1)
+  # Pass 1 over the pairs: a_par = P_par^T g.
+  a_par = jnp.where(spec.valid, _mm(coef.T, lsr1.pair_dots(state, [g]))[:, 0], 0.0)
+  # Pass 2: the explicit projection g_perp = g - P_par a_par, for its norm.
+  proj = lsr1.pair_combine(state, _mm(coef, a_par[:, None]))
+  gperp_norm = _stack_norm(jax.tree.map(lambda x, p: x - p[0], g, proj))
+  # For the hard case in the complement: the unit vector e_i among the first 4k that is
+  # farthest from span(P_par) (|z_perp|^2 >= 1/2 when n >= 4k), from entries of S and Y only.
+  ez = _mm(coef.T, jnp.concatenate([compact.leading_entries(state.s, 2 * k),
+                                    compact.leading_entries(state.y, 2 * k)]))
+  z_sq = 1.0 - jnp.sum(ez**2, axis=0)                 # |e_i - P_par P_par^T e_i|^2
+  z_pick = jnp.argmax(z_sq)
+  zc, zperp_norm = ez[:, z_pick], jnp.sqrt(jnp.maximum(z_sq[z_pick], 0.0))
   gnorm = _stack_norm(g)
   has_complement = jnp.sum(spec.valid) < n
 
@@ -206,14 +210,14 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   z_in_par = jnp.any(par_sing)
 
   # Pass 3: the step p = P_par xs + perp_coef g_perp + tau_z z_perp, written as
-  # [S Y] coef (xs - perp_coef a_par - tau_z P_par^T z0) + perp_coef g + tau_z z0.
+  # [S Y] coef (xs - perp_coef a_par - tau_z P_par^T e_i) + perp_coef g + tau_z e_i.
   xs = c * x[:k] + jnp.where(z_in_par & (jnp.arange(k) == z_index), tau, 0.0)
   perp_coef = c * jnp.where(used[k], -1.0 / den[k], 0.0)
   tau_z = jnp.where(z_in_par | (zperp_norm == 0), 0.0, tau / jnp.where(zperp_norm > 0, zperp_norm, 1.0))
-  par = _mm(coef, (xs - perp_coef * a_par - tau_z * comps[:, 1])[:, None])
-  step = jax.tree.map(
-      lambda p, gv, z: p[0] + perp_coef.astype(p.dtype) * gv + tau_z.astype(p.dtype) * z,
-      lsr1.pair_combine(state, par), g, z0)
+  par = _mm(coef, (xs - perp_coef * a_par - tau_z * zc)[:, None])
+  step = jax.tree.map(lambda p, gv: p[0] + perp_coef.astype(p.dtype) * gv,
+                      lsr1.pair_combine(state, par), g)
+  step = compact.add_to_leading(step, jnp.where(jnp.arange(ez.shape[1]) == z_pick, tau_z, 0.0))
   # Rounding (P_par is orthonormal only to working precision) changes |p| slightly: scale by f
   # so that |p| <= radius always, and the predicted reduction with it.
   # A boundary (or hard-case) step is scaled to length exactly radius, an interior one only down.

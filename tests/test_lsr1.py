@@ -476,3 +476,28 @@ def test_property_matvec_equals_dense_recursion(x64, seed, memory, num_pairs, in
     assert gamma == 0.0
   assert _is_subsequence(S, Y, pairs, rtol=0)
   _check_matvec(state, np.float64, rng, num_vectors=2)
+
+
+def _stack_copies(fn, *args) -> list[str]:
+  """HLO instructions of the compiled ``fn`` (state donated) that copy a whole stored stack."""
+  state = args[0]
+  shapes = {f"f32[{','.join(map(str, x.shape))}]" for x in jax.tree.leaves((state.s, state.y))}
+  text = jax.jit(fn, donate_argnums=0).lower(*args).compile().as_text()
+  body = text[text.index("ENTRY"):]
+  return [line.strip() for line in body.splitlines()
+          if " copy(" in line and line.split("=")[1].split()[0].split("{")[0] in shapes]
+
+
+def test_update_writes_the_pair_in_place():
+  """With the state donated, the new pair is written into its slot: no copy of S or Y.
+
+  The same program without donation has to copy both stacks (the check can fail).
+  """
+  like = {"w": jnp.zeros((50, 40), jnp.float32), "b": jnp.zeros((7,), jnp.float32)}
+  state = lsr1.init(like, memory=5)
+  assert _stack_copies(lsr1.update, state, like, like) == []
+  batched = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+  pair = jax.tree.map(lambda x: jnp.stack([x, x]), like)
+  assert _stack_copies(jax.vmap(lsr1.update), batched, pair, pair) == []
+  text = jax.jit(lsr1.update).lower(state, like, like).compile().as_text()
+  assert " copy(" in text[text.index("ENTRY"):]
