@@ -4,30 +4,47 @@ For each parameter count n and memory k (float32, params = one flat vector of n)
 state is built (k pairs y = A s for a random symmetric A = diag(d) + U diag(w) U^T, every slot in
 use), then, jitted, with compile time reported apart from the median of timed repeats:
 
-* `lsr1.update` of one new pair (the ring wraps), and `obs.solve` at a radius that puts the step
-  on the boundary, and their sum;
+* `lsr1.update` of one new pair (the ring wraps) as it runs in use: jitted with the state
+  donated, each call fed the previous call's output, so that the new pair is written into its
+  ring slot in place (in a training loop the state is a carried buffer); and, as an extra
+  column (``not donated``), without donation, where XLA copies both stacks on every call;
+* `obs.solve` at a radius that puts the step on the boundary, and update + solve;
 * the floor: one jitted pass that only reads the 2 k n stored floats; the faster of
-  sum(S) + sum(Y) and (S v, Y v). obs.solve is reported in units of it ("passes");
+  sum(S) + sum(Y) and (S v, Y v);
 * peak memory from the compiled executables' `memory_analysis()`.
+
+"Passes" are counted three ways, each over the stored 2 k n floats (the N stacks when vmapped):
+
+* ``passes``: the time in units of the floor (what it costs here, timing noise included);
+* ``HLO passes``: the full reads and full-size writes of S and Y in the optimized HLO of the
+  executable, over two (`benchmarks.hlo_traffic`; a deterministic count: the update reads
+  the pairs once, the solve three times), with ``update_copies_stack`` True where the donated
+  update writes a full copy of a stack instead of updating its ring slot in place;
+* ``XLA bytes passes``: XLA's ``cost_analysis()["bytes accessed"]`` over the stored bytes
+  (deterministic too; it also counts every n-vector the executable reads and writes, and, on
+  CPU, a fused in-place scatter as a full read and write of its stack).
 
 References: one jitted forward+backward (`jax.value_and_grad` of the loss) of the MNIST MLP on
 1,000 and 10,000 samples and of the CIFAR MLP on 10,000. Targets: at n = 1.8e6,
 k = 10, obs.solve <= 10 passes (stretch goal: 5) and < 10% of the CIFAR fwd+bwd (stretch: MNIST).
-Outputs: core_cost.csv, reference.csv, core_cost.png.
+Outside ``--quick``, a breakdown times the passes update and solve are built of (`pair_dots` of
+1 and 2 vectors, `pair_combine` of 1 and 2 columns) against the floor.
+Outputs: core_cost.csv, reference.csv, core_cost.png (tables: `benchmarks.core_cost_report`).
 
 Vmapped (``--parts stacked``): ``jax.vmap`` of `lsr1.update` and `obs.solve` over N stacked
 full memories (N independent problems, built under ``jax.vmap``: the layout ``aptsjax.apts``
-keeps its subdomains' memories in), N in {1, 2, 6}, n in {5.4e5, 1.8e6}, k in {5, 10, 20}; one
-pass = one read of the N stacks of 2 k n floats, timed in the same process.
-Output: core_cost_stacked.csv.
+keeps its subdomains' memories in), N in {1, 2, 6}, n in {535,818 (the paper's MNIST MLP),
+1.8e6}, k in {5, 10, 20}, the same columns; the floor is timed on the same stacked arrays in
+the same process. Output: core_cost_stacked.csv, and a verdict on update and solve <= 3 HLO
+passes with no copy of a stack.
 
 Profile (``--parts profile``, `benchmarks.apts_profile`): the pieces of one APTS iteration of
 the paper MLP (N = 2, nu = 5, 1,000 rows, memory 10) for both orders, in ms and in gradient
 evaluations, and compile times at the XLA flags of the process (this module sets none).
 Outputs: apts_profile.csv, compile_times.csv and, with the vmapped part, core_cost_apts.png.
 
-Run from the repository root:
-``python -m benchmarks.core_cost [--quick] [--out DIR] [--parts table stacked profile]``.
+Run from the repository root: ``python -m benchmarks.core_cost [--quick] [--out DIR]
+[--parts table stacked profile] [--ns N ...] [--memories K ...] [--subdomains N ...]``.
 """
 
 from __future__ import annotations
@@ -43,15 +60,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from aptsjax import _stack, lsr1, obs
-from benchmarks import apts_profile, models
-from benchmarks.timing import MEMORY_KEYS, Row, time_jitted, write_csv
+from aptsjax import lsr1, obs
+from benchmarks import apts_profile, hlo_traffic, models
+from benchmarks import core_cost_report as report
+from benchmarks.timing import (MEMORY_KEYS, Row, bytes_accessed, compile_jitted, memory_stats,
+                              time_compiled, time_donated, time_jitted, write_csv)
 
-FULL_NS = (10_000, 100_000, 540_000, 1_800_000)
+FULL_NS = (10_000, 100_000, 535_818, 1_800_000)
 FULL_MEMORIES = (1, 5, 10, 20)
 QUICK_NS = (1_000,)
-QUICK_MEMORIES = (2,)
-STACKED_NS = (540_000, 1_800_000)
+QUICK_MEMORIES = (3,)  # not 1 or 2: see hlo_traffic
+STACKED_NS = (535_818, 1_800_000)  # 535,818: the paper's MNIST MLP
 STACKED_MEMORIES = (5, 10, 20)
 STACKED_SUBDOMAINS = (1, 2, 6)
 QUICK_SUBDOMAINS = (2,)
@@ -106,27 +125,69 @@ def floor_matvec(s: jax.Array, y: jax.Array, v: jax.Array) -> tuple[jax.Array, j
   return s @ v, y @ v
 
 
-def measure_config(n: int, memory: int, budget_s: float) -> Row:
-  """Times update, solve and the two floors for one (n, memory)."""
-  state, s_new, y_new, grad, radius = make_problem(n, memory)
-  max_repeats = 50 if n <= 100_000 else 10
-  upd, _ = time_jitted(lsr1.update, (state, s_new, y_new), budget_s, max_repeats)
-  sol, result = time_jitted(obs.solve, (grad, state, radius), budget_s, max_repeats)
-  f_sum, _ = time_jitted(floor_sum, (state.s, state.y), budget_s, 2 * max_repeats)
-  f_mv, _ = time_jitted(floor_matvec, (state.s, state.y, grad), budget_s, 2 * max_repeats)
+def time_core(problem: tuple[Any, ...], batched: bool, budget_s: float, max_repeats: int,
+              floor_repeats: int) -> tuple[Row, Any]:
+  """Times update, solve and the floor on one problem and counts their passes; consumes it.
+
+  ``lsr1.update`` is timed jitted with its state donated, each call fed the previous output (as
+  a training loop carries it, so the ring insert is in place), and, as an extra column, without
+  donation (XLA then copies both stacks). The passes are the time over the floor's, XLA's
+  ``bytes accessed`` over the stored bytes, and the full reads and writes of the stacks in the
+  optimized HLO (``hlo_traffic``); ``update_copies_stack`` is True where the donated update's
+  HLO writes a full-size array from a stack other than in place.
+
+  Args:
+    problem: ``make_problem``'s output; its state's buffers are donated (unusable afterwards).
+    batched: whether the problem is N stacked memories (``jax.vmap`` of everything).
+    budget_s: rough time budget per timed function.
+    max_repeats: the most repeats of update and solve.
+    floor_repeats: the most repeats of each floor (cheap, and its noise enters every ratio).
+
+  Returns:
+    The measurements, and the ``obs.OBSResult`` of the solve.
+  """
+  state, s_new, y_new, grad, radius = problem
+  wrap = jax.vmap if batched else (lambda fn: fn)
+  shape = tuple(state.s.shape)
+  stored = 2 * float(np.prod(shape)) * state.s.dtype.itemsize
+  undonated, _ = time_jitted(wrap(lsr1.update), (state, s_new, y_new), budget_s, max_repeats)
+  solve_args = (grad, state, radius)
+  solve_c, solve_compile_s = compile_jitted(wrap(obs.solve), solve_args)
+  sol, result = time_compiled(solve_c, solve_args, budget_s, max_repeats)
+  f_sum, _ = time_jitted(floor_sum, (state.s, state.y), budget_s, floor_repeats)
+  f_mv, _ = time_jitted(wrap(floor_matvec), (state.s, state.y, grad), budget_s, floor_repeats)
   floor = min(f_sum["ms"], f_mv["ms"])
+  upd, upd_c, _ = time_donated(wrap(lsr1.update), (state, s_new, y_new), budget_s, max_repeats)
+  upd_hlo = hlo_traffic.stack_traffic(upd_c.as_text(), shape)
+  sol_hlo = hlo_traffic.stack_traffic(solve_c.as_text(), shape)
+  per_stored = lambda b: None if b is None else b / stored
+  sol.update(compile_s=solve_compile_s, **memory_stats(solve_c))
   return {
-      "n": n, "memory": memory, "in_use": int(jnp.sum(state.in_use)),
-      "on_boundary": bool(result.on_boundary),
-      "update_ms": upd["ms"], "solve_ms": sol["ms"], "sum_ms": upd["ms"] + sol["ms"],
-      "floor_sum_ms": f_sum["ms"], "floor_matvec_ms": f_mv["ms"],
-      "floor_ms": floor, "solve_passes": sol["ms"] / floor,
-      "sum_passes": (upd["ms"] + sol["ms"]) / floor,
-      "update_compile_s": upd["compile_s"], "solve_compile_s": sol["compile_s"],
-      "update_repeats": upd["repeats"], "solve_repeats": sol["repeats"],
+      "update_ms": upd["ms"], "update_undonated_ms": undonated["ms"], "solve_ms": sol["ms"],
+      "sum_ms": upd["ms"] + sol["ms"], "floor_sum_ms": f_sum["ms"],
+      "floor_matvec_ms": f_mv["ms"], "floor_ms": floor,
+      "update_passes": upd["ms"] / floor, "update_undonated_passes": undonated["ms"] / floor,
+      "solve_passes": sol["ms"] / floor, "sum_passes": (upd["ms"] + sol["ms"]) / floor,
+      "update_bytes_passes": per_stored(bytes_accessed(upd_c)),
+      "solve_bytes_passes": per_stored(bytes_accessed(solve_c)),
+      "update_hlo_passes": upd_hlo.passes, "solve_hlo_passes": sol_hlo.passes,
+      "update_copies_stack": upd_hlo.copies > 0,
+      "update_compile_s": upd["compile_s"], "update_undonated_compile_s": undonated["compile_s"],
+      "solve_compile_s": sol["compile_s"], "update_repeats": upd["repeats"],
+      "solve_repeats": sol["repeats"],
       **{f"update_{k}_mib": upd[k] for k in MEMORY_KEYS},
       **{f"solve_{k}_mib": sol[k] for k in MEMORY_KEYS},
-  }
+  }, result
+
+
+def measure_config(n: int, memory: int, budget_s: float) -> Row:
+  """Times update, solve and the two floors for one (n, memory)."""
+  problem = make_problem(n, memory)
+  in_use = int(jnp.sum(problem[0].in_use))
+  max_repeats = 50 if n <= 100_000 else 10
+  row, result = time_core(problem, False, budget_s, max_repeats, 2 * max_repeats)
+  return {"n": n, "memory": memory, "in_use": in_use,
+          "on_boundary": bool(result.on_boundary), **row}
 
 
 def measure_stacked(num: int, n: int, memory: int, budget_s: float) -> Row:
@@ -135,41 +196,12 @@ def measure_stacked(num: int, n: int, memory: int, budget_s: float) -> Row:
   One pass = one read of the N stacks of 2 k n floats (the faster of the two floors, on the
   same stacked arrays, in the same process).
   """
-  state, s_new, y_new, grad, radius = make_problem(n, memory, num=num)
+  problem = make_problem(n, memory, num=num)
   max_repeats = 10 if num * n <= 1_000_000 else 3
-  upd, _ = time_jitted(jax.vmap(lsr1.update), (state, s_new, y_new), budget_s, max_repeats)
-  sol, result = time_jitted(jax.vmap(obs.solve), (grad, state, radius), budget_s, max_repeats)
-  # The floor is cheap and its noise enters every ratio: repeat it more.
-  f_sum, _ = time_jitted(floor_sum, (state.s, state.y), budget_s, FLOOR_REPEATS)
-  f_mv, _ = time_jitted(jax.vmap(floor_matvec), (state.s, state.y, grad), budget_s,
-                        FLOOR_REPEATS)
-  floor = min(f_sum["ms"], f_mv["ms"])
-  del state, s_new, y_new, grad
-  return {
-      "N": num, "n": n, "memory": memory, "stored_mib": 2 * num * memory * n * 4 / 2**20,
-      "on_boundary": bool(jnp.all(result.on_boundary)),
-      "update_ms": upd["ms"], "solve_ms": sol["ms"], "floor_ms": floor,
-      "update_passes": upd["ms"] / floor, "solve_passes": sol["ms"] / floor,
-      "sum_passes": (upd["ms"] + sol["ms"]) / floor,
-      "update_peak_mib": upd["peak"], "solve_peak_mib": sol["peak"],
-      "update_temp_mib": upd["temp"], "solve_temp_mib": sol["temp"],
-      "update_compile_s": upd["compile_s"], "solve_compile_s": sol["compile_s"],
-      "repeats": upd["repeats"],
-  }
-
-
-def markdown_stacked(rows: list[Row]) -> str:
-  """The vmapped (N stacked memories) measurements as a Markdown table."""
-  lines = ["| N | n | k | stored MiB | update ms | solve ms | floor ms | update passes | "
-           "solve passes | update+solve passes | update peak MiB | solve peak MiB | "
-           "compile s (upd/solve) |", "|" + "---|" * 13]
-  lines += [f"| {r['N']} | {r['n']:,} | {r['memory']} | {r['stored_mib']:.0f} | "
-            f"{fmt(r['update_ms'])} | {fmt(r['solve_ms'])} | {fmt(r['floor_ms'], 3)} | "
-            f"{fmt(r['update_passes'], 1)} | {fmt(r['solve_passes'], 1)} | "
-            f"{fmt(r['sum_passes'], 1)} | {fmt(r['update_peak_mib'], 0)} | "
-            f"{fmt(r['solve_peak_mib'], 0)} | {fmt(r['update_compile_s'], 1)}/"
-            f"{fmt(r['solve_compile_s'], 1)} |" for r in rows]
-  return "\n".join(lines)
+  row, result = time_core(problem, True, budget_s, max_repeats, FLOOR_REPEATS)
+  del problem
+  return {"N": num, "n": n, "memory": memory, "stored_mib": 2 * num * memory * n * 4 / 2**20,
+          "on_boundary": bool(jnp.all(result.on_boundary)), **row}
 
 
 def measure_references(rows: tuple[int, int, int], budget_s: float) -> list[Row]:
@@ -198,95 +230,27 @@ def measure_references(rows: tuple[int, int, int], budget_s: float) -> list[Row]
 
 
 def breakdown(n: int, memory: int, budget_s: float) -> list[tuple[str, float]]:
-  """Times the pieces of obs.solve at one size (where the passes go)."""
-  state, _, _, grad, radius = make_problem(n, memory)
-  s, y = state.s, state.y
-  coef = jnp.eye(memory, dtype=jnp.float32)
+  """Times update, solve and the passes over the pairs they are built of, at one size.
+
+  The last piece is the floor (one read of the stored pairs); the update is timed donated.
+  """
+  state, s_new, y_new, grad, radius = make_problem(n, memory)
   ma = jax.jit(obs.solve).lower(grad, state, radius).compile().memory_analysis()
   print(f"\nobs.solve memory_analysis() at n={n:,}, k={memory}: {ma}", flush=True)
-  two_k = jnp.ones((2 * memory,), jnp.float32)
-  pieces = (("obs.solve (total)", obs.solve, (grad, state, radius)),
-            ("lsr1.spectral (O(k^3), inside solve)", lsr1.spectral, (state,)),
-            ("lsr1.pair_dot: [S Y]^T g (one read of S, Y)", lsr1.pair_dot, (state, grad)),
-            ("lsr1.pair_combine: [S Y] c (one read, writes n)", lsr1.pair_combine, (state, two_k)),
-            ("_stack.gram(S, Y) (re-orthogonalization only)", _stack.gram, (s, y)),
-            ("_stack.combine_matrix(S, C) (re-orthogonalization only)", _stack.combine_matrix,
-             (s, coef)),
-            ("floor: sum(S) + sum(Y)", floor_sum, (s, y)))
-  return [(name, time_jitted(fn, args, budget_s, 10)[0]["ms"]) for name, fn, args in pieces]
-
-
-def fmt(x: float | None, digits: int = 2) -> str:
-  """Formats a number for the Markdown table ('n/a' for None)."""
-  return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def markdown(rows: list[Row], refs: list[Row]) -> str:
-  """The results as Markdown tables (cost per configuration, then the references)."""
-  ref_ms = [r["ms"] for r in refs]
-  head = ("| n | k | update ms | solve ms | sum ms | floor ms | solve passes | "
-          "sum passes | solve % " + " | solve % ".join(f"{r['model'].split()[0]} {r['samples']}"
-                                                      for r in refs)
-          + " | update peak MiB | solve peak MiB | solve temp MiB | compile s (upd/solve) |")
-  lines = [head, "|" + "---|" * (head.count("|") - 1)]
-  for r in rows:
-    pct = " | ".join(fmt(100 * r["solve_ms"] / m, 1) for m in ref_ms)
-    lines.append(
-        f"| {r['n']:,} | {r['memory']} | {fmt(r['update_ms'])} | {fmt(r['solve_ms'])} | "
-        f"{fmt(r['sum_ms'])} | {fmt(r['floor_ms'], 3)} | "
-        f"{fmt(r['solve_passes'], 1)} | {fmt(r['sum_passes'], 1)} | {pct} | "
-        f"{fmt(r['update_peak_mib'], 1)} | {fmt(r['solve_peak_mib'], 1)} | "
-        f"{fmt(r['solve_temp_mib'], 1)} | {fmt(r['update_compile_s'], 1)}/"
-        f"{fmt(r['solve_compile_s'], 1)} |")
-  lines += ["", "| reference fwd+bwd | n | samples | ms | peak MiB |", "|---|---|---|---|---|"]
-  lines += [f"| {r['model']} | {r['n']:,} | {r['samples']:,} | {fmt(r['ms'])} | "
-            f"{fmt(r['peak_mib'], 1)} |" for r in refs]
-  return "\n".join(lines)
-
-
-def verdict(rows: list[Row], refs: list[Row]) -> str:
-  """The targets at (n, k) = TARGET, against the measured floor and references."""
-  hits = [r for r in rows if (r["n"], r["memory"]) == TARGET]
-  if not hits:
-    return f"Verdict: target configuration n={TARGET[0]:,}, k={TARGET[1]} not measured."
-  r = hits[0]
-  ok = lambda c: "MET" if c else "MISSED"
-  lines = [f"Verdict at n = {r['n']:,}, memory = {r['memory']} (float32, jitted):",
-           f"- obs.solve = {r['solve_ms']:.2f} ms = {r['solve_passes']:.1f} memory passes "
-           f"(floor {r['floor_ms']:.3f} ms): <= 10 passes (target) "
-           f"{ok(r['solve_passes'] <= 10)}; <= 5 passes (stretch) {ok(r['solve_passes'] <= 5)}."]
-  for ref in refs:
-    if ref["samples"] >= 10_000:
-      pct = 100 * r["solve_ms"] / ref["ms"]
-      lines.append(f"- obs.solve = {pct:.1f}% of {ref['model']} fwd+bwd on {ref['samples']:,} "
-                   f"samples ({ref['ms']:.1f} ms): < 10% {ok(pct < 10)}.")
-  lines.append(f"- update + solve = {r['sum_ms']:.2f} ms ({r['sum_passes']:.1f} passes).")
-  return "\n".join(lines)
-
-
-def plot(rows: list[Row], refs: list[Row], path: Path) -> None:
-  """Log-log time vs n per memory: solve (solid), update (dashed), floor (dotted)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(8, 5.5))
-  for i, k in enumerate(sorted({r["memory"] for r in rows})):
-    sel = sorted((r for r in rows if r["memory"] == k), key=lambda r: r["n"])
-    ns, color = [r["n"] for r in sel], f"C{i}"
-    ax.plot(ns, [r["solve_ms"] for r in sel], "o-", color=color, label=f"obs.solve, k={k}")
-    ax.plot(ns, [r["update_ms"] for r in sel], "s--", color=color, alpha=0.6,
-            label=f"lsr1.update, k={k}")
-    ax.plot(ns, [r["floor_ms"] for r in sel], ":", color=color, label=f"1 pass floor, k={k}")
-  for j, ref in enumerate(refs):
-    ax.axhline(ref["ms"], color="0.5", lw=0.8, ls=("-", "--", "-.")[j % 3],
-               label=f"{ref['model']} fwd+bwd, {ref['samples']:,} samples")
-  ax.set(xscale="log", yscale="log", xlabel="n (parameters)", ylabel="time (ms, median)",
-         title=f"L-SR1 update / OBS solve cost, float32, {jax.devices()[0].platform}")
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=6, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  one, two = jnp.ones((2 * memory, 1), jnp.float32), jnp.ones((2 * memory, 2), jnp.float32)
+  dots = lambda st, *v: lsr1.pair_dots(st, list(v))
+  pieces = (("obs.solve (total; reads the pairs 3 times)", obs.solve, (grad, state, radius)),
+            ("lsr1.pair_dots: [S Y]^T g (1 vector)", dots, (state, grad)),
+            ("lsr1.pair_dots: [S Y]^T [g z] (2 vectors; solve pass 1, the update's read)", dots,
+             (state, grad, s_new)),
+            ("lsr1.pair_combine: [S Y] C (2 columns; solve pass 2)", lsr1.pair_combine,
+             (state, two)),
+            ("lsr1.pair_combine: [S Y] c (1 column; solve pass 3)", lsr1.pair_combine,
+             (state, one)),
+            ("floor: sum(S) + sum(Y)", floor_sum, (state.s, state.y)))
+  times = [(name, time_jitted(fn, args, budget_s, 10)[0]["ms"]) for name, fn, args in pieces]
+  update, _, _ = time_donated(lsr1.update, (state, s_new, y_new), budget_s, 10)  # consumes state
+  return [("lsr1.update, donated (reads the pairs once)", update["ms"])] + times
 
 
 def run_table(args: argparse.Namespace, out: Path, budget_s: float) -> list[Row]:
@@ -298,28 +262,25 @@ def run_table(args: argparse.Namespace, out: Path, budget_s: float) -> list[Row]
   refs = measure_references((64, 128, 128) if args.quick else (1_000, 10_000, 10_000), budget_s)
   write_csv(rows, out / "core_cost.csv")
   write_csv(refs, out / "reference.csv")
-  plot(rows, refs, out / "core_cost.png")
-  print("\n" + markdown(rows, refs) + "\n\n" + verdict(rows, refs), flush=True)
+  report.plot(rows, refs, out / "core_cost.png")
+  print("\n" + report.markdown(rows, refs) + "\n\n" + report.verdict(rows, refs, TARGET),
+        flush=True)
   if not args.quick and not args.no_breakdown:
-    parts = breakdown(*TARGET, budget_s)
-    print(f"\nWhere obs.solve's time goes at n={TARGET[0]:,}, k={TARGET[1]} (passes: of the "
-          "last line):\n| piece | ms | passes |\n|---|---|---|\n"
-          + "\n".join(f"| {p} | {ms:.2f} | {ms / parts[-1][1]:.1f} |" for p, ms in parts),
-          flush=True)
+    print("\n" + report.markdown_breakdown(breakdown(*TARGET, budget_s), *TARGET), flush=True)
   return rows
 
 
 def run_stacked(args: argparse.Namespace, out: Path, budget_s: float) -> list[Row]:
   """update and solve vmapped over N stacked memories (core_cost_stacked.csv)."""
   quick = args.quick
-  configs = [(num, n, k) for n in (QUICK_NS if quick else STACKED_NS)
-             for k in (QUICK_MEMORIES[:1] if quick else STACKED_MEMORIES)
-             for num in (QUICK_SUBDOMAINS if quick else STACKED_SUBDOMAINS)]
+  configs = [(num, n, k) for n in args.ns or (QUICK_NS if quick else STACKED_NS)
+             for k in args.memories or (QUICK_MEMORIES if quick else STACKED_MEMORIES)
+             for num in args.subdomains or (QUICK_SUBDOMAINS if quick else STACKED_SUBDOMAINS)]
   rows = [measure_stacked(*c, budget_s) for c in tqdm(configs, desc="vmapped memories",
                                                        file=sys.stdout)]
   write_csv(rows, out / "core_cost_stacked.csv")
   print("\nupdate and solve vmapped over N full memories (passes: of the N stacks):\n"
-        + markdown_stacked(rows), flush=True)
+        + report.markdown_stacked(rows) + "\n\n" + report.verdict_stacked(rows), flush=True)
   return rows
 
 
@@ -328,9 +289,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Row]]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny smoke version")
   parser.add_argument("--out", default="results/core_cost", help="output directory")
-  parser.add_argument("--ns", type=int, nargs="+", help="override the sizes n of the table")
-  parser.add_argument("--memories", type=int, nargs="+", help="override the memories k")
-  parser.add_argument("--no-breakdown", action="store_true", help="skip the solve breakdown")
+  parser.add_argument("--ns", type=int, nargs="+", help="override the sizes n (both parts)")
+  parser.add_argument("--memories", type=int, nargs="+",
+                      help="override the memories k (both parts)")
+  parser.add_argument("--subdomains", type=int, nargs="+",
+                      help="override the numbers N of vmapped memories")
+  parser.add_argument("--no-breakdown", action="store_true",
+                      help="skip the update and solve breakdown")
   parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                       help="what to run (default: all)")
   args = parser.parse_args(argv)
