@@ -220,8 +220,8 @@ def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = Tru
   k = memory_size(state)
 
   finite = _stack.all_finite(s) & _stack.all_finite(y) & jnp.asarray(valid)
-  s = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), s)
-  y = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), y)
+  # A non-finite pair is not zeroed (that would cost a pass over it): whatever its products
+  # are, ``accept`` is False and every field of the state keeps its old value.
 
   # The one pass over the stored pairs: [S Y]^T s and [S Y]^T y.
   dots = pair_dots(state, [s, y])

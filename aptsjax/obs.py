@@ -128,7 +128,7 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(like))
   radius = jnp.asarray(radius, dtype)
   finite = _stack.all_finite(g) & jnp.isfinite(radius) & (radius > 0)
-  g = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), g)
+  # A non-finite g is not zeroed (a pass over it): the final ``ok`` returns the zero step.
   delta = jnp.where(finite, radius, 1.0)
 
   spec = lsr1.spectral(state)
