@@ -147,25 +147,27 @@ def factor(gram: jax.Array, valid: jax.Array, stamp: jax.Array, gamma: jax.Array
   cpsi = cy - gamma * cs
   valid_t, force_t = valid[order], force[order]
 
+  s_norms, y_norms = jnp.linalg.norm(cs, axis=0), jnp.linalg.norm(cy, axis=0)
+
   def step(carry, t):
-    kept, res, dinv = carry
+    kept, res, dinv, res_norms = carry
     proj = _mm(res.T, cs[:, t]) * dinv                          # (r_j . s_t) / d_j
     low = _mm(res, proj)                                        # (B_t - gamma I) s_t
     r = cpsi[:, t] - low
     d = cs[:, t] @ r
-    s_n, y_n = jnp.linalg.norm(cs[:, t]), jnp.linalg.norm(cy[:, t])
+    s_n = s_norms[t]
     r_n, bs_n = jnp.linalg.norm(r), jnp.linalg.norm(gamma * cs[:, t] + low)
-    scale = (y_n + jnp.abs(gamma) * s_n + bs_n
-             + jnp.sum(jnp.abs(proj) * jnp.linalg.norm(res, axis=0)))
+    scale = y_norms[t] + jnp.abs(gamma) * s_n + bs_n + jnp.abs(proj) @ res_norms
     tested = ((jnp.abs(d) > tol * s_n * r_n) & (r_n > NOISE * eps * scale)
               & (jnp.abs(d) > NOISE * eps * s_n * scale))
     ok = valid_t[t] & jnp.isfinite(d) & jnp.isfinite(r_n) & (d != 0) & (force_t[t] | tested)
     res = res.at[:, t].set(jnp.where(ok, r, 0.0))
     dinv = dinv.at[t].set(jnp.where(ok, 1.0 / jnp.where(ok, d, 1.0), 0.0))
-    return (kept.at[t].set(ok), res, dinv), None
+    return (kept.at[t].set(ok), res, dinv, res_norms.at[t].set(jnp.where(ok, r_n, 0.0))), None
 
-  start = (jnp.zeros((m,), bool), jnp.zeros((2 * m, m), dtype), jnp.zeros((m,), dtype))
-  (kept, res, dinv), _ = jax.lax.scan(
+  start = (jnp.zeros((m,), bool), jnp.zeros((2 * m, m), dtype), jnp.zeros((m,), dtype),
+           jnp.zeros((m,), dtype))
+  (kept, res, dinv, _), _ = jax.lax.scan(
       step, _stack.match_varying(start, cpsi[0, 0] + gamma), jnp.arange(m))
   core = _mm(res * dinv[None, :], res.T)
   core = 0.5 * (core + core.T)
