@@ -230,13 +230,15 @@ def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = Tru
 
   # (3) The Gram matrices with the pair in slot j (the oldest pair, if the ring is full).
   j = state.count % k
-  set_row_col = lambda m, row, col: m.at[j, :].set(row).at[:, j].set(col)
+  at_j = jnp.arange(k) == j
+  set_row_col = lambda m, row, col: jnp.where(at_j[:, None], row[None, :],
+                                              jnp.where(at_j[None, :], col[:, None], m))
   ss_c = s_col[:k].at[j].set(ss_jj)
   yy_c = y_col[k:].at[j].set(yy_jj)
   ss = set_row_col(state.ss, ss_c, ss_c)
   sy = set_row_col(state.sy, s_col[k:].at[j].set(sy_jj), y_col[:k].at[j].set(sy_jj))
   yy = set_row_col(state.yy, yy_c, yy_c)
-  stamp = state.stamp.at[j].set(state.count)
+  stamp = jnp.where(at_j, state.count, state.stamp)
   gamma = choose_gamma(ss, sy, stamp, state.gamma)                              # (4)
 
   # (2) and (5) as one batched recursion over k + 1 slots: [current pairs in use, new pair]
