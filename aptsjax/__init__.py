@@ -4,8 +4,10 @@ from aptsjax import checkpoint
 from aptsjax import comm
 from aptsjax import data
 from aptsjax import distributed
+from aptsjax import local
 from aptsjax import lsr1
 from aptsjax.apts import APTSState
+from aptsjax.apts import LocalCarry
 from aptsjax.apts import LocalSolver
 from aptsjax.apts import apts
 from aptsjax.apts import state_specs
