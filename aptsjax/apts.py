@@ -7,14 +7,17 @@ One ``update`` at theta^k with global gradient g^k = ``grads`` and global radius
    them) and compute every block's loss and gradient g_i at theta^k (vmapped, one forward and
    backward pass over the batch).
 2. Local TR on f_i(theta) = f(theta; D_i) + <g^k - g_i, theta - theta^k>   (3)-(4), so that
-   grad f_i(theta^k) = g^k, on every subdomain under ``jax.vmap``, starting from radius
+   grad f_i(theta^k) = g^k, on every subdomain (``aptsjax.local.run``: on CPU one subdomain
+   after the other, elsewhere one loop of vmapped masked iterations), starting from radius
    Delta^k / N (bounds Delta_min / N, Delta_max / N), each trial step limited to the room left in
    |theta_i - theta^k| <= Delta^k / N, for at most ``local_steps`` iterations, stopping early once
    |theta_i - theta^k| >= (1 - 1e-3) Delta^k / N. Nothing is communicated inside this loop.
 3. s~ = sum_i (theta_i - theta^k), so |s~| <= Delta^k                                        (5)
    rho = (f(theta^k) - f(theta^k + s~)) / sum_i (f_i(theta^k) - f_i(theta_i))              (6)
    accept when rho > eta_accept; radius update (7).
-4. ``global_steps`` TR iterations on the global objective from there (default 1).
+4. ``global_steps`` TR iterations on the global objective from there (default 1). Steps 3 and
+   4 are one loop of 1 + ``global_steps`` trips sharing one trial evaluation and one
+   ``trust_region.commit``.
 
 Communication per update with ``axis_name`` set: one all-reduce of s~ (n floats), one of the
 gradient at theta^k + s~ (n), one per global step (n), plus a few scalars; with the caller's

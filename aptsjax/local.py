@@ -1,17 +1,21 @@
 """The local iterations of APTS: the ``LocalSolver`` interface, the default TR solver, the loop.
 
 APTS owns the loop over the local iterations (docs/method.md, "Local iterations"); a solver
-supplies one iteration for one subdomain. The loop runs on this device's subdomains at once:
+supplies one iteration of one subdomain (``step``) and says when that subdomain is done. Each
+subdomain runs at most nu iterations from ``start``; nothing communicates. ``run`` has two
+shapes of the loop over a device's subdomains, with the same results:
 
-    carry_i = solver.start(theta^k, f_i(theta^k), g^k, state_i, bound)
-    repeat while trips < nu and some subdomain is active:
-      carry, done = vmap(solver.step)(value_and_grad of f_i, carry_i, theta^k, bound, active_i)
-      count_i += active_i;  active_i &= ~done_i
+* sequential (the default on CPU): one subdomain after the other, each with its own
+  ``while_loop`` that stops when it is done; its L-SR1 memory is updated in place in the stack.
+* vectorized (the default on other backends): one loop whose trip condition is one scalar,
+  ``trips < nu and any(active)``, each trip ``jax.vmap(step)`` over the subdomains with a
+  per-subdomain ``active`` flag. A finished subdomain is masked, not selected: its step keeps its
+  carry (``jnp.where`` on parameter-sized values; ``valid=False`` for the L-SR1 memory, which
+  touches one slot and the small matrices), so the stacked memories are never copied per trip.
 
-The trip condition is one scalar (not vmapped), and a subdomain that has finished is masked
-rather than selected: the step keeps its carry as it is (``jnp.where`` on parameter-sized values,
-``valid=False`` for the L-SR1 memory, which touches one slot and the small matrices). Nothing
-copies the stacked memories, and nothing communicates inside the loop.
+Neither runs an n-sized computation under a vmapped ``while_loop`` or ``cond`` (where every
+subdomain would pay for the one that still needs it). On CPU the sequential shape is the faster
+(docs/method.md, "Local iterations"); batching the subdomains pays where wide kernels are cheap.
 """
 
 from __future__ import annotations
@@ -130,8 +134,8 @@ class LocalOutcome(NamedTuple):
 
 def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any], inputs: PyTree,
         anchor: PyTree, losses: jax.Array, grad: PyTree, states: PyTree, bound: jax.Array,
-        num_steps: int) -> LocalOutcome:
-  """The local iterations of this device's subdomains: one loop, vmapped masked steps.
+        num_steps: int, vectorize: bool | None = None) -> LocalOutcome:
+  """The local iterations of this device's subdomains (see the module docstring).
 
   Args:
     solver: the ``LocalSolver``.
@@ -144,15 +148,29 @@ def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any],
     states: the solvers' persistent states, leaves with a leading subdomain axis.
     bound: Delta^k / N; not positive: no iterations.
     num_steps: nu, the most iterations per subdomain.
+    vectorize: the vectorized (True) or sequential (False) loop; None: sequential on CPU,
+      vectorized elsewhere.
 
   Returns:
     A ``LocalOutcome``.
   """
-  start = jax.vmap(lambda f, s: solver.start(anchor, f, grad, s, bound))(losses, states)
+  if vectorize is None:
+    vectorize = jax.default_backend() != "cpu"
+  one_step = lambda inp, carry, active: solver.step(
+      lambda p: local_value_and_grad(inp, p), carry, anchor, bound, active)
+  if vectorize:
+    return _vectorized(solver, one_step, inputs, anchor, losses, grad, states, bound, num_steps)
+  return _sequential(solver, one_step, inputs, anchor, losses, grad, states, bound, num_steps)
 
-  def one(inp, carry, active):
-    value_and_grad = lambda p: local_value_and_grad(inp, p)
-    return solver.step(value_and_grad, carry, anchor, bound, active)
+
+StepFn = Callable[[Any, LocalCarry, jax.Array], tuple[LocalCarry, jax.Array]]
+
+
+def _vectorized(solver: LocalSolver, one_step: StepFn, inputs: PyTree, anchor: PyTree,
+                losses: jax.Array, grad: PyTree, states: PyTree, bound: jax.Array,
+                num_steps: int) -> LocalOutcome:
+  """One loop for all subdomains: vmapped masked steps, one scalar trip condition."""
+  start = jax.vmap(lambda f, s: solver.start(anchor, f, grad, s, bound))(losses, states)
 
   def cond(c):
     trips, _, _, active = c
@@ -160,7 +178,7 @@ def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any],
 
   def body(c):
     trips, carry, count, active = c
-    carry, done = jax.vmap(one)(inputs, carry, active)
+    carry, done = jax.vmap(one_step)(inputs, carry, active)
     return trips + 1, carry, count + active.astype(jnp.int32), active & ~done
 
   active = jnp.broadcast_to(bound > 0, losses.shape)
@@ -168,3 +186,29 @@ def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any],
       (jnp.zeros((), jnp.int32), start, jnp.zeros(losses.shape, jnp.int32), active), losses)
   _, carry, count, _ = jax.lax.while_loop(cond, body, init)
   return LocalOutcome(params=carry.params, loss=carry.loss, state=carry.state, num_steps=count)
+
+
+def _sequential(solver: LocalSolver, one_step: StepFn, inputs: PyTree, anchor: PyTree,
+                losses: jax.Array, grad: PyTree, states: PyTree, bound: jax.Array,
+                num_steps: int) -> LocalOutcome:
+  """One subdomain after the other, each with its own while_loop; states updated in place."""
+  take = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
+
+  def subdomain(i, out):
+    carry = solver.start(anchor, losses[i], grad, take(out.state, i), bound)
+
+    def body(c):
+      trips, carry, _ = c
+      carry, done = one_step(take(inputs, i), carry, jnp.array(True))
+      return trips + 1, carry, ~done
+
+    start = _stack.match_varying((jnp.zeros((), jnp.int32), carry, bound > 0), losses)
+    trips, carry, _ = jax.lax.while_loop(lambda c: (c[0] < num_steps) & c[2], body, start)
+    mine = LocalOutcome(params=carry.params, loss=carry.loss, state=carry.state, num_steps=trips)
+    return jax.tree.map(lambda acc, x: acc.at[i].set(x), out, mine)
+
+  n = losses.shape[0]
+  init = LocalOutcome(params=jax.tree.map(lambda p: jnp.zeros((n,) + p.shape, p.dtype), anchor),
+                      loss=jnp.zeros_like(losses), state=states,
+                      num_steps=jnp.zeros((n,), jnp.int32))
+  return jax.lax.fori_loop(0, n, subdomain, _stack.match_varying(init, losses))

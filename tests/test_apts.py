@@ -321,6 +321,34 @@ def test_bad_configuration_errors():
     tx.update({"w1": g["w1"]}, tx.init(params), params, batch=batch)
 
 
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_trainer_donates_params_and_state(num_devices):
+  """step reuses the buffers of the params and state it is given; the results do not change."""
+  params, batch = problem(rows=512)
+  trainer = cached_trainer(num_devices, True)
+  sharded = trainer.shard_batch(batch)
+  p, s = trainer.replicate(jax.tree.map(jnp.copy, params)), trainer.init(params)
+  tx = trainer.tx if num_devices == 1 else aptsjax.apts(mlp_loss, 4, second_order=True)
+  updates, want_state = jax.jit(lambda q, t: tx.update(None, t, q, batch=batch))(params,
+                                                                                tx.init(params))
+  got_params, got_state = trainer.step(p, s, sharded)
+  # Every parameter-sized buffer is reused (the flags that the update only writes are not
+  # inputs of the compiled step at all).
+  assert all(x.is_deleted() for x in jax.tree.leaves((p, s.grad, s.local_state, s.global_memory)))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+  assert_close(parallel.numpy_tree(got_params), optax.apply_updates(params, updates), 1e-5)
+  assert_close(parallel.numpy_tree(got_state.loss), want_state.loss, 1e-5)
+  # NumPy inputs are copied to the devices (and stay usable); an eagerly built state (one
+  # buffer in several fields) is accepted.
+  host, eager = parallel.numpy_tree(params), trainer.tx.init(params)
+  if trainer.mesh is not None:
+    eager = jax.device_put(eager, jax.tree.map(lambda spec: jax.NamedSharding(trainer.mesh, spec),
+                                               aptsjax.state_specs(eager, "data")))
+  trainer.step(host, eager, sharded)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host),
+                                                  jax.tree.leaves(parallel.numpy_tree(params))))
+
+
 def test_sapts_minibatches_with_overlap():
   params, (x, y) = problem(rows=240)
   trainer = parallel.apts_trainer(mlp_loss, 4, num_devices=1, overlap=0.05, second_order=False)

@@ -87,7 +87,8 @@ def assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_finished_subdomain_keeps_its_memory_exactly(x64):
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_finished_subdomain_keeps_its_memory_exactly(x64, vectorize):
   """Subdomain 0 finishes after one step; the loop goes on for subdomain 1, not touching 0."""
   solver = local.trust_region_local_solver(aptsjax.Hyperparams(), second_order=True, memory=3)
   value_and_grad, grad, curvature = quartic_subdomains([0.5, 40.0])
@@ -95,7 +96,7 @@ def test_finished_subdomain_keeps_its_memory_exactly(x64):
   states = jax.tree.map(lambda x: jnp.stack([x, x]), solver.init(anchor))
   run = lambda steps: jax.jit(lambda: local.run(solver, value_and_grad, curvature, anchor,
                                                  jnp.zeros(2), grad, states, jnp.asarray(1.0),
-                                                 steps))()
+                                                 steps, vectorize=vectorize))()
   one, four = run(1), run(4)
   np.testing.assert_array_equal(one.num_steps, [1, 1])
   np.testing.assert_array_equal(four.num_steps, [1, 4])   # 0 reached its boundary, 1 did not
@@ -119,3 +120,25 @@ def test_inactive_step_returns_its_carry_unchanged(x64):
   kept, _ = step(carry, jnp.array(False))
   assert int(moved.state.count) > int(carry.state.count)   # an active step stores a pair here
   assert_same(kept, carry)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_vectorized_and_sequential_loops_agree(x64, monkeypatch, second_order):
+  """Both loop shapes, chosen by the backend, give the same APTS run (2 devices, 2 subdomains each)."""
+  params, batch = problem(jnp.float64, rows=256)
+  results = []
+  for backend in ("cpu", "gpu"):   # "gpu": the vectorized shape, still run on the CPU devices
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    trainer = aptsjax.parallel.apts_trainer(mlp_loss, 4, num_devices=2, local_steps=3,
+                                            second_order=second_order, init_radius=1.0)
+    p, state, sharded = jax.tree.map(jnp.copy, params), trainer.init(params), trainer.shard_batch(batch)
+    steps = []
+    for _ in range(3):
+      p, state = trainer.step(p, state, sharded)
+      steps.append(aptsjax.parallel.numpy_tree(state.local_steps))
+    results.append((aptsjax.parallel.numpy_tree(p), float(state.loss), np.stack(steps)))
+  (p_seq, loss_seq, steps_seq), (p_vec, loss_vec, steps_vec) = results
+  np.testing.assert_array_equal(steps_seq, steps_vec)
+  assert np.any(steps_seq > 1) or not second_order, steps_seq   # the loop ran several trips
+  assert loss_vec == pytest.approx(loss_seq, rel=1e-10)
+  assert_close(p_vec, p_seq, 1e-10)
