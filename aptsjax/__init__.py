@@ -4,12 +4,14 @@ from aptsjax import checkpoint
 from aptsjax import comm
 from aptsjax import data
 from aptsjax import distributed
+from aptsjax import local
 from aptsjax import lsr1
 from aptsjax.apts import APTSState
-from aptsjax.apts import LocalSolver
 from aptsjax.apts import apts
 from aptsjax.apts import state_specs
-from aptsjax.apts import trust_region_local_solver
+from aptsjax.local import LocalCarry
+from aptsjax.local import LocalSolver
+from aptsjax.local import trust_region_local_solver
 from aptsjax import obs
 from aptsjax import parallel
 from aptsjax.trust_region import GENERAL_MIN_RADIUS

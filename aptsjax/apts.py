@@ -7,14 +7,17 @@ One ``update`` at theta^k with global gradient g^k = ``grads`` and global radius
    them) and compute every block's loss and gradient g_i at theta^k (vmapped, one forward and
    backward pass over the batch).
 2. Local TR on f_i(theta) = f(theta; D_i) + <g^k - g_i, theta - theta^k>   (3)-(4), so that
-   grad f_i(theta^k) = g^k, on every subdomain under ``jax.vmap``, starting from radius
+   grad f_i(theta^k) = g^k, on every subdomain (``aptsjax.local.run``: on CPU one subdomain
+   after the other, elsewhere one loop of vmapped masked iterations), starting from radius
    Delta^k / N (bounds Delta_min / N, Delta_max / N), each trial step limited to the room left in
    |theta_i - theta^k| <= Delta^k / N, for at most ``local_steps`` iterations, stopping early once
    |theta_i - theta^k| >= (1 - 1e-3) Delta^k / N. Nothing is communicated inside this loop.
 3. s~ = sum_i (theta_i - theta^k), so |s~| <= Delta^k                                        (5)
    rho = (f(theta^k) - f(theta^k + s~)) / sum_i (f_i(theta^k) - f_i(theta_i))              (6)
    accept when rho > eta_accept; radius update (7).
-4. ``global_steps`` TR iterations on the global objective from there (default 1).
+4. ``global_steps`` TR iterations on the global objective from there (default 1). Steps 3 and
+   4 are one loop of 1 + ``global_steps`` trips sharing one trial evaluation and one
+   ``trust_region.commit``.
 
 Communication per update with ``axis_name`` set: one all-reduce of s~ (n floats), one of the
 gradient at theta^k + s~ (n), one per global step (n), plus a few scalars; with the caller's
@@ -40,74 +43,13 @@ from jax.sharding import PartitionSpec
 from aptsjax import _checks
 from aptsjax import _stack
 from aptsjax import data
+from aptsjax import local
 from aptsjax import lsr1
 from aptsjax import trust_region as tr
+from aptsjax.local import LocalCarry, LocalSolver, trust_region_local_solver  # re-exported
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
-ValueAndGrad = Callable[[PyTree], tuple[jax.Array, PyTree]]
-
-LOCAL_STOP = 1e-3  # stop the local iterations once |theta_i - theta^k| >= (1 - LOCAL_STOP) bound.
-
-
-class LocalResult(NamedTuple):
-  """What a local solver returns for one subdomain."""
-  params: PyTree
-  loss: jax.Array
-  state: PyTree
-  num_steps: jax.Array
-
-
-class LocalSolver(NamedTuple):
-  """A pluggable local optimizer for APTS subdomains.
-
-  Attributes:
-    init: ``params -> state`` of one subdomain (APTS stacks N of them).
-    run: ``(value_and_grad, params, loss, grad, state, bound) -> LocalResult``: minimise the
-      local objective from ``params`` (where it has ``loss`` and ``grad``) while keeping
-      |result - params| <= ``bound``. Pure and vmappable; it must not communicate.
-  """
-  init: Callable[[PyTree], PyTree]
-  run: Callable[..., LocalResult]
-
-
-def trust_region_local_solver(hp: tr.Hyperparams, num_steps: int, second_order: bool,
-                              memory: int) -> LocalSolver:
-  """The library's TR as the local solver (docs/method.md, "Local iterations").
-
-  Args:
-    hp: the local constants (radii already divided by N).
-    num_steps: nu, the maximum number of local TR iterations.
-    second_order: L-SR1 + OBS (True) or the first-order model.
-    memory: L-SR1 pairs per subdomain.
-
-  Returns:
-    A ``LocalSolver`` whose state is the subdomain's L-SR1 memory (None for first order).
-  """
-  def init(params):
-    return lsr1.init(params, memory) if second_order else None
-
-  def run(value_and_grad, params, loss, grad, state, bound):
-    dist = lambda p: _stack.norm(optax.tree.sub(p, params))
-
-    def cond(c):
-      it, done = c[0], c[-1]
-      return (it < num_steps) & ~done
-
-    def body(c):
-      it, p, f, g, radius, mem, _ = c
-      out = tr.iterate(value_and_grad, p, f, g, radius, mem, hp, step_cap=bound - dist(p))
-      done = dist(out.params) >= (1.0 - LOCAL_STOP) * bound
-      return it + 1, out.params, out.loss, out.grad, out.radius, out.memory, done
-
-    bound = jnp.asarray(bound, loss.dtype)
-    start = _stack.match_varying(
-        (jnp.zeros((), jnp.int32), params, loss, grad, bound, state, ~(bound > 0)), loss)
-    it, p, f, _, _, mem, _ = jax.lax.while_loop(cond, body, start)
-    return LocalResult(params=p, loss=f, state=mem, num_steps=it)
-
-  return LocalSolver(init=init, run=run)
-
 
 class APTSState(NamedTuple):
   """State of ``aptsjax.apts`` (a pytree; same global shapes on one device or many).
@@ -196,6 +138,19 @@ def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree
   return f_i
 
 
+def _sum_leading(x: jax.Array) -> jax.Array:
+  """The sum over the (static, small) leading axis as a balanced tree of explicit adds.
+
+  Cheaper than ``jnp.sum(x, axis=0)`` for the few subdomains of a device (XLA's reduce over a
+  short leading axis reads the array with a poor access pattern on CPU).
+  """
+  parts = [x[i] for i in range(x.shape[0])]
+  while len(parts) > 1:
+    pairs = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
+    parts = pairs + parts[len(parts) - len(parts) % 2:]
+  return parts[0]
+
+
 def _check_rows(rows: int, num_subdomains: int, num_devices: int) -> None:
   """Raises ValueError (at trace time) when a batch has fewer rows than its subdomains."""
   n_local = num_subdomains // num_devices
@@ -256,8 +211,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   memory = _checks.as_int("memory", memory, 1)
   global_steps = _checks.as_int("global_steps", global_steps, 0)
   hp = tr.make_hyperparams(tr.Hyperparams(), **hyperparams)
-  solver = local_solver or trust_region_local_solver(hp.scaled(num_subdomains), local_steps,
-                                                     second_order, memory)
+  solver = local_solver or trust_region_local_solver(hp.scaled(num_subdomains), second_order,
+                                                     memory)
   n_sub = num_subdomains
 
   def init_fn(params: PyTree) -> APTSState:
@@ -298,7 +253,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     dtype = state.radius.dtype
 
     def total(x):  # sum over this device's subdomains, then over devices.
-      x = jnp.sum(x, axis=0)
+      x = _sum_leading(x)
       return x if axis_name is None else jax.lax.psum(x, axis_name)
 
     def block_value_and_grad(p):
@@ -317,49 +272,55 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     ok = jnp.isfinite(loss_k) & _stack.all_finite(grads)
 
-    # Local trust-region iterations on f_i, vmapped over this device's subdomains.
+    # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local).
     bound = jnp.where(ok, state.radius / n_sub, 0.0)   # 0: no local iterations (a no-op update)
     theta_k = to_varying(params, axis_name)
     g_k = to_varying(grads, axis_name)
 
-    def local(blk, r_i, loss_i, solver_state):
-      f_i = local_objective(loss_fn, blk, theta_k, r_i)
-      res = solver.run(jax.value_and_grad(f_i), theta_k, loss_i.astype(dtype), g_k, solver_state,
-                       bound)
-      step = optax.tree.sub(res.params, theta_k)
-      good = jnp.isfinite(res.loss) & _stack.all_finite(step) & jnp.isfinite(loss_i)
-      step = jax.tree.map(lambda s: jnp.where(good, s, 0.0), step)
-      return step, jnp.where(good, loss_i - res.loss, 0.0), res.state, res.num_steps
+    def local_value_and_grad(inp, theta):
+      blk, r_i = inp
+      return jax.value_and_grad(local_objective(loss_fn, blk, theta_k, r_i))(theta)
 
     r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, block_grads)
-    steps, decrease, local_state, num_steps = jax.vmap(local)(blocks, r, losses, state.local_state)
+    res = local.run(solver, local_value_and_grad, (blocks, r), theta_k, losses.astype(dtype), g_k,
+                    state.local_state, bound, local_steps)
+
+    def contribution(theta_i, loss_end, loss_i):  # a non-finite subdomain contributes nothing
+      step = optax.tree.sub(theta_i, theta_k)
+      good = jnp.isfinite(loss_end) & _stack.all_finite(step) & jnp.isfinite(loss_i)
+      return jax.tree.map(lambda x: jnp.where(good, x, 0.0), step), jnp.where(good, loss_i - loss_end, 0.0)
+
+    steps, decrease = jax.vmap(contribution)(res.params, res.loss, losses)
     s_sum = jax.tree.map(total, steps)
     s_norm = _stack.norm(s_sum).astype(dtype)
     shrink_to = jnp.where(s_norm > state.radius, state.radius / jnp.where(s_norm > 0, s_norm, 1.0), 1.0)
     s_sum = optax.tree.scale(shrink_to, s_sum)
     predicted = total(decrease).astype(dtype)
 
-    # The APTS step: ratio (6), radius update (7), global memory pair.
-    trial = optax.apply_updates(params, s_sum)
-    loss_t, grad_t = global_value_and_grad(trial)
-    actual = loss_k - loss_t
-    accept, shrink, grow = tr.ratio_test(
-        jnp.where(_stack.all_finite(grad_t), actual, -jnp.inf), predicted, hp)
-    radius = tr.update_radius(state.radius, shrink, grow, hp)
-    gmem = state.global_memory
-    if gmem is not None:
-      gmem = lsr1.update(gmem, s_sum, optax.tree.sub(grad_t, grads), valid=ok)
-    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(accept, x, y), a, b)
-    theta, loss, grad = pick(trial, params), jnp.where(accept, loss_t, loss_k), pick(grad_t, grads)
+    # The global phase: event 0 decides the APTS step s~ (ratio (6), radius update (7), global
+    # memory pair), events 1..global_steps are TR iterations on the global objective. One
+    # proposal, one trial evaluation, one tr.commit for all of them.
+    def event(i, c):
+      theta, loss, grad, radius, gmem, _, changed, apts = c
+      first = i == 0
+      cast = lambda step: jax.tree.map(lambda x, p: x.astype(p.dtype), step, params)
 
-    # Global trust-region steps.
-    def global_step(_, c):
-      theta, loss, grad, radius, gmem, _, changed = c
-      out = tr.iterate(global_value_and_grad, theta, loss, grad, radius, gmem, hp, store_pair=ok)
-      return out.params, out.loss, out.grad, out.radius, out.memory, out.stalled, changed | out.accepted
+      def model():
+        result = tr.model_step(grad, gmem, radius)
+        return cast(result.step), result.predicted_reduction.astype(dtype)
 
-    theta, loss, grad, radius, gmem, stalled, changed = jax.lax.fori_loop(
-        0, global_steps, global_step, (theta, loss, grad, radius, gmem, jnp.array(False), accept))
+      step, pred = jax.lax.cond(first, lambda: (cast(s_sum), predicted), model)
+      trial_loss, trial_grad = global_value_and_grad(optax.apply_updates(theta, step))
+      out = tr.commit(theta, loss, grad, radius, gmem, tr.Trial(step, pred, trial_loss, trial_grad),
+                      hp, store_pair=ok)
+      apts = jax.tree.map(lambda a, b: jnp.where(first, a, b), (out.accepted, out.actual), apts)
+      return (out.params, out.loss, out.grad, out.radius, out.memory, ~first & out.stalled,
+              changed | out.accepted, apts)
+
+    start = (params, loss_k, grads, state.radius, state.global_memory, jnp.array(False),
+             jnp.array(False), (jnp.array(False), jnp.zeros((), dtype)))
+    theta, loss, grad, radius, gmem, stalled, changed, (accept, actual) = jax.lax.fori_loop(
+        0, 1 + global_steps, event, start)
 
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     updates = jax.tree.map(lambda a, b: jnp.where(ok, a - b, jnp.zeros_like(b)), theta, params)
@@ -369,8 +330,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
         stalled=ok & stalled, nonfinite=~ok, iteration=state.iteration + 1,
         predicted_reduction=jnp.where(ok, predicted, 0.0),
         actual_reduction=jnp.where(ok, actual, 0.0).astype(dtype),
-        local_steps=jnp.where(ok, num_steps, 0).astype(jnp.int32),
-        local_state=local_state, global_memory=gmem)
+        local_steps=jnp.where(ok, res.num_steps, 0).astype(jnp.int32),
+        local_state=res.state, global_memory=gmem)
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -3,7 +3,7 @@
     trainer = aptsjax.parallel.apts_trainer(loss_fn, num_subdomains=4, num_devices=4)
     state = trainer.init(params)
     batch = trainer.shard_batch(batch)            # overlap layout + sharding over the devices
-    params, state = trainer.step(params, state, batch)
+    params, state = trainer.step(params, state, batch)   # donates the params and state passed in
 
 With ``num_devices=1`` the same code runs ``aptsjax.apts(axis_name=None)`` under ``jax.jit``;
 with D > 1 it runs ``aptsjax.apts(axis_name="data")`` under ``jax.shard_map`` on a 1-D mesh of
@@ -88,7 +88,12 @@ class Trainer(NamedTuple):
       says (a ``UserWarning`` by default).
     step: ``(params, state, batch) -> (params, state)``, jitted; ``batch`` from ``shard_batch``.
       Params and the state's scalars come back replicated on every device of every process.
-      A skipped update (``state.nonfinite``) warns or raises as ``on_nonfinite`` says.
+      A skipped update (``state.nonfinite``) warns or raises as ``on_nonfinite`` says. The
+      params and state passed in are donated: their buffers are reused for the results (so
+      memory holds one copy of the parameters and the N memories, not two), and those arrays
+      are deleted; use the returned ones, and copy first (``jax.tree.map(jnp.copy, params)``)
+      what you still need. Arrays that are not already where the step runs (NumPy arrays,
+      parameters not yet replicated on the mesh) are copied there first and stay usable.
     process_rows: ``num_rows -> indices``: the rows of an ``num_rows``-row global batch that this
       process's devices hold, in order (own rows and shared rows of each of its subdomains).
     shard_local_batch: ``(local_batch, num_rows) -> batch``: like ``shard_batch`` for a process
@@ -197,13 +202,54 @@ def _raise_nonfinite(step: Callable[..., tuple[PyTree, NamedTuple]]
   return checked
 
 
+def _buffer(x: Any) -> Any:
+  """What identifies ``x``'s memory: its first device buffer (the object itself for tracers)."""
+  try:
+    return x.addressable_data(0).unsafe_buffer_pointer()
+  except Exception:  # pylint: disable=broad-exception-caught  (tracers, host arrays)
+    return id(x)
+
+
+def _distinct(tree: PyTree) -> PyTree:
+  """``tree`` with every array that shares its buffer with an earlier leaf copied.
+
+  A donated argument may not hold the same buffer twice; states built eagerly can (one array
+  of zeros for several fields, which ``jax.device_put`` places once). ``init`` and ``step``
+  apply it, so any state works.
+  """
+  seen: set[Any] = set()
+
+  def fresh(x):
+    if not isinstance(x, jax.Array):
+      return x
+    key = _buffer(x)
+    if key in seen:
+      return jnp.copy(x)
+    seen.add(key)
+    return x
+
+  return jax.tree.map(fresh, tree)
+
+
+def _donating(step: Callable[..., tuple[PyTree, NamedTuple]]
+              ) -> Callable[..., tuple[PyTree, NamedTuple]]:
+  """``step`` (jitted, donating its params and state) with ``_distinct`` applied to them first."""
+  def run(params, state, batch):
+    params, state = _distinct((params, state))
+    return step(params, state, batch)
+
+  run.lower = step.lower
+  return run
+
+
 def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: int, *,
                  num_devices: int | None = None, overlap: float = 0.0, axis_name: str = "data",
                  devices: list | None = None, on_nonfinite: str = "warn",
                  remainder: str = "warn", **apts_kwargs: Any) -> Trainer:
   """Builds the mesh, the batch layout and a jitted APTS train step, on one or many processes.
 
-  The same call runs on one device, on D devices of one process, and across processes started
+  ``step`` donates the params and state it is given (see ``Trainer``): keep only the ones it
+  returns. The same call runs on one device, on D devices of one process, and across processes started
   with ``jax.distributed`` (see ``aptsjax.distributed`` and ``python -m aptsjax.launch``): the mesh
   spans ``jax.devices()`` of every process, and subdomain i holds the same rows in every case.
   With several processes, the configuration (N, D, overlap, apts keywords), the parameter shapes
@@ -280,8 +326,9 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   finish = _raise_nonfinite if on_nonfinite == "raise" else (lambda step: step)
   if not multi:
     return Trainer(tx=tx, mesh=None, axis_name=None, num_subdomains=num_subdomains,
-                   overlap=overlap, init=tx.init, shard_batch=layout,
-                   step=finish(jax.jit(reported(one_step))),
+                   overlap=overlap, init=lambda params: _distinct(tx.init(params)),
+                   shard_batch=layout,
+                   step=finish(_donating(jax.jit(reported(one_step), donate_argnums=(0, 1)))),
                    process_rows=lambda m: data.overlap_layout(m, num_subdomains, overlap),
                    shard_local_batch=lambda local, m: local, replicate=lambda p: p,
                    metrics=jax.jit(_metrics))
@@ -302,7 +349,7 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     state = tx.init(params)
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
                              state_specs(state, axis_name))
-    return jax.device_put(state, shardings)
+    return _distinct(jax.device_put(state, shardings))
 
   def process_rows(num_rows):
     blocks = data.overlap_layout(num_rows, num_subdomains, overlap).reshape(num_subdomains, -1)
@@ -333,7 +380,7 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     return jax.shard_map(one_step, mesh=mesh, in_specs=(P(), specs, P(axis_name)),
                          out_specs=(P(), specs))(params, state, batch)
 
-  sharded_step = jax.jit(reported(mapped_step))
+  sharded_step = _donating(jax.jit(reported(mapped_step), donate_argnums=(0, 1)))
 
   def step(params, state, batch):
     return sharded_step(replicate(params), state, batch)

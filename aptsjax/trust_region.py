@@ -14,7 +14,8 @@ actual > eta_accept * pred; shrink unless pred > 0 and actual >= eta1 * pred; gr
 and actual > eta2 * pred. A non-positive or non-finite predicted reduction, or a non-finite
 trial loss or gradient, therefore means rejection and a smaller radius.
 
-The same ``iterate`` function is the global step of APTS and, with a step cap, its local step.
+The same ``iterate`` function is, with a step cap, the local step of APTS; its second half,
+``commit``, decides both the APTS step and the global steps of APTS.
 """
 
 from __future__ import annotations
@@ -131,11 +132,60 @@ class Iterate(NamedTuple):
   actual: jax.Array
 
 
+class Trial(NamedTuple):
+  """A trial step and the objective evaluated at ``params + step`` (the input of ``commit``)."""
+  step: PyTree
+  predicted: jax.Array
+  loss: jax.Array
+  grad: PyTree
+
+
+def commit(params: PyTree, loss: jax.Array, grad: PyTree, radius: jax.Array,
+           memory: lsr1.LSR1State | None, trial: Trial, hp: Hyperparams,
+           store_pair: jax.Array | bool = True) -> Iterate:
+  """The end of one TR iteration: ratio test, radius update (7), memory update, choice.
+
+  Whatever proposed ``trial.step`` (the model minimiser of ``iterate``, or APTS's summed local
+  step), this decides it the same way: accept on the ratio of ``loss - trial.loss`` to
+  ``trial.predicted``, update the radius, store the pair (step, trial.grad - grad) and move to the
+  trial point if accepted.
+
+  Args:
+    params: the current point.
+    loss: the objective at ``params``.
+    grad: its gradient at ``params``.
+    radius: the trust-region radius the step was judged against.
+    memory: the L-SR1 memory (second order) or None (first order).
+    trial: the step, its predicted reduction and the loss and gradient at ``params + step``.
+    hp: the constants.
+    store_pair: False keeps the L-SR1 memory as it is (the caller will discard the iteration).
+
+  Returns:
+    An ``Iterate`` (see ``iterate``).
+  """
+  actual = loss - trial.loss
+  finite_grad = _stack.all_finite(trial.grad)
+  accept, shrink, grow = ratio_test(jnp.where(finite_grad, actual, -jnp.inf), trial.predicted, hp)
+  if memory is not None:  # the pair of every trial step, unless its loss or gradient is not finite
+    y = jax.tree.map(lambda a, b: a - b, trial.grad, grad)
+    memory = lsr1.update(memory, trial.step, y,
+                         valid=jnp.isfinite(trial.loss) & finite_grad & store_pair)
+  choose = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
+  return Iterate(
+      params=choose(optax.apply_updates(params, trial.step), params),
+      loss=jnp.where(accept, trial.loss, loss), grad=choose(trial.grad, grad),
+      radius=update_radius(radius, shrink, grow, hp), memory=memory, accepted=accept,
+      stalled=~accept & (radius <= hp.min_radius), step=trial.step, predicted=trial.predicted,
+      actual=actual)
+
+
 def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params: PyTree,
             loss: jax.Array, grad: PyTree, radius: jax.Array, memory: lsr1.LSR1State | None,
             hp: Hyperparams, step_cap: jax.Array | None = None,
             store_pair: jax.Array | bool = True) -> Iterate:
   """One TR iteration from ``params`` with known ``loss`` and ``grad`` (one value-and-grad call).
+
+  ``model_step``, one evaluation at the trial point, then ``commit``.
 
   Args:
     value_and_grad: params -> (loss, grad) of the objective (on fixed data).
@@ -156,22 +206,10 @@ def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params
   """
   solve_radius = radius if step_cap is None else jnp.minimum(radius, step_cap)
   result = model_step(grad, memory, solve_radius)
-  trial = optax.apply_updates(params, result.step)
-  trial_loss, trial_grad = value_and_grad(trial)
-  actual = loss - trial_loss
-  finite_grad = _stack.all_finite(trial_grad)
-  accept, shrink, grow = ratio_test(jnp.where(finite_grad, actual, -jnp.inf),
-                                    result.predicted_reduction, hp)
-  if memory is not None:  # the pair of every trial step, unless its loss or gradient is not finite
-    y = jax.tree.map(lambda a, b: a - b, trial_grad, grad)
-    memory = lsr1.update(memory, result.step, y,
-                         valid=jnp.isfinite(trial_loss) & finite_grad & store_pair)
-  choose = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
-  return Iterate(
-      params=choose(trial, params), loss=jnp.where(accept, trial_loss, loss),
-      grad=choose(trial_grad, grad), radius=update_radius(radius, shrink, grow, hp),
-      memory=memory, accepted=accept, stalled=~accept & (radius <= hp.min_radius),
-      step=result.step, predicted=result.predicted_reduction, actual=actual)
+  trial_loss, trial_grad = value_and_grad(optax.apply_updates(params, result.step))
+  trial = Trial(step=result.step, predicted=result.predicted_reduction, loss=trial_loss,
+                grad=trial_grad)
+  return commit(params, loss, grad, radius, memory, trial, hp, store_pair)
 
 
 class TrustRegionState(NamedTuple):

@@ -7,11 +7,12 @@ on the shapes one iteration uses, through the public pieces (``aptsjax.trust_reg
 ``aptsjax.apts.local_objective``, ``lsr1.update``, ``obs.solve``):
 
 * block gradients: ``jax.vmap`` of value_and_grad over the N blocks;
-* one local step: the vmapped local TR iteration (solve, trial value_and_grad, update) from
-  theta^k; the local phase runs it max_i(local steps of subdomain i) times (the vmapped loop
-  runs as long as its longest member);
-* the L-SR1 update and OBS solve alone (vmapped local, and global): parts of the local and
-  global steps, shown apart and not added again;
+* one local step: the local TR iteration (solve, trial value_and_grad, update) from theta^k of
+  every subdomain, over the subdomains as the trainer's local loop runs them on this backend
+  (``aptsjax.local.run``: one after the other on CPU, vmapped elsewhere); counted
+  max_i(local steps of subdomain i) times;
+* the L-SR1 update and OBS solve alone (local, over the subdomains the same way, and global):
+  parts of the local and global steps, shown apart and not added again;
 * the trial evaluation at theta^k + s~ (the global value_and_grad) and the APTS pair's global
   memory update;
 * the global TR step (``iterate`` on the global objective);
@@ -77,6 +78,24 @@ def _mean(tree: Any) -> Any:
   return jax.tree.map(lambda g: jnp.mean(g, axis=0), tree)
 
 
+def over_subdomains(fn: Callable[..., Any], in_axes: tuple[int | None, ...]) -> Callable[..., Any]:
+  """``fn`` over the subdomain axis as the trainer's local loop runs it on this backend.
+
+  ``jax.lax.map`` (one subdomain after the other) on CPU, ``jax.vmap`` elsewhere; ``in_axes``
+  holds 0 for the arguments with a leading subdomain axis and None for the shared ones.
+  """
+  if jax.default_backend() != "cpu":
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def mapped(*args):
+    def one(sliced):
+      parts = iter(sliced)
+      return fn(*[next(parts) if axis == 0 else a for a, axis in zip(args, in_axes)])
+    return jax.lax.map(one, [a for a, axis in zip(args, in_axes) if axis == 0])
+
+  return mapped
+
+
 def piece_functions(loss_fn: Callable[..., jax.Array], num: int) -> dict[str, Callable[..., Any]]:
   """The jittable pieces of one APTS iteration (one device, N = ``num`` subdomains)."""
   hp = tr.make_hyperparams(tr.Hyperparams())
@@ -97,7 +116,7 @@ def piece_functions(loss_fn: Callable[..., jax.Array], num: int) -> dict[str, Ca
       out = tr.iterate(jax.value_and_grad(f_i), params, loss_i, grad, bound, mem, hp_local,
                        step_cap=bound)
       return out.step, jax.tree.map(jnp.subtract, out.grad, grad), out.memory
-    return jax.vmap(one)(blocks, losses, block_grads, memories)
+    return over_subdomains(one, (0, 0, 0, 0))(blocks, losses, block_grads, memories)
 
   def global_step(params, blocks, loss, grad, radius, memory):
     out = tr.iterate(lambda p: global_vg(p, blocks), params, loss, grad, radius, memory, hp)
@@ -106,8 +125,8 @@ def piece_functions(loss_fn: Callable[..., jax.Array], num: int) -> dict[str, Ca
   return {
       "block_vg": block_vg, "global_vg": global_vg, "local_step": local_step,
       "global_step": global_step,
-      "local_update": jax.vmap(lsr1.update),
-      "local_solve": jax.vmap(obs.solve, in_axes=(None, 0, None)),
+      "local_update": over_subdomains(lsr1.update, (0, 0, 0)),
+      "local_solve": over_subdomains(obs.solve, (None, 0, None)),
       "global_update": lsr1.update, "global_solve": obs.solve,
   }
 
@@ -155,12 +174,13 @@ def profile_order(second_order: bool, warmup: int, budget_s: float, config: dict
                            state.global_memory)
   rows: list[Row] = []
   _piece(rows, order, "block gradients (vmapped value_and_grad)", t_block, 1, True, grad_ms)
-  _piece(rows, order, "local step (vmapped TR iteration)", t_local, local_iters, True, grad_ms)
+  _piece(rows, order, "local step (TR iteration of every subdomain)", t_local, local_iters, True,
+         grad_ms)
   if second_order:
     pieces = ((fns["local_update"], (state.local_state, steps, ys), "  inside: L-SR1 update, "
-               "vmapped local", local_iters),
+               "local", local_iters),
               (fns["local_solve"], (grad, state.local_state, bound), "  inside: OBS solve, "
-               "vmapped local", local_iters),
+               "local", local_iters),
               (fns["global_solve"], (grad, state.global_memory, state.radius), "  inside global "
                "step: OBS solve", 1))
     for fn, args, name, calls in pieces:

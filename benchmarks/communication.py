@@ -30,6 +30,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
@@ -47,7 +48,6 @@ GBPS = (10, 100)       # link bandwidths, Gb/s
 TARGET_DROP = 0.005    # target = Adam's best test accuracy - 0.5 points
 Row = dict[str, Any]
 _IS_ALLREDUCE = re.compile(r"\ball-reduce(?:-start)?\(")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 class Spec(NamedTuple):
@@ -88,21 +88,17 @@ def abstract(tree: Any, shardings: Any) -> Any:
 def hlo_stats(compiled: Any, n: int) -> Row:
   """All-reduced floats and calls of one compiled step, with those inside loops.
 
-  ``aptsjax.comm`` flags every all-reduce reachable from a while loop. APTS has two loops: the
-  vmapped local iterations (must communicate nothing) and the ``global_steps`` fori_loop, which
-  XLA may keep as a while loop (its bound is loop-carried); its all-reduces run ``GLOBAL_STEPS``
-  times. They are told apart by the op_name metadata (``.../vmap()/while/...`` = local loop).
+  ``aptsjax.comm`` counts each all-reduce's runs per call (``trips``). APTS has two loops: the
+  local iterations, whose trip count depends on the data (must communicate nothing: an
+  all-reduce there has ``trips`` None), and the global phase, a loop of 1 + ``global_steps``
+  known trips (the APTS step and the global steps), whose all-reduces count once per trip.
   """
-  text = compiled.as_text()
-  records = comm.allreduce_stats(text)
-  names = [m.group(1) if (m := _OP_NAME.search(line)) else "" for line in text.splitlines()
-           if _IS_ALLREDUCE.search(line)]
-  local = sum("vmap" in name and "/while" in name for name in names)
-  in_loop = [r for r in records if r.in_loop]
-  floats = sum(r.elements for r in records if not r.in_loop) + GLOBAL_STEPS * sum(
-      r.elements for r in in_loop)
-  return {"n": n, "floats_per_iter": floats, "per_n": floats / n, "calls_per_iter": len(records)
-          + (GLOBAL_STEPS - 1) * len(in_loop), "in_loop": len(in_loop), "in_local_loop": local,
+  records = comm.allreduce_stats(compiled.as_text())
+  local = sum(r.trips is None for r in records)
+  runs = [r.trips or 0 for r in records]
+  floats = sum(r.elements * t for r, t in zip(records, runs))
+  return {"n": n, "floats_per_iter": floats, "per_n": floats / n, "calls_per_iter": sum(runs),
+          "in_loop": sum(r.in_loop for r in records), "in_local_loop": local,
           "dtypes": "/".join(sorted({d for r in records for d in r.dtypes}))}
 
 
@@ -212,7 +208,8 @@ def run_epochs(prog: Program, fresh: tuple[Any, Any], ds: datasets.Dataset, spec
     for mb in data.iterate_minibatches((ds.x_train, ds.y_train), BATCH, overlap=overlap,
                                        epoch=epoch):
       params, state = prog.compiled(params, state, prog.shard(mb))
-      local.append(state.local_steps if is_apts else None)
+      # a copy: the next step donates (deletes) this state
+      local.append(jnp.copy(state.local_steps) if is_apts else None)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     iters += len(local)

@@ -124,9 +124,9 @@ def extra_methods() -> list[Method]:
 
 
 def hlo_floats(compiled: Any) -> int:
-  """All-reduced elements of one compiled step (loops' all-reduces x ``GLOBAL_STEPS``)."""
+  """All-reduced elements of one compiled step (each all-reduce times its known trip count)."""
   records = comm.allreduce_stats(compiled)
-  return int(sum(r.elements * (GLOBAL_STEPS if r.in_loop else 1) for r in records))
+  return int(sum(r.elements * (r.trips or 0) for r in records))
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:

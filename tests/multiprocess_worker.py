@@ -65,10 +65,13 @@ def run(order: int, iters: int, num_devices: int | None = None, *, ckpt: str | N
 
   ``params`` replaces the problem's initial parameters (the rounding probes of the tests).
   """
+  import jax  # pylint: disable=import-outside-toplevel
+
   from aptsjax import checkpoint, parallel  # pylint: disable=import-outside-toplevel
 
   default_params, batch = problem()
-  params = default_params if params is None else params
+  # trainer.step donates what it is given: the caller's params stay usable (rounding probes).
+  params = jax.tree.map(np.array, default_params if params is None else params)
   trainer = make_trainer(order, num_devices)
   state, params = trainer.init(params), trainer.replicate(params)
   sharded = trainer.shard_batch(batch)

@@ -11,7 +11,7 @@ import pytest
 import aptsjax
 from aptsjax import comm
 from aptsjax import parallel
-from aptsjax.apts import LocalResult, LocalSolver, local_objective
+from aptsjax.apts import LocalCarry, LocalSolver, local_objective
 from tests import rounding
 
 
@@ -42,7 +42,7 @@ def run_trainer(num_devices, second_order, iters, dtype=jnp.float32, params=None
   # 128 rows per subdomain: with far fewer rows than parameters per block the local curvature is
   # rank-deficient, and float64 rounding differences grow too fast for a 10-iteration comparison.
   default_params, batch = problem(dtype, rows=512)
-  params = default_params if params is None else params
+  params = jax.tree.map(jnp.copy, default_params if params is None else params)  # step donates
   trainer = cached_trainer(num_devices, second_order, **kw)
   state, sharded = trainer.init(params), trainer.shard_batch(batch)
   for _ in range(iters):
@@ -179,9 +179,13 @@ def test_no_allreduce_in_local_loop_and_fixed_volume():
     compiled = trainer.step.lower(params, state, trainer.shard_batch(batch)).compile()
     records = comm.allreduce_stats(compiled)
     assert records, "expected all-reduces in a 4-device update"
-    assert not any(r.in_loop for r in records), records
-    assert " while(" in compiled.as_text()  # the local loop is there, and communicates nothing
-    totals.append(sum(r.elements for r in records))
+    # The local loop (a while loop whose trip count depends on the data) is there, and
+    # communicates nothing; the global phase is a loop of 1 + global_steps known trips.
+    assert any(" while(" in line and "known_trip_count" not in line
+               for line in compiled.as_text().splitlines())
+    assert not any(r.trips is None for r in records), records
+    assert any(r.in_loop and r.trips == 2 for r in records), records
+    totals.append(sum(r.elements * r.trips for r in records))
   assert totals[0] == totals[1]
   # g^k, s~, the gradient at theta^k + s~ and one global step: 4 n floats plus a few scalars.
   assert 4 * n <= totals[0] <= 4 * n + 16, (totals, n)
@@ -199,7 +203,7 @@ def test_allreduce_detector_flags_loops():
   g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
                             check_vma=False))
   records = comm.allreduce_stats(g.lower(jnp.ones((4, 3))).compile())
-  assert records and all(r.in_loop for r in records)
+  assert records and all(r.in_loop and r.trips is None for r in records)
 
 
 def test_consistency_term_gives_global_gradient():
@@ -217,13 +221,18 @@ def test_consistency_term_gives_global_gradient():
   def init(p):
     return jax.tree.map(jnp.zeros_like, p)
 
-  def run(value_and_grad, p, loss, grad, state, bound):
-    del loss, state, bound
-    return LocalResult(params=p, loss=value_and_grad(p)[0], state=value_and_grad(p)[1],
-                       num_steps=jnp.zeros((), jnp.int32))
+  def start(p, loss, grad, state, bound):
+    del grad, bound
+    return LocalCarry(params=p, loss=loss, state=state, extra=None)
 
-  tx = aptsjax.apts(mlp_loss, num_subdomains=4, local_solver=LocalSolver(init, run))
+  def step(value_and_grad, carry, anchor, bound, active):
+    del anchor, bound
+    recorded = aptsjax.local.keep_inactive(active, value_and_grad(carry.params)[1], carry.state)
+    return carry._replace(state=recorded), jnp.array(True)
+
+  tx = aptsjax.apts(mlp_loss, num_subdomains=4, local_solver=LocalSolver(init, start, step))
   _, state = tx.update(g, tx.init(params), params, batch=(x, y))
+  np.testing.assert_array_equal(state.local_steps, [1, 1, 1, 1])
   for i in range(4):
     assert_close(jax.tree.map(lambda a: a[i], state.local_state), g, 1e-5)
 
@@ -310,6 +319,34 @@ def test_bad_configuration_errors():
   tx = aptsjax.apts(mlp_loss, num_subdomains=4)
   with pytest.raises(ValueError, match="grads"):
     tx.update({"w1": g["w1"]}, tx.init(params), params, batch=batch)
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_trainer_donates_params_and_state(num_devices):
+  """step reuses the buffers of the params and state it is given; the results do not change."""
+  params, batch = problem(rows=512)
+  trainer = cached_trainer(num_devices, True)
+  sharded = trainer.shard_batch(batch)
+  p, s = trainer.replicate(jax.tree.map(jnp.copy, params)), trainer.init(params)
+  tx = trainer.tx if num_devices == 1 else aptsjax.apts(mlp_loss, 4, second_order=True)
+  updates, want_state = jax.jit(lambda q, t: tx.update(None, t, q, batch=batch))(params,
+                                                                                tx.init(params))
+  got_params, got_state = trainer.step(p, s, sharded)
+  # Every parameter-sized buffer is reused (the flags that the update only writes are not
+  # inputs of the compiled step at all).
+  assert all(x.is_deleted() for x in jax.tree.leaves((p, s.grad, s.local_state, s.global_memory)))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+  assert_close(parallel.numpy_tree(got_params), optax.apply_updates(params, updates), 1e-5)
+  assert_close(parallel.numpy_tree(got_state.loss), want_state.loss, 1e-5)
+  # NumPy inputs are copied to the devices (and stay usable); an eagerly built state (one
+  # buffer in several fields) is accepted.
+  host, eager = parallel.numpy_tree(params), trainer.tx.init(params)
+  if trainer.mesh is not None:
+    eager = jax.device_put(eager, jax.tree.map(lambda spec: jax.NamedSharding(trainer.mesh, spec),
+                                               aptsjax.state_specs(eager, "data")))
+  trainer.step(host, eager, sharded)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host),
+                                                  jax.tree.leaves(parallel.numpy_tree(params))))
 
 
 def test_sapts_minibatches_with_overlap():

@@ -4,6 +4,7 @@ The multi-process resume is tested in tests/test_multiprocess.py.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,7 +42,7 @@ def test_round_trip_keeps_values_shardings_and_trajectory(trained, tmp_path):
     assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
   assert back["state"].local_state is not None
   assert len(jax.tree.leaves(back["state"].local_state)[0].sharding.device_set) == 4
-  one = trainer.step(params, state, sharded)
+  one = trainer.step(*jax.tree.map(jnp.copy, (params, state)), sharded)  # the fixture's stay
   two = trainer.step(back["params"], back["state"], sharded)
   assert equal(one, two)
 

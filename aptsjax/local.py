@@ -1,0 +1,214 @@
+"""The local iterations of APTS: the ``LocalSolver`` interface, the default TR solver, the loop.
+
+APTS owns the loop over the local iterations (docs/method.md, "Local iterations"); a solver
+supplies one iteration of one subdomain (``step``) and says when that subdomain is done. Each
+subdomain runs at most nu iterations from ``start``; nothing communicates. ``run`` has two
+shapes of the loop over a device's subdomains, with the same results:
+
+* sequential (the default on CPU): one subdomain after the other, each with its own
+  ``while_loop`` that stops when it is done; its L-SR1 memory is updated in place in the stack.
+* vectorized (the default on other backends): one loop whose trip condition is one scalar,
+  ``trips < nu and any(active)``, each trip ``jax.vmap(step)`` over the subdomains with a
+  per-subdomain ``active`` flag. A finished subdomain is masked, not selected: its step keeps its
+  carry (``jnp.where`` on parameter-sized values; ``valid=False`` for the L-SR1 memory, which
+  touches one slot and the small matrices), so the stacked memories are never copied per trip.
+
+Neither runs an n-sized computation under a vmapped ``while_loop`` or ``cond`` (where every
+subdomain would pay for the one that still needs it). On CPU the sequential shape is the faster
+(docs/method.md, "Local iterations"); batching the subdomains pays where wide kernels are cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from aptsjax import _stack
+from aptsjax import lsr1
+from aptsjax import trust_region as tr
+
+PyTree = Any
+ValueAndGrad = Callable[[PyTree], tuple[jax.Array, PyTree]]
+
+LOCAL_STOP = 1e-3  # stop the local iterations once |theta_i - theta^k| >= (1 - LOCAL_STOP) bound.
+
+
+class LocalCarry(NamedTuple):
+  """What one subdomain carries from one local iteration to the next.
+
+  Attributes:
+    params: theta_i, the subdomain's current point.
+    loss: f_i(theta_i).
+    state: the solver's persistent state (what ``init`` made; kept across updates).
+    extra: the solver's per-update values (the TR solver: the gradient and the local radius).
+  """
+  params: PyTree
+  loss: jax.Array
+  state: PyTree
+  extra: PyTree
+
+
+class LocalSolver(NamedTuple):
+  """A pluggable local optimizer for APTS subdomains: one masked iteration at a time.
+
+  Every function works on one subdomain (APTS vmaps them); none may communicate.
+
+  Attributes:
+    init: ``params -> state``: the persistent state of one subdomain (APTS stacks N of them).
+    start: ``(params, loss, grad, state, bound) -> LocalCarry``: the carry at the start of an
+      update, at theta^k = ``params`` where the local objective has ``loss`` and ``grad``
+      (= g^k), from the subdomain's ``state``; ``bound`` = Delta^k / N.
+    step: ``(value_and_grad, carry, anchor, bound, active) -> (carry, done)``: one iteration on
+      the local objective (``value_and_grad``) from ``carry``, keeping |theta_i - anchor| <=
+      ``bound`` (``anchor`` = theta^k). ``active`` is a bool scalar: when False the step must
+      return ``carry`` unchanged (``jnp.where`` on small and parameter-sized leaves; a large
+      state should skip its write rather than select). ``done`` (bool scalar) ends this
+      subdomain's iterations; APTS also stops after ``local_steps`` of them.
+  """
+  init: Callable[[PyTree], PyTree]
+  start: Callable[..., LocalCarry]
+  step: Callable[..., tuple[LocalCarry, jax.Array]]
+
+
+def keep_inactive(active: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """``new`` where ``active``, else ``old``, leaf by leaf (for a step's parameter-sized values)."""
+  return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
+
+
+def distance(params: PyTree, anchor: PyTree) -> jax.Array:
+  """|params - anchor|, the length of a subdomain's step so far."""
+  return _stack.norm(optax.tree.sub(params, anchor))
+
+
+def trust_region_local_solver(hp: tr.Hyperparams, second_order: bool, memory: int) -> LocalSolver:
+  """The library's TR as the local solver (docs/method.md, "Local iterations").
+
+  Each step is ``aptsjax.trust_region.iterate`` with the radius min(local radius,
+  bound - |theta_i - theta^k|); it reports ``done`` once |theta_i - theta^k| >=
+  (1 - 1e-3) bound. The local radius starts at ``bound`` every update.
+
+  Args:
+    hp: the local constants (radii already divided by N).
+    second_order: L-SR1 + OBS (True) or the first-order model.
+    memory: L-SR1 pairs per subdomain.
+
+  Returns:
+    A ``LocalSolver`` whose state is the subdomain's L-SR1 memory (None for first order) and
+    whose ``extra`` is (gradient, local radius).
+  """
+  def init(params):
+    return lsr1.init(params, memory) if second_order else None
+
+  def start(params, loss, grad, state, bound):
+    return LocalCarry(params=params, loss=loss, state=state, extra=(grad, bound))
+
+  def step(value_and_grad, carry, anchor, bound, active):
+    grad, radius = carry.extra
+    out = tr.iterate(value_and_grad, carry.params, carry.loss, grad, radius, carry.state, hp,
+                     step_cap=bound - distance(carry.params, anchor), store_pair=active)
+    params, loss, grad, radius = keep_inactive(
+        active, (out.params, out.loss, out.grad, out.radius), (carry.params, carry.loss, grad, radius))
+    done = distance(params, anchor) >= (1.0 - LOCAL_STOP) * bound
+    return LocalCarry(params=params, loss=loss, state=out.memory, extra=(grad, radius)), done
+
+  return LocalSolver(init=init, start=start, step=step)
+
+
+class LocalOutcome(NamedTuple):
+  """The result of the local iterations, leaves with a leading subdomain axis.
+
+  Attributes:
+    params: theta_i of every subdomain.
+    loss: f_i(theta_i).
+    state: the solvers' persistent states after the update.
+    num_steps: the iterations each subdomain took.
+  """
+  params: PyTree
+  loss: jax.Array
+  state: PyTree
+  num_steps: jax.Array
+
+
+def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any], inputs: PyTree,
+        anchor: PyTree, losses: jax.Array, grad: PyTree, states: PyTree, bound: jax.Array,
+        num_steps: int, vectorize: bool | None = None) -> LocalOutcome:
+  """The local iterations of this device's subdomains (see the module docstring).
+
+  Args:
+    solver: the ``LocalSolver``.
+    local_value_and_grad: ``(input_i, params) -> (f_i, grad f_i)``, the local objective of the
+      subdomain with ``input_i`` (a slice of ``inputs``).
+    inputs: per-subdomain data of the local objectives, leaves with a leading subdomain axis.
+    anchor: theta^k.
+    losses: ``(n,)`` f_i(theta^k).
+    grad: g^k, the gradient of every f_i at theta^k.
+    states: the solvers' persistent states, leaves with a leading subdomain axis.
+    bound: Delta^k / N; not positive: no iterations.
+    num_steps: nu, the most iterations per subdomain.
+    vectorize: the vectorized (True) or sequential (False) loop; None: sequential on CPU,
+      vectorized elsewhere.
+
+  Returns:
+    A ``LocalOutcome``.
+  """
+  if vectorize is None:
+    vectorize = jax.default_backend() != "cpu"
+  one_step = lambda inp, carry, active: solver.step(
+      lambda p: local_value_and_grad(inp, p), carry, anchor, bound, active)
+  if vectorize:
+    return _vectorized(solver, one_step, inputs, anchor, losses, grad, states, bound, num_steps)
+  return _sequential(solver, one_step, inputs, anchor, losses, grad, states, bound, num_steps)
+
+
+StepFn = Callable[[Any, LocalCarry, jax.Array], tuple[LocalCarry, jax.Array]]
+
+
+def _vectorized(solver: LocalSolver, one_step: StepFn, inputs: PyTree, anchor: PyTree,
+                losses: jax.Array, grad: PyTree, states: PyTree, bound: jax.Array,
+                num_steps: int) -> LocalOutcome:
+  """One loop for all subdomains: vmapped masked steps, one scalar trip condition."""
+  start = jax.vmap(lambda f, s: solver.start(anchor, f, grad, s, bound))(losses, states)
+
+  def cond(c):
+    trips, _, _, active = c
+    return (trips < num_steps) & jnp.any(active)
+
+  def body(c):
+    trips, carry, count, active = c
+    carry, done = jax.vmap(one_step)(inputs, carry, active)
+    return trips + 1, carry, count + active.astype(jnp.int32), active & ~done
+
+  active = jnp.broadcast_to(bound > 0, losses.shape)
+  init = _stack.match_varying(
+      (jnp.zeros((), jnp.int32), start, jnp.zeros(losses.shape, jnp.int32), active), losses)
+  _, carry, count, _ = jax.lax.while_loop(cond, body, init)
+  return LocalOutcome(params=carry.params, loss=carry.loss, state=carry.state, num_steps=count)
+
+
+def _sequential(solver: LocalSolver, one_step: StepFn, inputs: PyTree, anchor: PyTree,
+                losses: jax.Array, grad: PyTree, states: PyTree, bound: jax.Array,
+                num_steps: int) -> LocalOutcome:
+  """One subdomain after the other, each with its own while_loop; states updated in place."""
+  take = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
+
+  def subdomain(i, out):
+    carry = solver.start(anchor, losses[i], grad, take(out.state, i), bound)
+
+    def body(c):
+      trips, carry, _ = c
+      carry, done = one_step(take(inputs, i), carry, jnp.array(True))
+      return trips + 1, carry, ~done
+
+    start = _stack.match_varying((jnp.zeros((), jnp.int32), carry, bound > 0), losses)
+    trips, carry, _ = jax.lax.while_loop(lambda c: (c[0] < num_steps) & c[2], body, start)
+    mine = LocalOutcome(params=carry.params, loss=carry.loss, state=carry.state, num_steps=trips)
+    return jax.tree.map(lambda acc, x: acc.at[i].set(x), out, mine)
+
+  n = losses.shape[0]
+  init = LocalOutcome(params=jax.tree.map(lambda p: jnp.zeros((n,) + p.shape, p.dtype), anchor),
+                      loss=jnp.zeros_like(losses), state=states,
+                      num_steps=jnp.zeros((n,), jnp.int32))
+  return jax.lax.fori_loop(0, n, subdomain, _stack.match_varying(init, losses))
