@@ -14,7 +14,6 @@ same rows whatever D is, so the results agree up to float rounding. For ``jax.pm
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -29,6 +28,11 @@ from aptsjax.apts import state_specs
 from aptsjax import data
 from aptsjax import distributed
 from aptsjax._checks import as_int
+from aptsjax._step import NONFINITE_ACTIONS
+from aptsjax._step import distinct as _distinct
+from aptsjax._step import donating as _donating
+from aptsjax._step import raise_nonfinite as _raise_nonfinite
+from aptsjax._step import report_nonfinite as _report_nonfinite
 
 PyTree = Any
 
@@ -165,87 +169,16 @@ def mesh_devices(num_devices: int, devices: list) -> list:
   return [d for g in groups.values() for d in g[:per]]
 
 
-NONFINITE_ACTIONS = ("warn", "raise", "ignore")
-
-
-def _nonfinite_message(iteration: int) -> str:
-  return (f"APTS update {iteration} (state.iteration = {iteration}): the loss or gradient at the "
-          "current parameters is not finite, so the update was skipped: params and state are "
-          "unchanged apart from state.iteration and state.nonfinite. Likely NaN/Inf in the "
-          "batch or in the loss (e.g. a log of 0 or an overflow).")
-
-
-def _warn_nonfinite(iteration: Any) -> None:
-  warnings.warn(_nonfinite_message(int(iteration)), RuntimeWarning, stacklevel=2)
-
-
-def _report_nonfinite(state: NamedTuple) -> None:
-  """Inside the jitted step: a host callback issuing the RuntimeWarning, only for a skipped update.
-
-  Outside ``shard_map`` the callback runs once, on the host of the mesh's first device (process
-  0), asynchronously: the step does not wait for the host.
-  """
-  jax.lax.cond(state.nonfinite, lambda i: jax.debug.callback(_warn_nonfinite, i),
-               lambda i: None, state.iteration)
-
-
-def _raise_nonfinite(step: Callable[..., tuple[PyTree, NamedTuple]]
-                     ) -> Callable[..., tuple[PyTree, NamedTuple]]:
-  """``step`` followed by a host check raising FloatingPointError for a skipped update."""
-  def checked(params, state, batch):
-    params, state = step(params, state, batch)
-    if bool(np.asarray(state.nonfinite)):  # waits for the step: the opt-in cost of "raise"
-      raise FloatingPointError(_nonfinite_message(int(np.asarray(state.iteration))))
-    return params, state
-
-  checked.lower = step.lower
-  return checked
-
-
-def _buffer(x: Any) -> Any:
-  """What identifies ``x``'s memory: its first device buffer (the object itself for tracers)."""
-  try:
-    return x.addressable_data(0).unsafe_buffer_pointer()
-  except Exception:  # pylint: disable=broad-exception-caught  (tracers, host arrays)
-    return id(x)
-
-
-def _distinct(tree: PyTree) -> PyTree:
-  """``tree`` with every array that shares its buffer with an earlier leaf copied.
-
-  A donated argument may not hold the same buffer twice; states built eagerly can (one array
-  of zeros for several fields, which ``jax.device_put`` places once). ``init`` and ``step``
-  apply it, so any state works.
-  """
-  seen: set[Any] = set()
-
-  def fresh(x):
-    if not isinstance(x, jax.Array):
-      return x
-    key = _buffer(x)
-    if key in seen:
-      return jnp.copy(x)
-    seen.add(key)
-    return x
-
-  return jax.tree.map(fresh, tree)
-
-
-def _donating(step: Callable[..., tuple[PyTree, NamedTuple]]
-              ) -> Callable[..., tuple[PyTree, NamedTuple]]:
-  """``step`` (jitted, donating its params and state) with ``_distinct`` applied to them first."""
-  def run(params, state, batch):
-    params, state = _distinct((params, state))
-    return step(params, state, batch)
-
-  run.lower = step.lower
-  return run
+# On CPU, XLA's loop emitters compile the second-order trainer step about 1.5x faster than its
+# fusion emitters (paper MLP: 13 s -> 9 s) at the same step time (benchmarks/apts_profile.py).
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
 def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: int, *,
                  num_devices: int | None = None, overlap: float = 0.0, axis_name: str = "data",
                  devices: list | None = None, on_nonfinite: str = "warn",
-                 remainder: str = "warn", **apts_kwargs: Any) -> Trainer:
+                 remainder: str = "warn", compiler_options: dict[str, Any] | None = None,
+                 **apts_kwargs: Any) -> Trainer:
   """Builds the mesh, the batch layout and a jitted APTS train step, on one or many processes.
 
   ``step`` donates the params and state it is given (see ``Trainer``): keep only the ones it
@@ -273,6 +206,8 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     remainder: what ``shard_batch`` / ``shard_local_batch`` do when the layout drops rows (see
       ``aptsjax.data.check_remainder``): ``"warn"`` (default, a ``UserWarning``), ``"drop"``
       (quietly) or ``"raise"`` (ValueError).
+    compiler_options: XLA options for compiling ``step`` (``jax.jit``'s); default
+      ``CPU_COMPILER_OPTIONS`` on CPU devices, XLA's defaults elsewhere; ``{}`` for XLA's.
     **apts_kwargs: passed to ``aptsjax.apts`` (local_steps, second_order, memory, ...).
 
   Returns:
@@ -324,11 +259,16 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     return run
 
   finish = _raise_nonfinite if on_nonfinite == "raise" else (lambda step: step)
+  if compiler_options is None:
+    on_cpu = all(d.platform == "cpu" for d in chosen)
+    compiler_options = dict(CPU_COMPILER_OPTIONS) if on_cpu else {}
+  jit = lambda f: _donating(jax.jit(reported(f), donate_argnums=(0, 1),
+                                    compiler_options=compiler_options))
   if not multi:
     return Trainer(tx=tx, mesh=None, axis_name=None, num_subdomains=num_subdomains,
                    overlap=overlap, init=lambda params: _distinct(tx.init(params)),
                    shard_batch=layout,
-                   step=finish(_donating(jax.jit(reported(one_step), donate_argnums=(0, 1)))),
+                   step=finish(jit(one_step)),
                    process_rows=lambda m: data.overlap_layout(m, num_subdomains, overlap),
                    shard_local_batch=lambda local, m: local, replicate=lambda p: p,
                    metrics=jax.jit(_metrics))
@@ -380,7 +320,7 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     return jax.shard_map(one_step, mesh=mesh, in_specs=(P(), specs, P(axis_name)),
                          out_specs=(P(), specs))(params, state, batch)
 
-  sharded_step = _donating(jax.jit(reported(mapped_step), donate_argnums=(0, 1)))
+  sharded_step = jit(mapped_step)
 
   def step(params, state, batch):
     return sharded_step(replicate(params), state, batch)
