@@ -193,6 +193,22 @@ def test_trainer_reports_a_skipped_update(mode, num_devices):
     assert not messages, messages
 
 
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_trainer_compiles_with_the_given_options(monkeypatch, num_devices):
+  """``compiler_options`` reaches XLA (an unknown option is refused at the first step); by
+  default a CPU trainer compiles with ``CPU_COMPILER_OPTIONS``."""
+  params, batch = lsq_problem()
+  trainer = parallel.apts_trainer(lsq_loss, 2, num_devices=num_devices, second_order=False,
+                                  compiler_options={"xla_no_such_option": True})
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    trainer.step(params, trainer.init(params), trainer.shard_batch(batch))
+  seen = []
+  jit = jax.jit
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: seen.append(k.get("compiler_options")) or jit(*a, **k))
+  parallel.apts_trainer(lsq_loss, 2, num_devices=num_devices, second_order=False)
+  assert parallel.CPU_COMPILER_OPTIONS in seen and parallel.CPU_COMPILER_OPTIONS
+
+
 # 6. A rescaling chain is documented, not detected: the documented consequence.
 def test_rescaling_chain_consequence_is_documented():
   for doc in (aptsjax.trust_region.__doc__, aptsjax.apts.__doc__):
