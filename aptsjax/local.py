@@ -54,7 +54,7 @@ class LocalCarry(NamedTuple):
 class LocalSolver(NamedTuple):
   """A pluggable local optimizer for APTS subdomains: one masked iteration at a time.
 
-  Every function works on one subdomain (APTS vmaps them); none may communicate.
+  Every function works on one subdomain (``run`` applies it to each); none may communicate.
 
   Attributes:
     init: ``params -> state``: the persistent state of one subdomain (APTS stacks N of them).
@@ -63,10 +63,12 @@ class LocalSolver(NamedTuple):
       (= g^k), from the subdomain's ``state``; ``bound`` = Delta^k / N.
     step: ``(value_and_grad, carry, anchor, bound, active) -> (carry, done)``: one iteration on
       the local objective (``value_and_grad``) from ``carry``, keeping |theta_i - anchor| <=
-      ``bound`` (``anchor`` = theta^k). ``active`` is a bool scalar: when False the step must
-      return ``carry`` unchanged (``jnp.where`` on small and parameter-sized leaves; a large
-      state should skip its write rather than select). ``done`` (bool scalar) ends this
-      subdomain's iterations; APTS also stops after ``local_steps`` of them.
+      ``bound`` (``anchor`` = theta^k). ``active`` is a bool scalar, always True in the
+      sequential loop; the vectorized loop passes False for a subdomain that has finished, and
+      the step must then return ``carry`` unchanged (``keep_inactive`` on small and
+      parameter-sized leaves; a large state should skip its write rather than select).
+      ``done`` (bool scalar) ends this subdomain's iterations; APTS also stops after
+      ``local_steps`` of them.
   """
   init: Callable[[PyTree], PyTree]
   start: Callable[..., LocalCarry]
