@@ -41,9 +41,10 @@ def test_quick_mode_writes_every_output(tmp_path):
   assert [int(r["N"]) for r in stacked] == list(core_cost.QUICK_SUBDOMAINS)
   positive(stacked, timed + ("stored_mib",))
   assert all(r["on_boundary"] == "True" for r in stacked)
-  # The donated update reads the pairs once and inserts in place; the solve reads them 3 times.
+  # The donated update reads the pairs twice ([S Y]^T s, [S Y]^T y) and inserts in place; the
+  # solve reads them 3 times.
   for row in written + stacked:
-    assert (float(row["update_hlo_passes"]), float(row["solve_hlo_passes"])) == (1.0, 3.0), row
+    assert (float(row["update_hlo_passes"]), float(row["solve_hlo_passes"])) == (2.0, 3.0), row
     assert row["update_copies_stack"] == "False", row
 
   pieces = read(tmp_path / "apts_profile.csv")
