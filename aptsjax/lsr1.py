@@ -10,7 +10,7 @@ B_{j+1} = B_j + r r^T / (r.s_j), r = y_j - B_j s_j, started from B_0 = gamma I o
 Pairs live in a ring buffer of ``memory`` slots (stacks whose leaves have shape
 ``(memory, *leaf.shape)``) with the k-by-k Gram matrices S^T S, S^T Y and Y^T Y kept up to date,
 so that everything that depends on gamma is O(k^3) on small matrices (``compact``). An
-``update`` reads the stored pairs once ([S Y]^T s and [S Y]^T y), writes the new pair into its
+``update`` reads the stored pairs twice ([S Y]^T s and [S Y]^T y), writes the new pair into its
 slot in place, and does the rest in the small space:
 
 1. rejects a pair with a non-finite entry (the state is returned unchanged);
@@ -223,7 +223,7 @@ def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = Tru
   # A non-finite pair is not zeroed (that would cost a pass over it): whatever its products
   # are, ``accept`` is False and every field of the state keeps its old value.
 
-  # The one pass over the stored pairs: [S Y]^T s and [S Y]^T y.
+  # The only reads of the stored pairs: [S Y]^T s and [S Y]^T y.
   dots = pair_dots(state, [s, y])
   s_col, y_col = dots[:, 0], dots[:, 1]          # [S^T s; Y^T s], [S^T y; Y^T y]
   ss_jj, sy_jj, yy_jj = _vdot(s, s), _vdot(s, y), _vdot(y, y)

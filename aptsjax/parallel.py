@@ -207,7 +207,8 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
       ``aptsjax.data.check_remainder``): ``"warn"`` (default, a ``UserWarning``), ``"drop"``
       (quietly) or ``"raise"`` (ValueError).
     compiler_options: XLA options for compiling ``step`` (``jax.jit``'s); default
-      ``CPU_COMPILER_OPTIONS`` on CPU devices, XLA's defaults elsewhere; ``{}`` for XLA's.
+      ``CPU_COMPILER_OPTIONS`` on CPU devices, XLA's defaults elsewhere; ``{}`` for XLA's
+      (needed to call ``step`` inside another ``jax.jit``: JAX refuses options on a nested jit).
     **apts_kwargs: passed to ``aptsjax.apts`` (local_steps, second_order, memory, ...).
 
   Returns:

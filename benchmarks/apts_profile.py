@@ -131,11 +131,18 @@ def piece_functions(loss_fn: Callable[..., jax.Array], num: int) -> dict[str, Ca
   }
 
 
+# What a trainer compiles its step with by default (``apts_trainer``'s compiler_options). The
+# profile's trainers are built with ``compiler_options={}`` (a nested jit may not have options)
+# and their steps compiled by the profile's own ``jax.jit`` with these.
+TRAINER_OPTIONS = parallel.CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}
+
+
 def undonated(trainer: parallel.Trainer) -> Callable[..., Any]:
   """``trainer.step`` without its donation, to time it again and again on the same inputs.
 
   A new function (not ``trainer.step`` itself, whose ``lower`` attribute ``jax.jit`` would carry
   over) calling the step inside the caller's ``jax.jit``, where the inner donation has no effect.
+  Compile it with ``TRAINER_OPTIONS``.
   """
   return lambda params, state, batch: trainer.step(params, state, batch)
 
@@ -160,9 +167,11 @@ def profile_order(second_order: bool, warmup: int, budget_s: float, config: dict
   grad_ms = time_compiled(gradient, (params, batch), budget_s, PIECE_REPEATS)[0]["ms"]
   num, order = config["num"], "second order" if second_order else "first order"
   trainer = parallel.apts_trainer(loss_fn, num, num_devices=1, local_steps=config["local_steps"],
-                                  second_order=second_order, memory=config["memory"])
+                                  second_order=second_order, memory=config["memory"],
+                                  compiler_options={})
   state, batch = trainer.init(params), trainer.shard_batch(batch)
-  step, compile_s = compile_jitted(undonated(trainer), (params, state, batch))
+  step, compile_s = compile_jitted(undonated(trainer), (params, state, batch),
+                                   compiler_options=TRAINER_OPTIONS)
   for _ in range(warmup):
     params, state = step(params, state, batch)
   whole, (_, after) = time_compiled(step, (params, state, batch), budget_s, PIECE_REPEATS)
@@ -217,14 +226,15 @@ def user_step(loss_fn: Callable[..., jax.Array], tx: optax.GradientTransformatio
   return step
 
 
-def compile_row(what: str, fn: Callable[..., Any], args: tuple[Any, ...], budget_s: float) -> Row:
+def compile_row(what: str, fn: Callable[..., Any], args: tuple[Any, ...], budget_s: float,
+                compiler_options: dict[str, Any] | None = None) -> Row:
   """Compile time, first call and steady-state time of ``fn`` on ``args``.
 
   JAX's in-memory caches are cleared first, so that a function traced or compiled earlier in
   the run (``lsr1.update`` inside the profile, say) is compiled from scratch.
   """
   jax.clear_caches()
-  timing, _ = time_jitted(fn, args, budget_s, 10)
+  timing, _ = time_jitted(fn, args, budget_s, 10, compiler_options)
   return {"what": what, "compile_s": timing["compile_s"], "first_s": timing["first_s"],
           "ms": timing["ms"]}
 
@@ -248,9 +258,10 @@ def compile_table(problem: tuple[Any, ...], budget_s: float, memory: int, num: i
   tiny_loss, tiny_params, tiny_batch, _ = mlp_problem(64, (16, 2), 2)
   for second_order, order in ORDERS:
     trainer = parallel.apts_trainer(tiny_loss, num, num_devices=1, second_order=second_order,
-                                    memory=memory)
+                                    memory=memory, compiler_options={})
     out.append(compile_row(f"APTS trainer step, {order}, tiny 2-16-2", undonated(trainer),
-                           (tiny_params, trainer.init(tiny_params), tiny_batch), budget_s))
+                           (tiny_params, trainer.init(tiny_params), tiny_batch), budget_s,
+                           TRAINER_OPTIONS))
   tx = optax.with_extra_args_support(optax.adam(1e-3))
   out.append(compile_row("optax.adam step, tiny 2-16-2", user_step(tiny_loss, tx),
                          (tiny_params, tx.init(tiny_params), tiny_batch), budget_s))

@@ -39,13 +39,16 @@ def memory_stats(compiled: Any) -> dict[str, float | None]:
 
 
 def compile_jitted(fn: Callable[..., Any], args: Sequence[Any],
-                   donate_argnums: tuple[int, ...] = ()) -> tuple[Any, float]:
+                   donate_argnums: tuple[int, ...] = (),
+                   compiler_options: dict[str, Any] | None = None) -> tuple[Any, float]:
   """Returns ``(compiled, seconds)``: ``jax.jit(fn).lower(*args).compile()`` and its wall time.
 
-  ``donate_argnums`` is passed to ``jax.jit``: the compiled call then consumes those arguments.
+  ``donate_argnums`` and ``compiler_options`` are passed to ``jax.jit``: with donation the
+  compiled call consumes those arguments.
   """
   start = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+  compiled = jax.jit(fn, donate_argnums=donate_argnums,
+                     compiler_options=compiler_options).lower(*args).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -88,6 +91,7 @@ def time_compiled(compiled: Any, args: Sequence[Any], budget_s: float,
     args: its arguments.
     budget_s: rough time budget for the timed repeats.
     max_repeats: the most repeats; at least 3 are always run.
+    compiler_options: passed to ``jax.jit``.
 
   Returns:
     A dict with ``ms`` (median), ``first_s`` (the warm-up call) and ``repeats``, and the output
@@ -97,7 +101,8 @@ def time_compiled(compiled: Any, args: Sequence[Any], budget_s: float,
 
 
 def time_jitted(fn: Callable[..., Any], args: Sequence[Any], budget_s: float,
-                max_repeats: int) -> tuple[Row, Any]:
+                max_repeats: int, compiler_options: dict[str, Any] | None = None
+                ) -> tuple[Row, Any]:
   """Compiles ``fn`` for ``args`` and times it (median of repeats, warm-up excluded).
 
   Args:
@@ -105,12 +110,13 @@ def time_jitted(fn: Callable[..., Any], args: Sequence[Any], budget_s: float,
     args: its arguments.
     budget_s: rough time budget for the timed repeats.
     max_repeats: the most repeats; at least 3 are always run.
+    compiler_options: passed to ``jax.jit``.
 
   Returns:
     A dict with ``ms`` (median), ``compile_s``, ``first_s``, ``repeats`` and the memory
     statistics (MiB), and the output of the last call.
   """
-  compiled, compile_s = compile_jitted(fn, args)
+  compiled, compile_s = compile_jitted(fn, args, compiler_options=compiler_options)
   timing, out = time_compiled(compiled, args, budget_s, max_repeats)
   return {**timing, "compile_s": compile_s, **memory_stats(compiled)}, out
 
