@@ -11,7 +11,7 @@ Run from the repository root::
     srun python -m benchmarks.paper --distributed      # one process per host/GPU under SLURM
 
 Run times measured on a 2-core CPU (x86-64, one device, compilation included): the default run
-1,675 s (28 min); ``--quick`` 62 s, and 127 s while other jobs shared the two cores.
+1,675 s (28 min, before the L-SR1/OBS cost work, which shortens it); ``--quick`` 28 s.
 ``--full`` was not timed; from the default run's per-epoch times it takes about 4.5 hours. An
 overall progress bar shows the estimated time left.
 
