@@ -157,7 +157,10 @@ def time_core(problem: tuple[Any, ...], batched: bool, budget_s: float, max_repe
   f_sum, _ = time_jitted(floor_sum, (state.s, state.y), budget_s, floor_repeats)
   f_mv, _ = time_jitted(wrap(floor_matvec), (state.s, state.y, grad), budget_s, floor_repeats)
   floor = min(f_sum["ms"], f_mv["ms"])
-  upd, upd_c, _ = time_donated(wrap(lsr1.update), (state, s_new, y_new), budget_s, max_repeats)
+  # With the state donated, XLA's CPU fusion emitters were seen to hang in the vmapped update at
+  # N = 6, memory 20 (jax 0.10.2): it is compiled with the options the trainer uses on CPU.
+  upd, upd_c, _ = time_donated(wrap(lsr1.update), (state, s_new, y_new), budget_s, max_repeats,
+                               apts_profile.TRAINER_OPTIONS)
   upd_hlo = hlo_traffic.stack_traffic(upd_c.as_text(), shape)
   sol_hlo = hlo_traffic.stack_traffic(solve_c.as_text(), shape)
   per_stored = lambda b: None if b is None else b / stored
@@ -248,7 +251,8 @@ def breakdown(n: int, memory: int, budget_s: float) -> list[tuple[str, float]]:
             ("lsr1.pair_combine: [S Y] C (2 columns)", lsr1.pair_combine, (state, two)),
             ("floor: sum(S) + sum(Y)", floor_sum, (state.s, state.y)))
   times = [(name, time_jitted(fn, args, budget_s, 10)[0]["ms"]) for name, fn, args in pieces]
-  update, _, _ = time_donated(lsr1.update, (state, s_new, y_new), budget_s, 10)  # consumes state
+  update, _, _ = time_donated(lsr1.update, (state, s_new, y_new), budget_s, 10,
+                              apts_profile.TRAINER_OPTIONS)  # consumes state
   return [("lsr1.update, donated (reads the pairs twice)", update["ms"])] + times
 
 

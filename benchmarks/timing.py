@@ -122,7 +122,8 @@ def time_jitted(fn: Callable[..., Any], args: Sequence[Any], budget_s: float,
 
 
 def time_donated(fn: Callable[..., Any], args: Sequence[Any], budget_s: float,
-                 max_repeats: int) -> tuple[Row, Any, Any]:
+                 max_repeats: int, compiler_options: dict[str, Any] | None = None
+                 ) -> tuple[Row, Any, Any]:
   """Times ``state = fn(state, *rest)`` jitted with ``state`` donated, as a loop carries it.
 
   Each call consumes the previous call's output, so XLA may write the result into the donated
@@ -139,7 +140,8 @@ def time_donated(fn: Callable[..., Any], args: Sequence[Any], budget_s: float,
     ``(row, compiled, state)``: the dict of ``time_jitted`` (its memory statistics count the
     donated buffers as aliased), the executable, and the state after the last call.
   """
-  compiled, compile_s = compile_jitted(fn, args, donate_argnums=(0,))
+  compiled, compile_s = compile_jitted(fn, args, donate_argnums=(0,),
+                                       compiler_options=compiler_options)
   carried = [args[0]]
 
   def call() -> Any:
