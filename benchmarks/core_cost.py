@@ -6,7 +6,8 @@ use), then, jitted, with compile time reported apart from the median of timed re
 
 * `lsr1.update` of one new pair (the ring wraps) as it runs in use: jitted with the state
   donated, each call fed the previous call's output, so that the new pair is written into its
-  ring slot in place (in a training loop the state is a carried buffer); and, as an extra
+  ring slot in place (in a training loop the state is a carried buffer), compiled with the
+  options ``apts_trainer`` uses on CPU (``parallel.CPU_COMPILER_OPTIONS``); and, as an extra
   column (``not donated``), without donation, where XLA copies both stacks on every call;
 * `obs.solve` at a radius that puts the step on the boundary, and update + solve;
 * the floor: one jitted pass that only reads the 2 k n stored floats; the faster of
