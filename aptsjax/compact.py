@@ -35,8 +35,10 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 NOISE = 100.0  # multiple of eps below which a quantity computed from Gram matrices is noise.
 
 
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+def mm(a: jax.Array, b: jax.Array) -> jax.Array:
+  """A small matrix product at full precision (no TF32 on GPUs)."""
   return jnp.matmul(a, b, precision=_HIGHEST)
+
 
 
 def eps_of(dtype) -> float:
@@ -144,7 +146,7 @@ def factor(gram: jax.Array, valid: jax.Array, stamp: jax.Array, gamma: jax.Array
   m = stamp.shape[0]
   order = jnp.argsort(jnp.where(valid, stamp, jnp.iinfo(jnp.int32).max))
   w, keep, _ = eig_basis(gram, jnp.concatenate([valid, valid]))
-  coords = _mm(w.T, gram)
+  coords = mm(w.T, gram)
   cs, cy = coords[:, :m][:, order], coords[:, m:][:, order]     # time order
   cpsi = cy - gamma * cs
   valid_t, force_t = valid[order], force[order]
@@ -153,8 +155,8 @@ def factor(gram: jax.Array, valid: jax.Array, stamp: jax.Array, gamma: jax.Array
 
   def step(carry, t):
     kept, res, dinv, res_norms = carry
-    proj = _mm(res.T, cs[:, t]) * dinv                          # (r_j . s_t) / d_j
-    low = _mm(res, proj)                                        # (B_t - gamma I) s_t
+    proj = mm(res.T, cs[:, t]) * dinv                          # (r_j . s_t) / d_j
+    low = mm(res, proj)                                        # (B_t - gamma I) s_t
     r = cpsi[:, t] - low
     d = cs[:, t] @ r
     s_n = s_norms[t]
@@ -171,7 +173,7 @@ def factor(gram: jax.Array, valid: jax.Array, stamp: jax.Array, gamma: jax.Array
            jnp.zeros((m,), dtype))
   (kept, res, dinv, _), _ = jax.lax.scan(
       step, _stack.match_varying(start, cpsi[0, 0] + gamma), jnp.arange(m))
-  core = _mm(res * dinv[None, :], res.T)
+  core = mm(res * dinv[None, :], res.T)
   core = 0.5 * (core + core.T)
   return Factor(kept=jnp.zeros((m,), bool).at[order].set(kept), basis=w, keep=keep, core=core)
 
@@ -197,7 +199,7 @@ def spectral(gamma: jax.Array, basis: jax.Array, keep: jax.Array, core: jax.Arra
   sentinel = 2.0 * jnp.linalg.norm(core) + 1.0                # above every eigenvalue of K
   lam_hat, u = jnp.linalg.eigh(jnp.where(both, core, 0.0) + jnp.diag(jnp.where(keep, 0.0, sentinel)))
   valid = jnp.arange(keep.shape[0]) < jnp.sum(keep)           # sentinels sort last
-  coef = jnp.where(valid[None, :], _mm(basis, u), 0.0)
+  coef = jnp.where(valid[None, :], mm(basis, u), 0.0)
   return Spectral(coef=coef, lam=jnp.where(valid, lam_hat + gamma, gamma), valid=valid,
                   gamma=gamma)
 

@@ -46,8 +46,7 @@ PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.matmul(a, b, precision=_HIGHEST)
+_mm = compact.mm
 
 
 def _eps(dtype) -> float:
@@ -320,7 +319,7 @@ def spectral(state: LSR1State) -> Spectral:
 
 
 def pair_dots(state: LSR1State, vectors: list[PyTree]) -> jax.Array:
-  """[S Y]^T [v_1 .. v_m], a 2k-by-m matrix (one pass over the stored pairs)."""
+  """[S Y]^T [v_1 .. v_m], a 2k-by-m matrix (one read of the stored pairs per vector)."""
   return compact.pair_dots(state.s, state.y, vectors)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from aptsjax import _stack
 from aptsjax import compact
 from aptsjax import lsr1
+from aptsjax.compact import mm as _mm
 
 PyTree = Any
 
@@ -92,10 +93,6 @@ def first_order_step(grad: PyTree, radius: Any) -> OBSResult:
                    on_boundary=ok,
                    sigma=jnp.where(ok, gnorm / jnp.where(ok, radius, 1.0), zero).astype(dtype),
                    hard_case=jnp.array(False))
-
-
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def _stack_norm(tree: PyTree) -> jax.Array:
