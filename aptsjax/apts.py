@@ -221,7 +221,11 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   memory = _checks.as_int("memory", memory, 1)
   global_steps = _checks.as_int("global_steps", global_steps, 0)
   hp = tr.make_hyperparams(base, **hyperparams)
-  solver = local_solver or trust_region_local_solver(hp.scaled(num_subdomains), second_order,
+  # combine="sum" (the paper): s~ = sum_i s_i with local bound Delta / N; "mean": s~ = the mean
+  # of the s_i with local bound Delta (docs/method.md, "Combining the local steps").
+  local_share = num_subdomains if hp.combine == "sum" else 1
+  weight = 1.0 if hp.combine == "sum" else 1.0 / num_subdomains
+  solver = local_solver or trust_region_local_solver(hp.scaled(local_share), second_order,
                                                      memory, local_steps)
   n_sub = num_subdomains
 
@@ -296,7 +300,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     coords = scaling.coordinates(scale)
 
     # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local).
-    bound = jnp.where(ok, state.radius / n_sub, 0.0)   # 0: no local iterations (a no-op update)
+    bound = jnp.where(ok, state.radius / local_share, 0.0)   # 0: no local iterations (a no-op update)
     theta_k = to_varying(params, axis_name)
     u_k = coords.to_u(theta_k)
     g_k = to_varying(grads, axis_name)
@@ -313,7 +317,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     def contribution(theta_i, loss_end, loss_i):  # a non-finite subdomain contributes nothing
       step = optax.tree.sub(theta_i, u_k)
       good = jnp.isfinite(loss_end) & _stack.all_finite(step) & jnp.isfinite(loss_i)
-      return jax.tree.map(lambda x: jnp.where(good, x, 0.0), step), jnp.where(good, loss_i - loss_end, 0.0)
+      return (jax.tree.map(lambda x: jnp.where(good, weight * x, 0.0), step),
+              jnp.where(good, weight * (loss_i - loss_end), 0.0))
 
     steps, decrease = jax.vmap(contribution)(res.params, res.loss, losses)
     s_sum = jax.tree.map(total, steps)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 GENERAL_MIN_RADIUS = 1e-10
 
 CHOICES = {"radius_growth": ("always", "boundary"), "norm": ("l2", "rms"),
-           "local_radius": ("bound", "split")}
+           "local_radius": ("bound", "split"), "combine": ("sum", "mean")}
 
 BOUNDARY_FRACTION = 1e-3  # a step is on the boundary when |s| >= (1 - this) * radius.
 
@@ -69,11 +69,12 @@ class Hyperparams(NamedTuple):
   rms_decay: float = 0.999
   rms_eps: float = 1e-8
   local_radius: str = "bound"
+  combine: str = "sum"
 
   @classmethod
   def paper(cls) -> "Hyperparams":
     """The paper's method exactly: rule (7), the Euclidean region, local radius Delta / N."""
-    return cls(radius_growth="always", norm="l2", local_radius="bound")
+    return cls(radius_growth="always", norm="l2", local_radius="bound", combine="sum")
 
   def validate(self) -> "Hyperparams":
     """Returns self, or raises ValueError for an inconsistent table."""
