@@ -4,6 +4,7 @@ from aptsjax import checkpoint
 from aptsjax import comm
 from aptsjax import data
 from aptsjax import distributed
+from aptsjax import hyperparams
 from aptsjax import local
 from aptsjax import lsr1
 from aptsjax.apts import APTSState
@@ -11,9 +12,11 @@ from aptsjax.apts import apts
 from aptsjax.apts import state_specs
 from aptsjax.local import LocalCarry
 from aptsjax.local import LocalSolver
+from aptsjax.local import optax_local_solver
 from aptsjax.local import trust_region_local_solver
 from aptsjax import obs
 from aptsjax import parallel
+from aptsjax import scaling
 from aptsjax.trust_region import GENERAL_MIN_RADIUS
 from aptsjax.trust_region import Hyperparams
 from aptsjax.trust_region import TrustRegionState

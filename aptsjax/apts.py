@@ -45,7 +45,9 @@ from aptsjax import _stack
 from aptsjax import data
 from aptsjax import local
 from aptsjax import lsr1
+from aptsjax import scaling
 from aptsjax import trust_region as tr
+from aptsjax.hyperparams import Hyperparams, reaches_boundary
 from aptsjax.local import LocalCarry, LocalSolver, trust_region_local_solver  # re-exported
 
 PyTree = Any
@@ -69,6 +71,8 @@ class APTSState(NamedTuple):
     local_steps: ``(N,)`` local iterations each subdomain took in the last update.
     local_state: per-subdomain local solver states, leaves with a leading axis N.
     global_memory: the L-SR1 memory of the global steps (None for first order).
+    scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.scaling``), None otherwise;
+      with it, every L-SR1 memory holds its pairs in the variables u = D theta.
   """
   radius: jax.Array
   loss: jax.Array
@@ -83,6 +87,7 @@ class APTSState(NamedTuple):
   local_steps: jax.Array
   local_state: PyTree
   global_memory: lsr1.LSR1State | None
+  scaling: scaling.ScaleState | None = None
 
   PER_SUBDOMAIN = ("local_steps", "local_state")
 
@@ -166,7 +171,8 @@ def _check_rows(rows: int, num_subdomains: int, num_devices: int) -> None:
 def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
          second_order: bool = True, axis_name: str | None = None, memory: int = 10,
          global_steps: int = 1, local_solver: LocalSolver | None = None,
-         **hyperparams: float) -> optax.GradientTransformationExtraArgs:
+         base: Hyperparams | None = None, **hyperparams: float | str
+         ) -> optax.GradientTransformationExtraArgs:
   """APTS: additively preconditioned trust-region training, one iteration per ``update``.
 
   ``update(grads, state, params, batch=...)``: ``grads`` is the gradient of the global
@@ -198,10 +204,14 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
       divide N; each device's shard of the batch holds its N / D subdomains).
     memory: L-SR1 pairs per memory (each subdomain's and the global one).
     global_steps: global TR iterations after the APTS step (the paper: 1).
-    local_solver: a ``LocalSolver`` replacing the default TR local solver.
-    **hyperparams: overrides of ``aptsjax.Hyperparams`` (the paper's defaults: init_radius
-      0.01, min_radius 0.001, max_radius 4.0, eta_accept 0, eta1 0.25, eta2 0.75, alpha 0.5,
-      beta 2); local radii are these divided by N.
+    local_solver: a ``LocalSolver`` replacing the default TR local solver (for instance
+      ``aptsjax.optax_local_solver(optax.adam(1e-3))``).
+    base: the table the overrides apply to: ``Hyperparams()`` (the library's defaults) when
+      None, ``Hyperparams.paper()`` for the paper's method exactly.
+    **hyperparams: overrides of ``aptsjax.Hyperparams`` (radii, thresholds and factors as the
+      paper: init_radius 0.01, min_radius 0.001, max_radius 4.0, eta_accept 0, eta1 0.25,
+      eta2 0.75, alpha 0.5, beta 2; options ``radius_growth``, ``norm``, ``rms_decay``,
+      ``rms_eps``, ``local_radius``); local radii are the radii divided by N.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``APTSState``.
@@ -210,9 +220,9 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   local_steps = _checks.as_int("local_steps", local_steps, 1)
   memory = _checks.as_int("memory", memory, 1)
   global_steps = _checks.as_int("global_steps", global_steps, 0)
-  hp = tr.make_hyperparams(tr.Hyperparams(), **hyperparams)
+  hp = tr.make_hyperparams(base, **hyperparams)
   solver = local_solver or trust_region_local_solver(hp.scaled(num_subdomains), second_order,
-                                                     memory)
+                                                     memory, local_steps)
   n_sub = num_subdomains
 
   def init_fn(params: PyTree) -> APTSState:
@@ -226,7 +236,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
         apts_accepted=jnp.array(False), stalled=jnp.array(False), nonfinite=jnp.array(False),
         iteration=jnp.zeros((), jnp.int32), predicted_reduction=zero, actual_reduction=zero,
         local_steps=jnp.zeros((n_sub,), jnp.int32), local_state=local,
-        global_memory=lsr1.init(params, memory) if second_order else None)
+        global_memory=lsr1.init(params, memory) if second_order else None,
+        scaling=scaling.init(params) if hp.norm == "rms" else None)
 
   def update_fn(grads: PyTree, state: APTSState, params: PyTree | None = None, *,
                 batch: Any = None, **extra_args: Any) -> tuple[PyTree, APTSState]:
@@ -272,21 +283,35 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     ok = jnp.isfinite(loss_k) & _stack.all_finite(grads)
 
+    # norm="rms": D from g^k (the same on every device), the memories moved to the new
+    # variables, and everything below in u = D theta (aptsjax.scaling); identity otherwise.
+    scale, local_state, gmem = state.scaling, state.local_state, state.global_memory
+    if hp.norm == "rms":
+      scale = scaling.update(state.scaling, grads, hp.rms_decay, hp.rms_eps, valid=ok)
+      ratio = scaling.ratio(state.scaling, scale)
+      if gmem is not None:
+        gmem = lsr1.rescale(gmem, ratio)
+      if solver.rescale is not None:
+        local_state = jax.vmap(solver.rescale, in_axes=(0, None))(local_state, ratio)
+    coords = scaling.coordinates(scale)
+
     # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local).
     bound = jnp.where(ok, state.radius / n_sub, 0.0)   # 0: no local iterations (a no-op update)
     theta_k = to_varying(params, axis_name)
+    u_k = coords.to_u(theta_k)
     g_k = to_varying(grads, axis_name)
 
-    def local_value_and_grad(inp, theta):
+    def local_value_and_grad(inp, u):
       blk, r_i = inp
-      return jax.value_and_grad(local_objective(loss_fn, blk, theta_k, r_i))(theta)
+      f_i = jax.value_and_grad(local_objective(loss_fn, blk, theta_k, r_i))
+      return coords.value_and_grad(f_i)(u)
 
     r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, block_grads)
-    res = local.run(solver, local_value_and_grad, (blocks, r), theta_k, losses.astype(dtype), g_k,
-                    state.local_state, bound, local_steps)
+    res = local.run(solver, local_value_and_grad, (blocks, r), u_k, losses.astype(dtype),
+                    coords.grad_to_u(g_k), local_state, bound, local_steps)
 
     def contribution(theta_i, loss_end, loss_i):  # a non-finite subdomain contributes nothing
-      step = optax.tree.sub(theta_i, theta_k)
+      step = optax.tree.sub(theta_i, u_k)
       good = jnp.isfinite(loss_end) & _stack.all_finite(step) & jnp.isfinite(loss_i)
       return jax.tree.map(lambda x: jnp.where(good, x, 0.0), step), jnp.where(good, loss_i - loss_end, 0.0)
 
@@ -295,7 +320,9 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     s_norm = _stack.norm(s_sum).astype(dtype)
     shrink_to = jnp.where(s_norm > state.radius, state.radius / jnp.where(s_norm > 0, s_norm, 1.0), 1.0)
     s_sum = optax.tree.scale(shrink_to, s_sum)
+    s_on_boundary = reaches_boundary(jnp.minimum(s_norm, state.radius), state.radius)
     predicted = total(decrease).astype(dtype)
+    global_value_and_grad_u = coords.value_and_grad(global_value_and_grad)
 
     # The global phase: event 0 decides the APTS step s~ (ratio (6), radius update (7), global
     # memory pair), events 1..global_steps are TR iterations on the global objective. One
@@ -307,23 +334,27 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
 
       def model():
         result = tr.model_step(grad, gmem, radius)
-        return cast(result.step), result.predicted_reduction.astype(dtype)
+        return cast(result.step), result.predicted_reduction.astype(dtype), result.on_boundary
 
-      step, pred = jax.lax.cond(first, lambda: (cast(s_sum), predicted), model)
-      trial_loss, trial_grad = global_value_and_grad(optax.apply_updates(theta, step))
-      out = tr.commit(theta, loss, grad, radius, gmem, tr.Trial(step, pred, trial_loss, trial_grad),
-                      hp, store_pair=ok)
+      step, pred, edge = jax.lax.cond(first, lambda: (cast(s_sum), predicted, s_on_boundary),
+                                      model)
+      trial_loss, trial_grad = global_value_and_grad_u(optax.apply_updates(theta, step))
+      out = tr.commit(theta, loss, grad, radius, gmem,
+                      tr.Trial(step, pred, trial_loss, trial_grad, edge), hp, store_pair=ok)
       apts = jax.tree.map(lambda a, b: jnp.where(first, a, b), (out.accepted, out.actual), apts)
       return (out.params, out.loss, out.grad, out.radius, out.memory, ~first & out.stalled,
               changed | out.accepted, apts)
 
-    start = (params, loss_k, grads, state.radius, state.global_memory, jnp.array(False),
+    u_start = coords.to_u(params)
+    start = (u_start, loss_k, coords.grad_to_u(grads), state.radius, gmem, jnp.array(False),
              jnp.array(False), (jnp.array(False), jnp.zeros((), dtype)))
     theta, loss, grad, radius, gmem, stalled, changed, (accept, actual) = jax.lax.fori_loop(
         0, 1 + global_steps, event, start)
+    grad = coords.grad_to_theta(grad)
 
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    updates = jax.tree.map(lambda a, b: jnp.where(ok, a - b, jnp.zeros_like(b)), theta, params)
+    moved = coords.to_theta(optax.tree.sub(theta, u_start))
+    updates = jax.tree.map(lambda a: jnp.where(ok, a, jnp.zeros_like(a)), moved)
     new_state = APTSState(
         radius=jnp.where(ok, radius, state.radius), loss=jnp.where(ok, loss, state.loss),
         grad=keep(grad, state.grad), accepted=ok & changed, apts_accepted=ok & accept,
@@ -331,7 +362,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
         predicted_reduction=jnp.where(ok, predicted, 0.0),
         actual_reduction=jnp.where(ok, actual, 0.0).astype(dtype),
         local_steps=jnp.where(ok, res.num_steps, 0).astype(jnp.int32),
-        local_state=res.state, global_memory=gmem)
+        local_state=res.state, global_memory=gmem, scaling=scale)
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

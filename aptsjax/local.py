@@ -69,10 +69,15 @@ class LocalSolver(NamedTuple):
       parameter-sized leaves; a large state should skip its write rather than select).
       ``done`` (bool scalar) ends this subdomain's iterations; APTS also stops after
       ``local_steps`` of them.
+    rescale: optional ``(state, ratio) -> state``: moves a subdomain's state to new variables
+      u' = ratio * u when the scaled trust region (``norm="rms"``) changes D; with ``norm="rms"``
+      APTS runs the local iterations in u = D theta (``aptsjax.scaling``). None keeps the
+      state as it is.
   """
   init: Callable[[PyTree], PyTree]
   start: Callable[..., LocalCarry]
   step: Callable[..., tuple[LocalCarry, jax.Array]]
+  rescale: Callable[[PyTree, PyTree], PyTree] | None = None
 
 
 def keep_inactive(active: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -85,17 +90,21 @@ def distance(params: PyTree, anchor: PyTree) -> jax.Array:
   return _stack.norm(optax.tree.sub(params, anchor))
 
 
-def trust_region_local_solver(hp: tr.Hyperparams, second_order: bool, memory: int) -> LocalSolver:
+def trust_region_local_solver(hp: tr.Hyperparams, second_order: bool, memory: int,
+                              local_steps: int = 1) -> LocalSolver:
   """The library's TR as the local solver (docs/method.md, "Local iterations").
 
   Each step is ``aptsjax.trust_region.iterate`` with the radius min(local radius,
   bound - |theta_i - theta^k|); it reports ``done`` once |theta_i - theta^k| >=
-  (1 - 1e-3) bound. The local radius starts at ``bound`` every update.
+  (1 - 1e-3) bound. Every update the local radius starts at ``bound`` (``hp.local_radius =
+  "bound"``, the paper) or at ``bound / local_steps`` (``"split"``), then follows the TR rules
+  of ``hp`` (growth capped by ``hp.max_radius``).
 
   Args:
     hp: the local constants (radii already divided by N).
     second_order: L-SR1 + OBS (True) or the first-order model.
     memory: L-SR1 pairs per subdomain.
+    local_steps: nu, the most local iterations (read by ``local_radius="split"``).
 
   Returns:
     A ``LocalSolver`` whose state is the subdomain's L-SR1 memory (None for first order) and
@@ -104,8 +113,11 @@ def trust_region_local_solver(hp: tr.Hyperparams, second_order: bool, memory: in
   def init(params):
     return lsr1.init(params, memory) if second_order else None
 
+  split = hp.local_radius == "split"
+
   def start(params, loss, grad, state, bound):
-    return LocalCarry(params=params, loss=loss, state=state, extra=(grad, bound))
+    radius = bound / local_steps if split else bound
+    return LocalCarry(params=params, loss=loss, state=state, extra=(grad, radius))
 
   def step(value_and_grad, carry, anchor, bound, active):
     grad, radius = carry.extra
@@ -116,7 +128,50 @@ def trust_region_local_solver(hp: tr.Hyperparams, second_order: bool, memory: in
     done = distance(params, anchor) >= (1.0 - LOCAL_STOP) * bound
     return LocalCarry(params=params, loss=loss, state=out.memory, extra=(grad, radius)), done
 
-  return LocalSolver(init=init, start=start, step=step)
+  def rescale(state, ratio):
+    return lsr1.rescale(state, ratio) if second_order else state
+
+  return LocalSolver(init=init, start=start, step=step, rescale=rescale)
+
+
+def optax_local_solver(tx: optax.GradientTransformation) -> LocalSolver:
+  """Any optax optimizer as the APTS local solver: its steps, projected into the local region.
+
+  Each local iteration is one ``tx.update`` with the local gradient, then the projection of
+  the new point onto the local region |theta_i - theta^k| <= bound (the step from theta^k
+  rescaled when it is longer), then one evaluation of the local objective there. The
+  optimizer's state (Adam's moments, a momentum, ...) is the subdomain's persistent state,
+  carried from one APTS update to the next. APTS then judges the sum of the subdomains' steps by
+  its global trust-region test: this makes APTS a trust-region-globalised local SGD or Adam, with
+  the optimizer's learning rate bounded by the region. A subdomain stops early when it reaches
+  the boundary or its loss stops being finite (its contribution is then dropped by APTS).
+
+  With ``norm="rms"`` the optimizer sees the scaled variables u = D theta and their gradient
+  D^{-1} g, and its state is not rescaled when D changes (``rescale`` is None).
+
+  Args:
+    tx: an optax ``GradientTransformation`` (its ``update`` is called with params).
+
+  Returns:
+    A ``LocalSolver`` whose state is ``tx``'s state and whose ``extra`` is the local gradient.
+  """
+  def start(params, loss, grad, state, bound):
+    del bound
+    return LocalCarry(params=params, loss=loss, state=state, extra=grad)
+
+  def step(value_and_grad, carry, anchor, bound, active):
+    updates, opt_state = tx.update(carry.extra, carry.state, carry.params)
+    delta = optax.tree.sub(optax.apply_updates(carry.params, updates), anchor)
+    length = _stack.norm(delta).astype(carry.loss.dtype)
+    shrink = jnp.where(length > bound, bound / jnp.where(length > 0, length, 1.0), 1.0)
+    params = jax.tree.map(lambda a, x: a + (shrink * x).astype(a.dtype), anchor, delta)
+    loss, grad = value_and_grad(params)
+    new = LocalCarry(params=params, loss=loss, state=opt_state, extra=grad)
+    carry = keep_inactive(active, new, carry)
+    done = (jnp.minimum(length, bound) >= (1.0 - LOCAL_STOP) * bound) | ~jnp.isfinite(loss)
+    return carry, done
+
+  return LocalSolver(init=tx.init, start=start, step=step)
 
 
 class LocalOutcome(NamedTuple):

@@ -280,6 +280,39 @@ def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = Tru
       lam_valid=pick(spec.valid, state.lam_valid))
 
 
+def rescale(state: LSR1State, ratio: PyTree) -> LSR1State:
+  """The memory in the variables u' = ratio * u: every pair (s, y) becomes (ratio s, y / ratio).
+
+  For a change of the diagonal scaling of a scaled trust region (``aptsjax.scaling``): the
+  pairs are the same secant information, expressed in the new variables (s.y is unchanged). The
+  Gram matrices S^T S and Y^T Y are recomputed (one read of each new stack), and gamma, the
+  in-use mask and the spectral form are recomputed from them as ``update`` does (O(k^3)). With
+  ``ratio`` all ones the matrix is unchanged up to rounding.
+
+  Args:
+    state: an ``LSR1State``.
+    ratio: a pytree like the parameters, positive and finite (the new D over the old).
+
+  Returns:
+    The rescaled state (a memory without pairs is returned as it is, apart from its stacks).
+  """
+  _check_vector(state, ratio, "ratio")
+  s = jax.tree.map(lambda b, r: b * r.astype(b.dtype)[None], state.s, ratio)
+  y = jax.tree.map(lambda b, r: b / r.astype(b.dtype)[None], state.y, ratio)
+  valid = state.stamp >= 0
+  both = valid[:, None] & valid[None, :]
+  ss = jnp.where(both, _stack.gram(s, s), 0.0).astype(state.ss.dtype)
+  yy = jnp.where(both, _stack.gram(y, y), 0.0).astype(state.yy.dtype)
+  gamma = choose_gamma(ss, state.sy, state.stamp, state.gamma)
+  fac = compact.factor(compact.pair_gram(ss, state.sy, yy), valid, state.stamp, gamma,
+                       jnp.zeros_like(valid))
+  used = jnp.any(fac.kept)
+  gamma = jnp.where(used, gamma, 0.0).astype(state.ss.dtype)
+  spec = compact.spectral(gamma, fac.basis, fac.keep, jnp.where(used, fac.core, 0.0))
+  return state._replace(s=s, y=y, ss=ss, yy=yy, gamma=gamma, in_use=fac.kept, coef=spec.coef,
+                        lam=spec.lam, lam_valid=spec.valid)
+
+
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
   parts = jax.tree.map(lambda x, y: jnp.vdot(x, y, precision=_HIGHEST), a, b)
   return sum(jax.tree.leaves(parts))

@@ -11,8 +11,11 @@ One TR iteration at theta with gradient g and radius Delta (the paper's (2) and 
 
 The ratio is evaluated as comparisons (no division): accept iff pred > 0 and
 actual > eta_accept * pred; shrink unless pred > 0 and actual >= eta1 * pred; grow iff pred > 0
-and actual > eta2 * pred. A non-positive or non-finite predicted reduction, or a non-finite
-trial loss or gradient, therefore means rejection and a smaller radius.
+and actual > eta2 * pred (and, with ``radius_growth="boundary"``, the step reached the boundary).
+A non-positive or non-finite predicted reduction, or a non-finite trial loss or gradient,
+therefore means rejection and a smaller radius. With ``norm="rms"`` the region is |D s| <= Delta,
+solved in the variables u = D theta (``aptsjax.scaling``). The constants and options are
+``aptsjax.hyperparams``.
 
 The same ``iterate`` function is, with a step cap, the local step of APTS; its second half,
 ``commit``, decides both the APTS step and the global steps of APTS.
@@ -30,85 +33,16 @@ from aptsjax import _checks
 from aptsjax import _stack
 from aptsjax import lsr1
 from aptsjax import obs
+from aptsjax import scaling
+from aptsjax.hyperparams import GENERAL_MIN_RADIUS  # re-exported
+from aptsjax.hyperparams import Hyperparams
+from aptsjax.hyperparams import make_hyperparams
+from aptsjax.hyperparams import ratio_test
+from aptsjax.hyperparams import reaches_boundary  # re-exported
+from aptsjax.hyperparams import update_radius
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
-
-
-class Hyperparams(NamedTuple):
-  """The trust-region constants: one table, the same for every problem (no learning rate).
-
-  Defaults are the paper's (ML_APTS, utils/utility.py and optimizers/TR.py at commit 92d8443;
-  docs/method.md, "Defaults"). ``aptsjax.apts`` uses them as they are. ``aptsjax.trust_region`` uses
-  them too except ``min_radius``, which it lowers to ``GENERAL_MIN_RADIUS`` so that it can
-  converge to tight gradient tolerances as a general optimizer (pass ``min_radius=1e-3`` for
-  the paper's plain TR).
-
-  Attributes:
-    init_radius: Delta_0, the initial radius.
-    min_radius: Delta_min, the floor of the radius (a first-order step is never shorter).
-    max_radius: Delta_max, the ceiling of the radius.
-    eta_accept: accept the step iff rho > eta_accept (the authors' code: any decrease).
-    eta1: shrink the radius iff rho < eta1.
-    eta2: grow the radius iff rho > eta2.
-    alpha: shrink factor.
-    beta: growth factor.
-  """
-  init_radius: float = 0.01
-  min_radius: float = 0.001
-  max_radius: float = 4.0
-  eta_accept: float = 0.0
-  eta1: float = 0.25
-  eta2: float = 0.75
-  alpha: float = 0.5
-  beta: float = 2.0
-
-  def validate(self) -> "Hyperparams":
-    """Returns self, or raises ValueError for an inconsistent table."""
-    if not 0.0 < self.min_radius <= self.init_radius <= self.max_radius:
-      raise ValueError("need 0 < min_radius <= init_radius <= max_radius, got "
-                       f"{self.min_radius}, {self.init_radius}, {self.max_radius}.")
-    if not 0.0 <= self.eta_accept <= self.eta1 <= self.eta2 < 1.0:
-      raise ValueError("need 0 <= eta_accept <= eta1 <= eta2 < 1, got "
-                       f"{self.eta_accept}, {self.eta1}, {self.eta2}.")
-    if not (0.0 < self.alpha < 1.0 < self.beta):
-      raise ValueError(f"need 0 < alpha < 1 < beta, got alpha={self.alpha}, beta={self.beta}.")
-    return self
-
-  def scaled(self, factor: float) -> "Hyperparams":
-    """The table with every radius divided by ``factor`` (APTS local regions: Delta / N)."""
-    return self._replace(init_radius=self.init_radius / factor,
-                         min_radius=self.min_radius / factor, max_radius=self.max_radius / factor)
-
-
-GENERAL_MIN_RADIUS = 1e-10
-
-
-def ratio_test(actual: jax.Array, predicted: jax.Array, hp: Hyperparams
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Acceptance and radius decisions from the actual and predicted reductions.
-
-  Args:
-    actual: f(theta) - f(theta + s); non-finite counts as rho = -inf.
-    predicted: -m(s); a value <= 0 or non-finite counts as rho = -inf.
-    hp: the thresholds.
-
-  Returns:
-    ``(accept, shrink, grow)`` bool scalars.
-  """
-  ok = (predicted > 0) & jnp.isfinite(predicted) & jnp.isfinite(actual)
-  accept = ok & (actual > hp.eta_accept * predicted)
-  shrink = ~(ok & (actual >= hp.eta1 * predicted))
-  grow = ok & (actual > hp.eta2 * predicted)
-  return accept, shrink, grow
-
-
-def update_radius(radius: jax.Array, shrink: jax.Array, grow: jax.Array, hp: Hyperparams
-                  ) -> jax.Array:
-  """The radius update (7): grow by beta up to max_radius, shrink by alpha down to min_radius."""
-  grown = jnp.minimum(hp.beta * radius, hp.max_radius)
-  shrunk = jnp.maximum(hp.alpha * radius, hp.min_radius)
-  return jnp.where(grow, grown, jnp.where(shrink, shrunk, radius)).astype(radius.dtype)
 
 
 def model_step(grad: PyTree, memory: lsr1.LSR1State | None, radius: jax.Array) -> obs.OBSResult:
@@ -133,11 +67,16 @@ class Iterate(NamedTuple):
 
 
 class Trial(NamedTuple):
-  """A trial step and the objective evaluated at ``params + step`` (the input of ``commit``)."""
+  """A trial step and the objective evaluated at ``params + step`` (the input of ``commit``).
+
+  ``on_boundary`` says whether the step reached the boundary of its region (read by
+  ``radius_growth="boundary"`` only).
+  """
   step: PyTree
   predicted: jax.Array
   loss: jax.Array
   grad: PyTree
+  on_boundary: jax.Array | bool = True
 
 
 def commit(params: PyTree, loss: jax.Array, grad: PyTree, radius: jax.Array,
@@ -165,7 +104,8 @@ def commit(params: PyTree, loss: jax.Array, grad: PyTree, radius: jax.Array,
   """
   actual = loss - trial.loss
   finite_grad = _stack.all_finite(trial.grad)
-  accept, shrink, grow = ratio_test(jnp.where(finite_grad, actual, -jnp.inf), trial.predicted, hp)
+  accept, shrink, grow = ratio_test(jnp.where(finite_grad, actual, -jnp.inf), trial.predicted, hp,
+                                    trial.on_boundary)
   if memory is not None:  # the pair of every trial step, unless its loss or gradient is not finite
     y = jax.tree.map(lambda a, b: a - b, trial.grad, grad)
     memory = lsr1.update(memory, trial.step, y,
@@ -208,7 +148,7 @@ def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params
   result = model_step(grad, memory, solve_radius)
   trial_loss, trial_grad = value_and_grad(optax.apply_updates(params, result.step))
   trial = Trial(step=result.step, predicted=result.predicted_reduction, loss=trial_loss,
-                grad=trial_grad)
+                grad=trial_grad, on_boundary=result.on_boundary)
   return commit(params, loss, grad, radius, memory, trial, hp, store_pair)
 
 
@@ -229,7 +169,9 @@ class TrustRegionState(NamedTuple):
     num_accepted: number of accepted steps so far.
     predicted_reduction: -m(s) of the last trial step.
     actual_reduction: f(theta) - f(theta + s) of the last trial step.
-    memory: the L-SR1 memory (None for the first-order method).
+    memory: the L-SR1 memory (None for the first-order method); with ``norm="rms"`` its pairs
+      are in the scaled variables u = D theta of ``scaling.d``.
+    scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.scaling``); None otherwise.
   """
   radius: jax.Array
   loss: jax.Array
@@ -242,15 +184,7 @@ class TrustRegionState(NamedTuple):
   predicted_reduction: jax.Array
   actual_reduction: jax.Array
   memory: lsr1.LSR1State | None
-
-
-def make_hyperparams(base: Hyperparams, **overrides: float) -> Hyperparams:
-  """``base`` with keyword overrides, validated; unknown names raise ValueError."""
-  unknown = set(overrides) - set(Hyperparams._fields)
-  if unknown:
-    raise ValueError(f"unknown trust-region option(s) {sorted(unknown)}; "
-                     f"known: {list(Hyperparams._fields)}.")
-  return base._replace(**{k: float(v) for k, v in overrides.items()}).validate()
+  scaling: scaling.ScaleState | None = None
 
 
 def scalar_loss(loss_fn: LossFn, params: PyTree, batch: Any) -> jax.Array:
@@ -284,7 +218,8 @@ def scalar_loss(loss_fn: LossFn, params: PyTree, batch: Any) -> jax.Array:
 
 
 def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
-                 **hyperparams: float) -> optax.GradientTransformationExtraArgs:
+                 base: Hyperparams | None = None, **hyperparams: float | str
+                 ) -> optax.GradientTransformationExtraArgs:
   """The trust-region method as an optax transformation: one TR iteration per ``update``.
 
   ``update(grads, state, params, batch=None, value=None)`` takes ``grads`` = grad loss_fn at
@@ -321,15 +256,18 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
     memory: number of L-SR1 pairs (second order), an integer >= 1 (checked for either order);
       10 by default (the paper's code uses 5).
     second_order: L-SR1 model solved by OBS (True) or the first-order model (False).
+    base: the table the overrides apply to: ``Hyperparams()`` (the defaults) when None,
+      ``Hyperparams.paper()`` for the paper's TR.
     **hyperparams: overrides of ``Hyperparams`` (``init_radius``, ``min_radius``,
-      ``max_radius``, ``eta_accept``, ``eta1``, ``eta2``, ``alpha``, ``beta``). ``min_radius``
-      defaults to ``GENERAL_MIN_RADIUS`` = 1e-10 here.
+      ``max_radius``, ``eta_accept``, ``eta1``, ``eta2``, ``alpha``, ``beta``,
+      ``radius_growth``, ``norm``, ``rms_decay``, ``rms_eps``). ``min_radius`` defaults to
+      ``GENERAL_MIN_RADIUS`` = 1e-10 here, whatever ``base`` says.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   hyperparams.setdefault("min_radius", GENERAL_MIN_RADIUS)
-  hp = make_hyperparams(Hyperparams(), **hyperparams)
+  hp = make_hyperparams(base, **hyperparams)
   memory = _checks.as_int("memory", memory, 1)
 
   def init_fn(params: PyTree) -> TrustRegionState:
@@ -341,7 +279,8 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
         nonfinite=jnp.array(False), iteration=jnp.zeros((), jnp.int32),
         num_accepted=jnp.zeros((), jnp.int32), predicted_reduction=jnp.zeros((), dtype),
         actual_reduction=jnp.zeros((), dtype),
-        memory=lsr1.init(params, memory) if second_order else None)
+        memory=lsr1.init(params, memory) if second_order else None,
+        scaling=scaling.init(params) if hp.norm == "rms" else None)
 
   def update_fn(grads: PyTree, state: TrustRegionState, params: PyTree | None = None,
                 *, batch: Any = None, value: jax.Array | None = None, **extra_args: Any
@@ -358,20 +297,26 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     value_and_grad = jax.value_and_grad(lambda p: scalar_loss(loss_fn, p, batch))
     ok = jnp.isfinite(loss) & _stack.all_finite(grads)
-    out = iterate(value_and_grad, params, loss, grads, state.radius, state.memory, hp,
-                  store_pair=ok)
+    scale, mem = state.scaling, state.memory
+    if hp.norm == "rms":   # the step is solved in u = D theta (aptsjax.scaling)
+      scale = scaling.update(state.scaling, grads, hp.rms_decay, hp.rms_eps, valid=ok)
+      if mem is not None:
+        mem = lsr1.rescale(mem, scaling.ratio(state.scaling, scale))
+    coords = scaling.coordinates(scale)
+    out = iterate(coords.value_and_grad(value_and_grad), coords.to_u(params), loss,
+                  coords.grad_to_u(grads), state.radius, mem, hp, store_pair=ok)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     accepted = ok & out.accepted
     updates = jax.tree.map(lambda a, b: jnp.where(accepted, a, jnp.zeros_like(a)),
-                           out.step, params)
+                           coords.to_theta(out.step), params)
     new_state = TrustRegionState(
         radius=keep(out.radius, state.radius), loss=jnp.where(ok, out.loss, state.loss),
-        grad=keep(out.grad, state.grad), accepted=accepted, stalled=ok & out.stalled,
+        grad=keep(coords.grad_to_theta(out.grad), state.grad), accepted=accepted, stalled=ok & out.stalled,
         nonfinite=~ok, iteration=state.iteration + 1,
         num_accepted=state.num_accepted + accepted.astype(jnp.int32),
         predicted_reduction=jnp.where(ok, out.predicted, 0.0).astype(loss.dtype),
         actual_reduction=jnp.where(ok, out.actual, 0.0).astype(loss.dtype),
-        memory=out.memory)
+        memory=out.memory, scaling=scale)
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
