@@ -244,8 +244,10 @@ def configurations(args: argparse.Namespace
                 (pm.Method("sgd", minibatch=True), f"lr {args.sgd_lr:g}", args.sgd_lr, None)]
 
 
-def run_all(args: argparse.Namespace) -> tuple[list[Row], int]:
+def run_all(args: argparse.Namespace, csv_path: Path) -> tuple[list[Row], int]:
   """Every configuration with every seed (each runner compiled once and reused across seeds).
+
+  ``csv_path`` is rewritten after every configuration, so a stopped run keeps what it did.
 
   Returns:
     The rows and the number of training rows.
@@ -270,6 +272,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[Row], int]:
         f"(first step, untimed, {runner.devices} device(s))")
     for seed in range(args.seeds):
       rows += train(runner, evaluate, name, seed, lr, args.epochs, num_rows, bars)
+    paper.write_csv(csv_path, rows)
   bars.close()
   return rows, num_rows
 
@@ -278,10 +281,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
   """Runs the study and writes ``ablation.csv``, ``summary.md`` and the figures; returns rows."""
   args = parse_args(argv)
   out = Path(args.out)
-  start = time.perf_counter()
-  rows, num_rows = run_all(args)
   out.mkdir(parents=True, exist_ok=True)
-  paper.write_csv(out / "ablation.csv", rows)
+  start = time.perf_counter()
+  rows, num_rows = run_all(args, out / "ablation.csv")
   ablation_report.plot(rows, out)
   text = ablation_report.summarize(rows, args.target, time.perf_counter() - start,
                                    f"{args.epochs} epochs, {args.seeds} seed(s), "

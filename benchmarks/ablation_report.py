@@ -121,7 +121,9 @@ def summarize(rows: list[Row], target: float, seconds: float, header: str) -> st
   lines = [f"## APTS ablation on MNIST-5k: {header}", "",
            "Selection on the validation split only (final-epoch validation accuracy, mean over "
            "seeds; ties: fewer all-reduced bytes). Test accuracy is reported, never used to "
-           f"choose. Target columns: mean over the seeds whose test accuracy reaches {target}%.",
+           f"choose. Target columns: mean over the seeds whose test accuracy reaches {target}%. "
+           "Radius: the global Delta after the last iteration (with norm=\"rms\" it bounds "
+           "|D s|, not |s|).",
            ""]
   for setting, names in ranks.items():
     lines += [f"### {setting}", "", *head]
@@ -157,8 +159,10 @@ def _panels(settings: list[str]) -> tuple[Any, Any]:
 
 
 def plot(rows: list[Row], out: Path) -> list[Path]:
-  """``val_accuracy.png`` (Adam and SGD dashed) and ``radius.png``: mean over seeds per
-  variant, one panel per setting, the chosen variant drawn thicker. Returns the paths."""
+  """``val_accuracy.png`` (Adam and SGD dashed) and ``radius.png`` (the global radius, mean
+  over each epoch's iterations; with norm="rms" it bounds |D s|, not |s|): means over seeds,
+  one line per variant, one panel per setting, the chosen variant drawn thicker. Returns the
+  paths."""
   import matplotlib.pyplot as plt
   groups, chosen = group(rows), choose(rows)
   settings = list(chosen)
@@ -167,11 +171,12 @@ def plot(rows: list[Row], out: Path) -> list[Path]:
   names = list(dict.fromkeys(n for s, n in groups if s in chosen))
   palette = plt.get_cmap("tab10").colors + plt.get_cmap("tab20").colors[1::2]
   color = {n: palette[i % len(palette)] for i, n in enumerate(names)}
+  marker = {n: "os^vD<>px*"[i % 10] for i, n in enumerate(names)}  # tells overlapping lines apart
   reference = [(s, n) for s, n in groups if s not in chosen]
   paths = []
   for key, scale, ylabel, fname in (("val_acc", 100.0, "validation accuracy (%)",
                                      "val_accuracy.png"),
-                                    ("radius_final", 1.0, "global radius (end of epoch)",
+                                    ("radius_mean", 1.0, "global radius (epoch mean)",
                                      "radius.png")):
     fig, axes = _panels(settings)
     for ax, setting in zip(axes, settings):
@@ -179,7 +184,8 @@ def plot(rows: list[Row], out: Path) -> list[Path]:
         if (setting, name) in groups:
           values = scale * curves(groups[setting, name], key).mean(axis=0)
           ax.plot(np.arange(1, len(values) + 1), values, color=color[name], label=name,
-                  lw=2.5 if name == chosen[setting] else 1.2)
+                  lw=2.5 if name == chosen[setting] else 1.2, marker=marker[name], ms=4,
+                  markevery=max(1, len(values) // 10), fillstyle="none")
       for s, n in (reference if key == "val_acc" else ()):
         values = scale * curves(groups[s, n], key).mean(axis=0)
         ax.plot(np.arange(1, len(values) + 1), values, "--", lw=1.2, label=f"{s} {n}",
@@ -187,7 +193,7 @@ def plot(rows: list[Row], out: Path) -> list[Path]:
       ax.set_title(setting)
       ax.set_xlabel("epoch")
       ax.set_ylabel(ylabel)
-      if key == "radius_final":
+      if key == "radius_mean":
         ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
