@@ -45,6 +45,7 @@ import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
@@ -74,7 +75,7 @@ class Variant(NamedTuple):
     local_solver: a key of ``LOCAL_SOLVERS``, or None for the trust-region local solver.
   """
   name: str
-  overrides: Mapping[str, Any] = {}
+  overrides: Mapping[str, Any] = MappingProxyType({})
   local_solver: str | None = None
 
 
