@@ -291,7 +291,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
       ratio = scaling.ratio(state.scaling, scale)
       if gmem is not None:
         gmem = lsr1.rescale(gmem, ratio)
-      if solver.rescale is not None:
+      if solver.rescale is not None and jax.tree.leaves(local_state):
         local_state = jax.vmap(solver.rescale, in_axes=(0, None))(local_state, ratio)
     coords = scaling.coordinates(scale)
 
