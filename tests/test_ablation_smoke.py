@@ -38,7 +38,8 @@ def test_quick_mode_outputs(tmp_path, capsys):
       assert float(r["radius_final"]) > 0, r
     else:
       assert math.isnan(float(r["radius_final"])), r
-    assert float(r["val_acc"]) > 0.2, r  # above chance after 2 epochs
+    if r["epoch"] == "2" and not r["setting"].startswith("APTS"):  # full batch: 2 iterations
+      assert float(r["val_acc"]) > 0.2, r  # above chance
   summary = (tmp_path / "summary.md").read_text()
   for setting in ablation.QUICK_SETTINGS:
     assert f"### {setting}" in summary
@@ -69,6 +70,10 @@ def test_selection_reads_validation_not_test():
   assert ablation_report.overall_choice(rows) == ("a", 1.5)
   swapped = [dict(r, val_acc=r["test_acc"], test_acc=r["val_acc"]) for r in rows]
   assert ablation_report.choose(swapped)["S1"] == "b"  # the same code reads val_acc
+  # Equal validation and bytes: the variant run first (the paper's table comes first).
+  tied = [_row("S", "paper", 0, 0.8, 0.1), _row("S", "boundary", 0, 0.8, 0.9)]
+  assert ablation_report.choose(tied) == {"S": "paper"}
+  assert ablation_report.choose(tied[::-1]) == {"S": "boundary"}
 
 
 def test_target_counts_only_reaching_seeds():
