@@ -86,11 +86,10 @@ def human_bytes(x: float) -> str:
   """``x`` bytes as "512 B", "3.21 MB", "1.07 GB"; "-" for NaN."""
   if not np.isfinite(x):
     return "-"
-  for unit in ("B", "kB", "MB", "GB", "TB"):
-    if abs(x) < 1000 or unit == "TB":
-      return f"{x:.0f} {unit}" if unit == "B" else f"{x:.3g} {unit}"
-    x /= 1000
-  return ""  # unreachable
+  units = ("B", "kB", "MB", "GB", "TB")
+  power = min(len(units) - 1, int(np.log10(max(abs(x), 1.0)) // 3))
+  value = x / 1000.0 ** power
+  return f"{value:.0f} B" if power == 0 else f"{value:.3g} {units[power]}"
 
 
 def _num(x: float, fmt: str) -> str:
