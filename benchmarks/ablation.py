@@ -6,11 +6,12 @@ Run from the repository root::
     python -m benchmarks.ablation --quick          # smoke run: 2 settings, 3 variants (35 s)
     python -m benchmarks.ablation --settings "SAPTS N=2 o1" --variants paper boundary rms+split
 
-Time on a 2-core CPU: ``--quick`` 30-50 s (measured). The default run is estimated from the
-per-epoch times of the quick runs at about 3.5 hours: about 15 minutes per variant with the
-paper's local radius (one local step per iteration on these problems) and about 28 with
-``split`` (3-5 local steps); ``--epochs 20 --variants paper boundary split rms adam-local``
-about one hour. The progress bar's ETA adapts to the speed observed.
+Time on a 2-core CPU: ``--quick`` about 35 s when the CPU is otherwise idle (measured). The
+default run is estimated from the per-epoch times of the quick runs at about 3.5 hours: about
+15 minutes per variant with the paper's local radius (one local step per iteration on these
+problems) and about 28 with ``split`` (3-5 local steps); ``--epochs 20 --variants paper
+boundary split rms adam-local`` about one hour. The progress bar's ETA adapts to the speed
+observed.
 
 Protocol:
 
