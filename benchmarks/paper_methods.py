@@ -81,12 +81,21 @@ class Method(NamedTuple):
 
 
 class Work(NamedTuple):
-  """What one epoch did: iterations, samples through forward/backward passes, floats."""
+  """What one epoch did: iterations, samples through forward/backward passes, floats.
+
+  The last four fields are APTS / SAPTS statistics over the epoch's iterations (NaN for the
+  other methods): the mean of max_i local steps, the fraction of accepted APTS steps s~, and
+  the global radius after each iteration (mean) and after the last one.
+  """
   iterations: int
   forward_rows: float
   backward_rows: float
   allreduce_floats: float
   seconds: float
+  local_steps: float = float("nan")
+  apts_accepted: float = float("nan")
+  radius_mean: float = float("nan")
+  radius_final: float = float("nan")
 
 
 class Runner(NamedTuple):
@@ -145,15 +154,18 @@ def _batches(method: Method, train: tuple[np.ndarray, np.ndarray], seed: int, ep
 
 
 def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
-                batch_size: int) -> Runner:
-  """APTS (full batch, no overlap) or SAPTS (minibatches, 5% overlap both ways)."""
+                batch_size: int, **apts_options: Any) -> Runner:
+  """APTS (full batch, no overlap) or SAPTS (minibatches, 5% overlap both ways).
+
+  ``apts_options``: further keywords of ``aptsjax.apts`` (hyperparameters, a local solver).
+  """
   loss_fn = models.cross_entropy_loss(module)
   overlap = OVERLAP if method.minibatch else 0.0
   # remainder="drop": the layout rule leaves out the < N rows that do not fill a block (1 of the
   # 660 at N = 6), as the paper's protocol does.
   trainer = parallel.apts_trainer(loss_fn, method.num_subdomains, overlap=overlap,
                                   second_order=method.second_order, global_steps=GLOBAL_STEPS,
-                                  remainder="drop")
+                                  remainder="drop", **apts_options)
   train = (ds.x_train, ds.y_train)
   full = None if method.minibatch else trainer.shard_batch(train)
 
@@ -175,18 +187,21 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
 
   def epoch(carry: Carry, ep: int, seed: int) -> tuple[Carry, Work]:
     params, state = carry
-    steps, rows = [], 0
+    metrics, rows = [], 0
     start = time.perf_counter()
     for batch in _batches(method, train, seed, ep, overlap, batch_size):
       placed = full if full is not None else trainer.shard_batch(batch)
       rows = int(jax.tree.leaves(placed)[0].shape[0])
       params, state = trainer.step(params, state, placed)
-      steps.append(trainer.metrics(state)["local_steps"])  # replicated on every process
+      metrics.append(trainer.metrics(state))  # replicated on every process
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
-    local = np.stack([np.asarray(s) for s in steps]).max(axis=1)
+    stat = lambda key: np.stack([np.asarray(m[key]) for m in metrics]).astype(float)
+    local, radius = stat("local_steps").max(axis=1), stat("radius")
     passes = float(np.sum(2 + GLOBAL_STEPS + local)) * rows
-    return (params, state), Work(len(steps), passes, passes, floats * len(steps), seconds)
+    return (params, state), Work(len(metrics), passes, passes, floats * len(metrics), seconds,
+                                 float(local.mean()), float(stat("apts_accepted").mean()),
+                                 float(radius.mean()), float(radius[-1]))
 
   devices = 1 if trainer.mesh is None else int(trainer.mesh.size)
   return Runner(method, init, epoch, floats, warmup, devices)
@@ -259,18 +274,22 @@ def first_order_runner(method: Method, module: Any, ds: datasets.Dataset, nparam
   return Runner(method, init, epoch, float(nparams), warmup)
 
 
-def build(method: Method, module: Any, ds: datasets.Dataset, batch_size: int | None = None
-          ) -> Runner:
+def build(method: Method, module: Any, ds: datasets.Dataset, batch_size: int | None = None,
+          **apts_options: Any) -> Runner:
   """The runner of ``method`` on ``ds`` (compiles lazily on the first step).
 
   ``batch_size``: minibatch rows; default ``minibatch_size`` of ``ds``'s training rows (pass the
   full training set's size when training on a validation split, so the batches stay the same).
+  ``apts_options``: further keywords of ``aptsjax.apts`` (APTS / SAPTS only; ValueError else).
   """
   batch_size = batch_size or minibatch_size(len(ds.y_train))
   nparams = models.count_params(jax.eval_shape(
       lambda: models.init_params(module, ds.num_features)))
+  if apts_options and method.kind != "apts":
+    raise ValueError(f"apts options {sorted(apts_options)} apply to APTS / SAPTS only, not to "
+                     f"{method.name}; build it without them.")
   if method.kind == "apts":
-    return apts_runner(method, module, ds, nparams, batch_size)
+    return apts_runner(method, module, ds, nparams, batch_size, **apts_options)
   if method.kind == "tr":
     return tr_runner(method, module, ds, nparams, batch_size)
   if method.kind in ("adam", "sgd"):

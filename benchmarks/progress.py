@@ -44,9 +44,12 @@ def compile_weight(method: pm.Method) -> float:
 
 
 class Progress:
-  """The overall bar (estimated seconds of work, with an ETA) and one bar per run, process 0."""
+  """The overall bar (estimated seconds of work, with an ETA) and one bar per run, process 0.
 
-  def __init__(self, total: float):
+  ``total``: the plan's estimated seconds; ``desc``: the overall bar's label.
+  """
+
+  def __init__(self, total: float, desc: str = "all methods"):
     self._overall = None
     if distributed.is_main_process():
       try:
@@ -55,15 +58,15 @@ class Progress:
         tqdm = None
       if tqdm is not None:
         self._tqdm = tqdm
-        self._overall = tqdm(total=round(total, 1), desc="all methods", unit="s est",
+        self._overall = tqdm(total=total, desc=desc, unit="s est",
                              position=0, file=sys.stdout, mininterval=1.0,
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| "
                              "[{elapsed} elapsed, ETA {remaining}]")
 
   def advance(self, weight: float) -> None:
-    """Marks ``weight`` estimated seconds of the plan as done."""
+    """Marks ``weight`` estimated seconds of the plan as done (never past the plan's total)."""
     if self._overall is not None:
-      self._overall.update(round(weight, 2))
+      self._overall.update(max(0.0, min(weight, self._overall.total - self._overall.n)))
 
   def run(self, total: int, desc: str) -> Any:
     """A bar over the epochs of one run (a stand-in without tqdm or on other processes)."""
