@@ -25,8 +25,9 @@ Protocol:
   passes as ``base=`` so that the library defaults never enter. The single options (``OPTIONS``)
   are ``boundary`` (radius_growth="boundary": grow the radius only after a step that reached the
   boundary), ``split`` (local_radius="split": local radius from Delta / (N nu)), ``rms``
-  (norm="rms": the region ||D s|| <= Delta with D from an RMS of past gradients) and
-  ``adam-local`` (nu Adam steps, learning rate 1e-3, as the local solver); a variant joins
+  (norm="rms": the region ||D s|| <= Delta with D from an RMS of past gradients),
+  ``adam-local`` (nu Adam steps, learning rate 1e-3, as the local solver) and ``mean``
+  (combine="mean": s~ is the mean of the local steps, each bounded by Delta); a variant joins
   options with "+" (``boundary+rms``), and ``paper`` is the table unchanged. A variant whose
   option the installed aptsjax lacks stops the run before anything is trained.
 * Selection, per setting: the variant with the highest final-epoch validation accuracy (mean
@@ -94,6 +95,7 @@ OPTIONS = {  # add a single option here; any "+" combination of them is then a v
     "split": Variant("split", {"local_radius": "split"}),
     "rms": Variant("rms", {"norm": "rms"}),
     "adam-local": Variant("adam-local", local_solver="adam"),
+    "mean": Variant("mean", {"combine": "mean"}),
 }
 DEFAULT_VARIANTS = ("paper", "boundary", "split", "rms", "adam-local", "boundary+split",
                     "boundary+rms", "rms+split", "boundary+rms+split", "adam-local+rms")
