@@ -29,6 +29,15 @@ Each subdomain keeps its own L-SR1 memory across updates: with the same data eve
 (APTS) its pairs stay pairs of the same f(.; D_i) (the linear term r_i cancels in y), so the
 curvature model keeps improving; with minibatches (SAPTS) it is the usual stochastic
 quasi-Newton memory. The local radius restarts at Delta^k / N each update.
+
+The steps above are the paper's method, ``Hyperparams.paper()``. The options of
+``aptsjax.Hyperparams`` (docs/method.md, "Options beyond the paper") change them: ``combine=
+"mean"`` takes s~ as the mean of the local steps, each bounded by Delta^k, and the denominator
+of (6) as the mean of the local decreases; ``local_method="adam"`` runs Adam steps projected into
+the local region instead of local TR; ``norm="rms"`` runs every phase in u = D theta (the region
+|D s~| <= Delta^k); ``local_radius="split"`` starts the local radius at Delta^k / (N nu) (the
+bound divided by nu); ``radius_growth="boundary"`` grows the radius only after steps on the
+boundary.
 """
 
 from __future__ import annotations
@@ -204,8 +213,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
       divide N; each device's shard of the batch holds its N / D subdomains).
     memory: L-SR1 pairs per memory (each subdomain's and the global one).
     global_steps: global TR iterations after the APTS step (the paper: 1).
-    local_solver: a ``LocalSolver`` replacing the default TR local solver (for instance
-      ``aptsjax.optax_local_solver(optax.adam(1e-3))``).
+    local_solver: a ``LocalSolver`` replacing the one ``local_method`` names (for instance
+      ``aptsjax.optax_local_solver(optax.sgd(1e-2, momentum=0.9))``).
     base: the table the overrides apply to: ``Hyperparams()`` (the library's defaults) when
       None, ``Hyperparams.paper()`` for the paper's method exactly.
     **hyperparams: overrides of ``aptsjax.Hyperparams`` (radii, thresholds and factors as the
@@ -225,8 +234,12 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   # of the s_i with local bound Delta (docs/method.md, "Combining the local steps").
   local_share = num_subdomains if hp.combine == "sum" else 1
   weight = 1.0 if hp.combine == "sum" else 1.0 / num_subdomains
-  solver = local_solver or trust_region_local_solver(hp.scaled(local_share), second_order,
-                                                     memory, local_steps)
+  if local_solver is not None:
+    solver = local_solver
+  elif hp.local_method == "adam":
+    solver = local.optax_local_solver(optax.adam(hp.local_lr))
+  else:
+    solver = trust_region_local_solver(hp.scaled(local_share), second_order, memory, local_steps)
   n_sub = num_subdomains
 
   def init_fn(params: PyTree) -> APTSState:

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 GENERAL_MIN_RADIUS = 1e-10
 
 CHOICES = {"radius_growth": ("always", "boundary"), "norm": ("l2", "rms"),
-           "local_radius": ("bound", "split"), "combine": ("sum", "mean")}
+           "local_radius": ("bound", "split"), "combine": ("sum", "mean"),
+           "local_method": ("trust_region", "adam")}
 
 BOUNDARY_FRACTION = 1e-3  # a step is on the boundary when |s| >= (1 - this) * radius.
 
@@ -55,6 +56,12 @@ class Hyperparams(NamedTuple):
     rms_eps: added to the RMS before it is normalised (Adam's eps).
     local_radius: ``"bound"`` (the paper: the APTS local radius starts at Delta / N) or
       ``"split"`` (it starts at Delta / (N nu)).
+    combine: how APTS combines the local steps: ``"sum"`` (the paper: s~ = sum_i s_i, each
+      |s_i| <= Delta / N) or ``"mean"`` (s~ = the mean of the s_i, each |s_i| <= Delta).
+    local_method: APTS's local solver when none is given: ``"trust_region"`` (the paper) or
+      ``"adam"`` (``aptsjax.optax_local_solver(optax.adam(local_lr))``).
+    local_lr: the learning rate of ``local_method="adam"`` (Adam's own default, 1e-3; the
+      region bounds the steps).
   """
   init_radius: float = 0.01
   min_radius: float = 0.001
@@ -70,11 +77,14 @@ class Hyperparams(NamedTuple):
   rms_eps: float = 1e-8
   local_radius: str = "bound"
   combine: str = "sum"
+  local_method: str = "trust_region"
+  local_lr: float = 1e-3
 
   @classmethod
   def paper(cls) -> "Hyperparams":
     """The paper's method exactly: rule (7), the Euclidean region, local radius Delta / N."""
-    return cls(radius_growth="always", norm="l2", local_radius="bound", combine="sum")
+    return cls(radius_growth="always", norm="l2", local_radius="bound", combine="sum",
+               local_method="trust_region")
 
   def validate(self) -> "Hyperparams":
     """Returns self, or raises ValueError for an inconsistent table."""
@@ -86,6 +96,8 @@ class Hyperparams(NamedTuple):
                        f"{self.eta_accept}, {self.eta1}, {self.eta2}.")
     if not (0.0 < self.alpha < 1.0 < self.beta):
       raise ValueError(f"need 0 < alpha < 1 < beta, got alpha={self.alpha}, beta={self.beta}.")
+    if not self.local_lr > 0.0:
+      raise ValueError(f"need local_lr > 0, got {self.local_lr}.")
     if not (0.0 <= self.rms_decay < 1.0 and self.rms_eps > 0.0):
       raise ValueError(f"need 0 <= rms_decay < 1 and rms_eps > 0, got {self.rms_decay}, "
                        f"{self.rms_eps}.")

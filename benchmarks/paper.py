@@ -7,6 +7,7 @@ Run from the repository root::
     python -m benchmarks.paper --full          # the paper's protocol: 100 epochs, 10 trials
     python -m benchmarks.paper --dataset mnist --data-dir ~/data/mnist
     python -m benchmarks.paper --methods "APTS N=2 o2" Adam
+    python -m benchmarks.paper --preset paper  # the paper's method (aptsjax.Hyperparams.paper())
     python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- python -m benchmarks.paper
     srun python -m benchmarks.paper --distributed      # one process per host/GPU under SLURM
 
@@ -49,6 +50,7 @@ from typing import Any
 import jax
 import numpy as np
 
+import aptsjax
 from aptsjax import distributed
 from benchmarks import datasets, models
 from benchmarks import paper_methods as pm
@@ -80,6 +82,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--out", default="results/paper", help="output directory")
   p.add_argument("--distributed", action="store_true",
                  help="join a multi-process run that JAX detects (SLURM, Open MPI, TPU pods)")
+  p.add_argument("--preset", choices=("defaults", "paper"), default="defaults",
+                 help="APTS/SAPTS/TR table: the library's defaults, or the paper's method "
+                 "exactly (aptsjax.Hyperparams.paper())")
   p.add_argument("--methods", nargs="+", default=None,
                  help='subset by name, e.g. "APTS N=2 o2" "SAPTS N=4 o1" "TR o2" Adam SGD')
   args = p.parse_args(argv)
@@ -195,15 +200,18 @@ def run_all(args: argparse.Namespace) -> tuple[list[Row], list[Row], datasets.Da
       lr, rows = tune_lr(tuner, val_ds, module, lrs, args.epochs, bars)
       lr_rows += rows
       log(f"[lr] {method.name}: chosen {lr:.3g} on the validation split")
-    runner = pm.build(method, module, ds)
+    preset = {"base": aptsjax.Hyperparams.paper()} if args.preset == "paper" else {}
+    runner = pm.build(method, module, ds, **(preset if method.kind in ("apts", "tr") else {}))
     compile_s = time.perf_counter()
     runner.warmup()
     bars.advance(compile_weight(method))
     log(f"[compile] {method.name}: {time.perf_counter() - compile_s:.1f} s "
         f"(first step, untimed, {runner.devices} device(s), {jax.process_count()} process(es))")
+    table = args.preset if method.kind in ("apts", "tr") else "-"
     for seed in range(args.trials):
-      results += train(runner, evaluate, seed, lr, args.epochs, len(ds.y_train),
-                       f"{method.name} seed {seed}", bars)
+      rows = train(runner, evaluate, seed, lr, args.epochs, len(ds.y_train),
+                   f"{method.name} seed {seed}", bars)
+      results += [{**row, "preset": table} for row in rows]
   bars.close()
   return results, lr_rows, ds
 

@@ -208,11 +208,12 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
 
 
 def tr_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
-              batch_size: int) -> Runner:
-  """Plain trust region on the full batch with the paper's defaults (min_radius 1e-3)."""
+              batch_size: int, base: aptsjax.Hyperparams | None = None) -> Runner:
+  """Plain trust region on the full batch (min_radius 1e-3, the paper's; ``base``: the table)."""
   del batch_size  # full batch only
   loss_fn = models.cross_entropy_loss(module)
-  tx = aptsjax.trust_region(loss_fn, second_order=method.second_order, min_radius=1e-3)
+  tx = aptsjax.trust_region(loss_fn, second_order=method.second_order, base=base,
+                            min_radius=1e-3)
   value_and_grad = aptsjax.value_and_grad_from_state(loss_fn)
   train = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
   rows = len(ds.y_train)
@@ -280,18 +281,20 @@ def build(method: Method, module: Any, ds: datasets.Dataset, batch_size: int | N
 
   ``batch_size``: minibatch rows; default ``minibatch_size`` of ``ds``'s training rows (pass the
   full training set's size when training on a validation split, so the batches stay the same).
-  ``apts_options``: further keywords of ``aptsjax.apts`` (APTS / SAPTS only; ValueError else).
+  ``apts_options``: further keywords of ``aptsjax.apts`` (APTS / SAPTS; for TR only ``base``,
+  the ``aptsjax.Hyperparams`` table; ValueError else).
   """
   batch_size = batch_size or minibatch_size(len(ds.y_train))
   nparams = models.count_params(jax.eval_shape(
       lambda: models.init_params(module, ds.num_features)))
-  if apts_options and method.kind != "apts":
+  tr_only_base = method.kind == "tr" and set(apts_options) <= {"base"}
+  if apts_options and method.kind != "apts" and not tr_only_base:
     raise ValueError(f"apts options {sorted(apts_options)} apply to APTS / SAPTS only, not to "
                      f"{method.name}; build it without them.")
   if method.kind == "apts":
     return apts_runner(method, module, ds, nparams, batch_size, **apts_options)
   if method.kind == "tr":
-    return tr_runner(method, module, ds, nparams, batch_size)
+    return tr_runner(method, module, ds, nparams, batch_size, **apts_options)
   if method.kind in ("adam", "sgd"):
     return first_order_runner(method, module, ds, nparams, batch_size)
   raise ValueError(f"unknown method kind {method.kind!r}")
