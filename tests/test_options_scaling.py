@@ -292,3 +292,92 @@ def test_second_order_rms_step_matches_dense_oracle(x64):
     assert np.linalg.norm(d * flat(updates)) <= radius * (1 + 1e-12)
     x, state = optax.apply_updates(x, updates), new
   assert checked >= 3 and interior >= 1, (checked, interior)
+
+
+# ----------------------------------------------------------------------------
+# apts with norm="rms"
+
+
+def apts_updates(tx, params, batch, iters: int):
+  """``iters`` jitted APTS updates; returns the list of (radius before, updates, state)."""
+  step = jax.jit(lambda p, s: tx.update(None, s, p, batch=batch))
+  state, out = tx.init(params), []
+  for _ in range(iters):
+    radius = float(state.radius)
+    updates, state = step(params, state)
+    out.append((radius, updates, state))
+    params = optax.apply_updates(params, updates)
+  return out
+
+
+def test_apts_first_order_rms_step(x64):
+  """N = 2, one local step, no global step: every subdomain's local step is the first-order
+  step -(Delta / 2) D^{-1} g / |D^{-1} g| in u (grad f_i(theta^k) = g), so the APTS step in theta
+  is -Delta D^{-2} g / |D^{-1} g|."""
+  params, batch = problem(jnp.float64)
+  radius = 0.05
+  tx = aptsjax.apts(mlp_loss, num_subdomains=2, local_steps=1, global_steps=0,
+                    second_order=False, norm="rms", init_radius=radius)
+  [(_, updates, state)] = apts_updates(tx, params, batch, 1)
+  g = flat(jax.grad(mlp_loss)(params, batch))
+  _, d = rms_oracle([g], 0.999, 1e-8)
+  assert bool(state.apts_accepted)
+  np.testing.assert_allclose(flat(updates), -radius * g / d**2 / np.linalg.norm(g / d),
+                             rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(flat(state.scaling.d), d, rtol=1e-12)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_apts_step_within_scaled_region(second_order):
+  """|D s~| <= Delta for the APTS step s~ (the update, with global_steps=0), in float32.
+
+  Error model: s~ is scaled to |u| <= Delta in float32, then mapped to theta and back (two
+  roundings per element): |D s~| <= Delta (1 + 8 eps32). rms_eps = 0.05, of the size of the
+  gradient's entries, keeps D from being proportional to sqrt|g| (with which the first steps are
+  sign steps whose Euclidean length equals their D-length).
+  """
+  params, batch = problem()
+  tx = aptsjax.apts(mlp_loss, num_subdomains=2, local_steps=3, global_steps=0,
+                    second_order=second_order, norm="rms", rms_eps=0.05, init_radius=0.05)
+  boundary, euclid = 0, []
+  for radius, updates, state in apts_updates(tx, params, batch, 3):
+    d = flat(state.scaling.d)
+    step = flat(updates)
+    assert np.linalg.norm(d * step) <= radius * (1 + 8 * rounding.EPS32)
+    if bool(state.apts_accepted):
+      boundary += np.linalg.norm(d * step) >= 0.99 * radius
+      euclid.append(np.linalg.norm(step) / radius)
+  assert boundary >= 1
+  assert max(abs(e - 1.0) for e in euclid) > 0.05   # the region is not the Euclidean one
+
+
+def test_apts_paper_options_are_bitwise_the_explicit_ones():
+  """base=Hyperparams.paper() is the same method as the explicit options, and overrides beat a
+  base that says otherwise."""
+  params, batch = problem()
+  paper = dict(radius_growth="always", norm="l2", local_radius="bound")
+  other = aptsjax.Hyperparams(radius_growth="boundary", norm="rms", local_radius="split")
+  kw = dict(num_subdomains=2, local_steps=2, init_radius=0.1)
+  runs = [apts_updates(aptsjax.apts(mlp_loss, base=aptsjax.Hyperparams.paper(), **kw),
+                       params, batch, 2),
+          apts_updates(aptsjax.apts(mlp_loss, **paper, **kw), params, batch, 2),
+          apts_updates(aptsjax.apts(mlp_loss, base=other, **paper, **kw), params, batch, 2)]
+  assert runs[0][-1][2].scaling is None
+  for run in runs[1:]:
+    for (_, u_ref, s_ref), (_, u, s) in zip(runs[0], run, strict=True):
+      jax.tree.map(np.testing.assert_array_equal, (u, s), (u_ref, s_ref))
+
+
+def test_rms_trainer_two_devices_matches_one_float32():
+  """norm="rms" under apts_trainer: 2 devices equal 1 within rounding (tests/rounding.py)."""
+  from tests.test_apts import run_trainer   # pylint: disable=import-outside-toplevel
+  params, _ = problem(rows=512)
+
+  def run(num_devices, p):
+    p, state = run_trainer(num_devices, True, 3, params=p, norm="rms")
+    assert state.scaling is not None
+    return {"params": p, "loss": state.loss, "radius": state.radius, "d": state.scaling.d}
+
+  reference = run(1, params)
+  spread = rounding.probe_spread(lambda p: run(1, p), params, reference)
+  rounding.assert_within_rounding(run(2, params), reference, spread, "norm='rms', 2 devices")
