@@ -119,10 +119,10 @@ def random_memory(rng, template, num_pairs: int, memory: int):
   n = flat(template).size
   q = rng.normal(size=(n, n))
   a = q @ q.T / n + np.diag(np.linspace(0.5, 3.0, n))
-  state = lsr1.init(template, memory)
+  state, update = lsr1.init(template, memory), jax.jit(lsr1.update)
   for _ in range(num_pairs):
     s = rng.normal(size=n)
-    state = lsr1.update(state, leaves_like(template, s), leaves_like(template, a @ s))
+    state = update(state, leaves_like(template, s), leaves_like(template, a @ s))
   assert int(np.sum(np.asarray(state.in_use))) == num_pairs
   return state
 
@@ -357,11 +357,14 @@ def test_apts_paper_options_are_bitwise_the_explicit_ones():
   params, batch = problem()
   paper = dict(radius_growth="always", norm="l2", local_radius="bound")
   other = aptsjax.Hyperparams(radius_growth="boundary", norm="rms", local_radius="split")
-  kw = dict(num_subdomains=2, local_steps=2, init_radius=0.1)
+  kw = dict(num_subdomains=2, local_steps=3, init_radius=0.1, second_order=False)
   runs = [apts_updates(aptsjax.apts(mlp_loss, base=aptsjax.Hyperparams.paper(), **kw),
-                       params, batch, 2),
-          apts_updates(aptsjax.apts(mlp_loss, **paper, **kw), params, batch, 2),
-          apts_updates(aptsjax.apts(mlp_loss, base=other, **paper, **kw), params, batch, 2)]
+                       params, batch, 3),
+          apts_updates(aptsjax.apts(mlp_loss, **paper, **kw), params, batch, 3),
+          apts_updates(aptsjax.apts(mlp_loss, base=other, **paper, **kw), params, batch, 3)]
+  # The options would change this run: "split" and "rms" give other steps.
+  changed = apts_updates(aptsjax.apts(mlp_loss, base=other, **kw), params, batch, 1)
+  assert not np.array_equal(flat(changed[0][1]), flat(runs[0][0][1]))
   assert runs[0][-1][2].scaling is None
   for run in runs[1:]:
     for (_, u_ref, s_ref), (_, u, s) in zip(runs[0], run, strict=True):
