@@ -69,8 +69,7 @@ def update(state: ScaleState, grad: PyTree, decay: float, eps: float,
   count = state.count + 1
   nu = jax.tree.map(lambda v, g: decay * v + (1.0 - decay) * jnp.square(g.astype(v.dtype)),
                     state.nu, grad)
-  correction = 1.0 - decay ** count.astype(jnp.float32)
-  w = jax.tree.map(lambda v: jnp.sqrt(v / correction.astype(v.dtype)) + eps, nu)
+  w = jax.tree.map(lambda v: jnp.sqrt(v / (1.0 - decay ** count.astype(v.dtype))) + eps, nu)
   size = sum(x.size for x in jax.tree.leaves(w))
   mean = sum(jnp.sum(x) for x in jax.tree.leaves(w)) / size
   ok = jnp.asarray(valid) & jnp.isfinite(mean) & (mean > 0)
