@@ -116,7 +116,8 @@ def trust_region_local_solver(hp: tr.Hyperparams, second_order: bool, memory: in
   split = hp.local_radius == "split"
 
   def start(params, loss, grad, state, bound):
-    radius = bound / local_steps if split else bound
+    # "split": bound / nu, but never below the local floor (a rejection must not grow it).
+    radius = jnp.minimum(bound, jnp.maximum(bound / local_steps, hp.min_radius)) if split else bound
     return LocalCarry(params=params, loss=loss, state=state, extra=(grad, radius))
 
   def step(value_and_grad, carry, anchor, bound, active):

@@ -218,17 +218,18 @@ def test_local_radius_bound_starts_at_bound(x64):
 def test_local_radius_split_rejection_does_not_grow_the_radius(x64):
   """A rejected local step must not enlarge the local radius.
 
-  With "split" the local radius starts at Delta / (N nu), below the local floor Delta_min / N
-  whenever Delta < nu Delta_min (here Delta = Delta_min = 1e-3, N = 2, nu = 5: 1e-4 < 5e-4).
-  The radius update max(alpha radius, min_radius) then turns the shrink after a rejected step
-  into a jump up to the floor: the next trial step is 5 times longer than the rejected one.
+  With "split" the local radius would start at Delta / (N nu), below the local floor
+  Delta_min / N whenever Delta < nu Delta_min (here Delta = Delta_min = 1e-3, N = 2, nu = 5:
+  1e-4 < 5e-4), and the radius update max(alpha radius, min_radius) would turn the shrink after
+  a rejected step into a jump up to the floor (a 5 times longer next trial). The start is
+  therefore floored at the local Delta_min (and capped by the bound).
   """
   bound = Hyperparams().min_radius / 2
   trace = local_steps_of("split", 1, bound, curvature=1e6, local_steps=5)
   (_, start, _), (moved, after, _) = trace
-  assert start == pytest.approx(bound / 5)
-  assert moved == 0.0                 # rejected: rho < 0 on the steep quadratic
-  assert after < start, (start, after)
+  assert start == pytest.approx(bound)   # the floor, Delta_min / N, equals the bound here
+  assert moved == 0.0                    # rejected: rho < 0 on the steep quadratic
+  assert after <= start, (start, after)
 
 
 # ----------------------------------------------------------------------------
