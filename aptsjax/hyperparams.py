@@ -2,7 +2,8 @@
 
 ``Hyperparams()`` holds the library's defaults; ``Hyperparams.paper()`` is the paper's method
 exactly. The two differ only in the options that the study in ``benchmarks/ablation.py`` chose
-on a validation split (docs/method.md, "Options and defaults"):
+on a validation split (``combine="mean"``, ``local_method="adam"``; docs/method.md, "Defaults").
+The options (docs/method.md, "Options beyond the paper"):
 
 * ``radius_growth``: when the radius grows after a very good step (rho > eta2): always, as the
   paper's (7), or only when the step reached the boundary of the region (Nocedal and Wright,
@@ -12,6 +13,10 @@ on a validation split (docs/method.md, "Options and defaults"):
   diagonal from an RMS of past gradients (``aptsjax.scaling``).
 * ``local_radius``: the APTS local radius starts at the local bound Delta / N (the paper) or at
   Delta / (N nu), so that nu local steps fit the bound and grow by the local TR rules.
+* ``combine``: APTS's step is the sum of the local steps, each within Delta / N (the paper), or
+  their mean, each within Delta.
+* ``local_method``: APTS's local solver is trust region (the paper) or Adam steps projected into
+  the local region.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ class Hyperparams(NamedTuple):
   """The trust-region constants and options: one table for every problem (no learning rate).
 
   The radii, thresholds and factors are the paper's (docs/method.md, "Defaults"); the options
-  default to the choices of the validation study (``benchmarks/ablation.py``);
-  ``Hyperparams.paper()`` is the paper's method. ``aptsjax.apts`` uses the table as it is;
-  ``aptsjax.trust_region`` lowers ``min_radius`` to ``GENERAL_MIN_RADIUS`` so that it can
-  converge to tight gradient tolerances as a general optimizer (pass ``min_radius=1e-3`` for the
-  paper's plain TR).
+  default to the choices of the validation study (``benchmarks/ablation.py``): the mean of the
+  local steps and the Adam local solver, the rest as the paper. ``Hyperparams.paper()`` is the
+  paper's method. ``aptsjax.apts`` uses the table as it is; ``aptsjax.trust_region`` (with no
+  ``base``) lowers ``min_radius`` to ``GENERAL_MIN_RADIUS`` so that it can converge to tight
+  gradient tolerances as a general optimizer, and grows the radius only after boundary steps
+  (pass ``base=Hyperparams.paper(), min_radius=1e-3`` for the paper's plain TR).
 
   Attributes:
     init_radius: Delta_0, the initial radius.
@@ -76,8 +82,8 @@ class Hyperparams(NamedTuple):
   rms_decay: float = 0.999
   rms_eps: float = 1e-8
   local_radius: str = "bound"
-  combine: str = "sum"
-  local_method: str = "trust_region"
+  combine: str = "mean"
+  local_method: str = "adam"
   local_lr: float = 1e-3
 
   @classmethod

@@ -217,6 +217,9 @@ def scalar_loss(loss_fn: LossFn, params: PyTree, batch: Any) -> jax.Array:
   return jnp.asarray(value).astype(_stack.tree_dtype(params))
 
 
+TRUST_REGION_GROWTH = "boundary"  # trust_region's default radius_growth (docs/method.md, "Radius growth")
+
+
 def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
                  base: Hyperparams | None = None, **hyperparams: float | str
                  ) -> optax.GradientTransformationExtraArgs:
@@ -256,8 +259,9 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
     memory: number of L-SR1 pairs (second order), an integer >= 1 (checked for either order);
       10 by default (the paper's code uses 5).
     second_order: L-SR1 model solved by OBS (True) or the first-order model (False).
-    base: the table the overrides apply to: ``Hyperparams()`` (the defaults) when None,
-      ``Hyperparams.paper()`` for the paper's TR.
+    base: the table the overrides apply to: ``Hyperparams()`` (the defaults) with
+      ``radius_growth="boundary"`` (``TRUST_REGION_GROWTH``) when None; ``Hyperparams.paper()``
+      for the paper's TR (growth after every very good step).
     **hyperparams: overrides of ``Hyperparams`` (``init_radius``, ``min_radius``,
       ``max_radius``, ``eta_accept``, ``eta1``, ``eta2``, ``alpha``, ``beta``,
       ``radius_growth``, ``norm``, ``rms_decay``, ``rms_eps``). ``min_radius`` defaults to
@@ -267,6 +271,8 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
     An ``optax.GradientTransformationExtraArgs``.
   """
   hyperparams.setdefault("min_radius", GENERAL_MIN_RADIUS)
+  if base is None:
+    hyperparams.setdefault("radius_growth", TRUST_REGION_GROWTH)
   hp = make_hyperparams(base, **hyperparams)
   memory = _checks.as_int("memory", memory, 1)
 

@@ -71,17 +71,24 @@ def test_full_batch_loss_never_increases(x64, second_order):
   assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("second_order", [False, True])
-def test_shard_map_matches_one_device_float64(x64, second_order):
+@pytest.mark.parametrize("second_order, preset", [(False, "defaults"), (True, "defaults"),
+                                                  (True, "paper")])
+def test_shard_map_matches_one_device_float64(x64, second_order, preset):
+  """4 devices = 1 device over 10 float64 iterations: the defaults (local Adam, mean of the
+  local steps) and the paper's method (local TR with L-SR1 memories, sum)."""
   iters = 10
-  one = run_trainer(1, second_order, iters, jnp.float64)
-  four = run_trainer(4, second_order, iters, jnp.float64)
+  kw = {"base": aptsjax.Hyperparams.paper()} if preset == "paper" else {}
+  one = run_trainer(1, second_order, iters, jnp.float64, **kw)
+  four = run_trainer(4, second_order, iters, jnp.float64, **kw)
   assert_close(four[0], one[0], 1e-8)
   assert_close((four[1].loss, four[1].radius), (one[1].loss, one[1].radius), 1e-8)
-  if second_order:  # the pairs and gamma (the factor's basis is only unique up to rotation)
+  local_one, local_four = one[1].local_state, four[1].local_state
+  if preset == "paper":  # the pairs and gamma (the factor's basis is only unique up to rotation)
     for name in ("s", "y", "gamma"):
-      assert_close(getattr(four[1].local_state, name), getattr(one[1].local_state, name), 1e-8)
-    np.testing.assert_array_equal(four[1].local_state.in_use, one[1].local_state.in_use)
+      assert_close(getattr(local_four, name), getattr(local_one, name), 1e-8)
+    np.testing.assert_array_equal(local_four.in_use, local_one.in_use)
+  else:                  # every subdomain's Adam state
+    assert_close(local_four, local_one, 1e-8)
 
 
 def pmap_run(second_order, iters, params, batch):
@@ -247,7 +254,7 @@ def test_single_subdomain_matches_first_order_trust_region():
   params, batch = problem()
   g = jax.grad(mlp_loss)(params, batch)
   a_tx = aptsjax.apts(mlp_loss, num_subdomains=1, local_steps=1, global_steps=0,
-                      second_order=False)
+                      second_order=False, base=aptsjax.Hyperparams.paper())
   t_tx = aptsjax.trust_region(mlp_loss, second_order=False, min_radius=1e-3)
   a_updates, a_state = a_tx.update(g, a_tx.init(params), params, batch=batch)
   t_updates, t_state = t_tx.update(g, t_tx.init(params), params, batch=batch)

@@ -57,7 +57,7 @@ def test_custom_solver_through_the_interface(x64):
   params, batch = problem(jnp.float64)
   num, nu, lr = 4, 3, 0.05
   tx = aptsjax.apts(mlp_loss, num_subdomains=num, local_steps=nu, global_steps=0,
-                    local_solver=projected_gradient_descent(lr))
+                    local_solver=projected_gradient_descent(lr), base=aptsjax.Hyperparams.paper())
   state = tx.init(params)
   updates, state = jax.jit(lambda p, s: tx.update(None, s, p, batch=batch))(params, state)
   np.testing.assert_array_equal(state.local_steps, [nu] * num)

@@ -273,7 +273,8 @@ def adam_apts(vectorize: bool, monkeypatch, loss=mlp_loss, steps: int = 2, lr: f
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if vectorize else "cpu")
   params, batch = problem(jnp.float64)
   tx = aptsjax.apts(loss, num_subdomains=2, local_steps=3, global_steps=0, second_order=False,
-                    local_solver=aptsjax.optax_local_solver(optax.adam(lr)))
+                    local_solver=aptsjax.optax_local_solver(optax.adam(lr)),
+                    base=aptsjax.Hyperparams.paper())
   step = jax.jit(lambda p, s: tx.update(None, s, p, batch=batch))
   state, states = tx.init(params), []
   for _ in range(steps):
@@ -312,7 +313,8 @@ def test_optax_local_solver_nonfinite_subdomain_is_dropped(x64, monkeypatch):
   batch = (x, y, marker)
   lr, bound = 1e-4, 0.01 / 2
   tx = aptsjax.apts(loss, num_subdomains=2, local_steps=3, global_steps=0, second_order=False,
-                    local_solver=aptsjax.optax_local_solver(optax.adam(lr)))
+                    local_solver=aptsjax.optax_local_solver(optax.adam(lr)),
+                    base=aptsjax.Hyperparams.paper())
   _, state = jax.jit(lambda p, s: tx.update(None, s, p, batch=batch))(params, tx.init(params))
   np.testing.assert_array_equal(state.local_steps, [1, 3])
   # Block 0 is part of the global objective too, so the trial loss at theta^k + s~ is NaN: the

@@ -317,7 +317,8 @@ def test_apts_first_order_rms_step(x64):
   params, batch = problem(jnp.float64)
   radius = 0.05
   tx = aptsjax.apts(mlp_loss, num_subdomains=2, local_steps=1, global_steps=0,
-                    second_order=False, norm="rms", init_radius=radius)
+                    second_order=False, norm="rms", init_radius=radius,
+                    base=aptsjax.Hyperparams.paper())
   [(_, updates, state)] = apts_updates(tx, params, batch, 1)
   g = flat(jax.grad(mlp_loss)(params, batch))
   _, d = rms_oracle([g], 0.999, 1e-8)
@@ -338,7 +339,8 @@ def test_apts_step_within_scaled_region(second_order):
   """
   params, batch = problem()
   tx = aptsjax.apts(mlp_loss, num_subdomains=2, local_steps=3, global_steps=0,
-                    second_order=second_order, norm="rms", rms_eps=0.05, init_radius=0.05)
+                    second_order=second_order, norm="rms", rms_eps=0.05, init_radius=0.05,
+                    base=aptsjax.Hyperparams.paper())
   boundary, euclid = 0, []
   for radius, updates, state in apts_updates(tx, params, batch, 3):
     d = flat(state.scaling.d)
@@ -355,7 +357,8 @@ def test_apts_paper_options_are_bitwise_the_explicit_ones():
   """base=Hyperparams.paper() is the same method as the explicit options, and overrides beat a
   base that says otherwise."""
   params, batch = problem()
-  paper = dict(radius_growth="always", norm="l2", local_radius="bound")
+  paper = dict(radius_growth="always", norm="l2", local_radius="bound", combine="sum",
+               local_method="trust_region")
   other = aptsjax.Hyperparams(radius_growth="boundary", norm="rms", local_radius="split")
   kw = dict(num_subdomains=2, local_steps=3, init_radius=0.1, second_order=False)
   runs = [apts_updates(aptsjax.apts(mlp_loss, base=aptsjax.Hyperparams.paper(), **kw),
