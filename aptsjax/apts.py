@@ -178,7 +178,7 @@ def _check_rows(rows: int, num_subdomains: int, num_devices: int) -> None:
 
 
 def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
-         second_order: bool = True, axis_name: str | None = None, memory: int = 10,
+         second_order: bool = False, axis_name: str | None = None, memory: int = 10,
          global_steps: int = 1, local_solver: LocalSolver | None = None,
          base: Hyperparams | None = None, **hyperparams: float | str
          ) -> optax.GradientTransformationExtraArgs:
@@ -208,7 +208,10 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     num_subdomains: N, the total number of subdomains (in every mode); num_subdomains,
       local_steps, memory (>= 1) and global_steps (>= 0) must be integers (ValueError).
     local_steps: nu, the maximum local TR iterations per update.
-    second_order: L-SR1 models (local and global) or first-order models.
+    second_order: L-SR1 models (local and global; with the Adam local solver, the global
+      steps) or first-order models. False by default: with the default options first order
+      was better on the validation split in every setting of the study (docs/method.md,
+      "Defaults"); True with ``base=Hyperparams.paper()`` is the paper's second-order APTS.
     axis_name: None on one device; the mesh/pmap axis name across devices (its size D must
       divide N; each device's shard of the batch holds its N / D subdomains).
     memory: L-SR1 pairs per memory (each subdomain's and the global one).

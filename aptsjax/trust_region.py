@@ -38,7 +38,6 @@ from aptsjax.hyperparams import GENERAL_MIN_RADIUS  # re-exported
 from aptsjax.hyperparams import Hyperparams
 from aptsjax.hyperparams import make_hyperparams
 from aptsjax.hyperparams import ratio_test
-from aptsjax.hyperparams import reaches_boundary  # re-exported
 from aptsjax.hyperparams import update_radius
 
 PyTree = Any

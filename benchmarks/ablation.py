@@ -15,7 +15,8 @@ observed.
 
 Protocol:
 
-* Data: MNIST-5k (``benchmarks.datasets``). Every run trains on the first 3,500 of its 4,000
+* Data: MNIST-5k (``benchmarks.datasets``; ``--dataset mnist1d``: MNIST-1D, generated, with
+  its 40-100-100-10 MLP, to check a choice on a second problem). Every run trains on the first 3,500 of its 4,000
   training rows; the last 500 training rows are the validation split (the split on which
   ``benchmarks.paper`` chooses Adam's learning rate); the 1,000 test rows are evaluated after
   every epoch, reported, and never used to choose anything.
@@ -69,6 +70,7 @@ SETTINGS = tuple(pm.Method("apts", n, order, minibatch)
                  for minibatch, n in ((True, 2), (True, 4), (False, 2)) for order in (False, True))
 QUICK_SETTINGS = ("SAPTS N=2 o1", "APTS N=2 o1")
 QUICK_ROWS = 1000
+NAMES = {"mnist5k": "MNIST-5k", "mnist1d": "MNIST-1D"}
 BYTES_PER_FLOAT = 4
 TARGET_ACC = 93.47  # test accuracy (%) at which epochs and bytes are counted
 Row = dict[str, Any]
@@ -89,6 +91,9 @@ class Variant(NamedTuple):
 
 LOCAL_SOLVERS: dict[str, Callable[[], Any]] = {
     "adam": lambda: aptsjax.optax_local_solver(optax.adam(1e-3)),
+    # Learning rate 1: every step is longer than the region and is projected onto it, so the
+    # region, not the rate, sets the step length (Adam's direction at the local bound).
+    "adam-region": lambda: aptsjax.optax_local_solver(optax.adam(1.0)),
 }
 OPTIONS = {  # add a single option here; any "+" combination of them is then a variant
     "boundary": Variant("boundary", {"radius_growth": "boundary"}),
@@ -96,6 +101,7 @@ OPTIONS = {  # add a single option here; any "+" combination of them is then a v
     "rms": Variant("rms", {"norm": "rms"}),
     "adam-local": Variant("adam-local", local_solver="adam"),
     "mean": Variant("mean", {"combine": "mean"}),
+    "adam-region": Variant("adam-region", local_solver="adam-region"),
 }
 DEFAULT_VARIANTS = ("paper", "boundary", "split", "rms", "adam-local", "boundary+split",
                     "boundary+rms", "rms+split", "boundary+rms+split", "adam-local+rms")
@@ -166,6 +172,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--variants", nargs="+", default=None,
                  help=f"'paper' or options joined by '+', from {sorted(OPTIONS)} (default "
                  f"{list(DEFAULT_VARIANTS)})")
+  p.add_argument("--dataset", default="mnist5k", choices=tuple(NAMES),
+                 help="the data set (its last 500 training rows are the validation split)")
   p.add_argument("--adam-lr", type=float, default=0.01)
   p.add_argument("--sgd-lr", type=float, default=0.1)
   p.add_argument("--target", type=float, default=TARGET_ACC, help="test accuracy (%%) target")
@@ -191,9 +199,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def load_split(quick: bool) -> datasets.Dataset:
-  """MNIST-5k's first 3,500 training rows (1,000 with ``quick``) and its last 500 as test rows."""
-  split = datasets.validation_split(datasets.load("mnist5k"), datasets.MNIST5K_NUM_VAL)
+def load_split(quick: bool, name: str = "mnist5k") -> datasets.Dataset:
+  """The first training rows (3,500 of MNIST-5k's and MNIST-1D's 4,000; 1,000 with ``quick``)
+  and the last 500 as test rows (the validation split)."""
+  split = datasets.validation_split(datasets.load(name), datasets.MNIST5K_NUM_VAL)
   if quick:
     split = split._replace(x_train=split.x_train[:QUICK_ROWS], y_train=split.y_train[:QUICK_ROWS])
   return split
@@ -262,9 +271,9 @@ def run_all(args: argparse.Namespace, csv_path: Path) -> tuple[list[Row], int]:
   Returns:
     The rows and the number of training rows.
   """
-  split = load_split(args.quick)
-  test = datasets.load("mnist5k")
-  module = models.for_dataset("mnist5k")
+  split = load_split(args.quick, args.dataset)
+  test = datasets.load(args.dataset)
+  module = models.for_dataset(args.dataset)
   evaluate = evaluator(module, split, test)
   num_rows = len(split.y_train)
   batch_size = pm.minibatch_size(num_rows + len(split.y_test))
@@ -296,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
   rows, num_rows = run_all(args, out / "ablation.csv")
   ablation_report.plot(rows, out)
   text = ablation_report.summarize(rows, args.target, time.perf_counter() - start,
-                                   f"{args.epochs} epochs, {args.seeds} seed(s), "
+                                   f"{NAMES[args.dataset]}: {args.epochs} epochs, {args.seeds} seed(s), "
                                    f"{num_rows:,} training rows")
   (out / "summary.md").write_text(text + "\n")
   print(text, flush=True)

@@ -120,7 +120,7 @@ def summarize(rows: list[Row], target: float, seconds: float, header: str) -> st
   """The Markdown summary: one table per setting, the choices, then Adam and SGD."""
   groups, chosen, ranks = group(rows), choose(rows), ranking(rows)
   head = [HEADER.format(t=target), "|" + "---|" * (HEADER.count("|") - 1)]
-  lines = [f"## APTS ablation on MNIST-5k: {header}", "",
+  lines = [f"## APTS ablation on {header}", "",
            "Selection on the validation split only (final-epoch validation accuracy, mean over "
            "seeds; ties: fewer all-reduced bytes, then the variant run first). Test accuracy is "
            "reported, never used to "

@@ -24,6 +24,7 @@ from tests.helpers import ROOT, example_section, launch, printed, show
 EXAMPLES = {
     "trust_region_full_batch.py": ["step"],
     "sapts_minibatch.py": ["trainer"],
+    "options.py": ["options"],
     "shard_map.py": ["shard_map"],
     "pmap.py": ["pmap"],
     "flax_nnx.py": ["nnx"],
