@@ -223,7 +223,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     **hyperparams: overrides of ``aptsjax.Hyperparams`` (radii, thresholds and factors as the
       paper: init_radius 0.01, min_radius 0.001, max_radius 4.0, eta_accept 0, eta1 0.25,
       eta2 0.75, alpha 0.5, beta 2; options ``radius_growth``, ``norm``, ``rms_decay``,
-      ``rms_eps``, ``local_radius``); local radii are the radii divided by N.
+      ``rms_eps``, ``local_radius``, ``combine``, ``local_method``, ``local_lr``). With
+      ``combine="sum"`` the local radii are the radii divided by N, with ``"mean"`` the radii.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``APTSState``.
@@ -316,7 +317,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     coords = scaling.coordinates(scale)
 
     # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local).
-    bound = jnp.where(ok, state.radius / local_share, 0.0)   # 0: no local iterations (a no-op update)
+    bound = jnp.where(ok, state.radius / local_share, 0.0)   # 0: no local iterations (no-op)
     theta_k = to_varying(params, axis_name)
     u_k = coords.to_u(theta_k)
     g_k = to_varying(grads, axis_name)

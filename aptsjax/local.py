@@ -142,8 +142,9 @@ def optax_local_solver(tx: optax.GradientTransformation) -> LocalSolver:
   the new point onto the local region |theta_i - theta^k| <= bound (the step from theta^k
   rescaled when it is longer), then one evaluation of the local objective there. The
   optimizer's state (Adam's moments, a momentum, ...) is the subdomain's persistent state,
-  carried from one APTS update to the next. APTS then judges the sum of the subdomains' steps by
-  its global trust-region test: this makes APTS a trust-region-globalised local SGD or Adam, with
+  carried from one APTS update to the next. APTS then judges the sum or the mean of the
+  subdomains' steps (``combine``) by its global trust-region test: this makes APTS a
+  trust-region-globalised local SGD or Adam, with
   the optimizer's learning rate bounded by the region. A subdomain stops early when it reaches
   the boundary or its loss stops being finite (its contribution is then dropped by APTS).
 

@@ -27,7 +27,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from aptsjax import _stack
 
 PyTree = Any
 
@@ -124,7 +123,3 @@ def ratio(old: ScaleState, new: ScaleState) -> PyTree:
   """D_new / D_old, the factor that moves an L-SR1 memory to the new variables."""
   return jax.tree.map(lambda a, b: a / b, new.d, old.d)
 
-
-def norm(coords: Coordinates, step: PyTree) -> jax.Array:
-  """|D s|_2 (|s|_2 for the identity)."""
-  return _stack.norm(coords.to_u(step))

@@ -216,7 +216,8 @@ def scalar_loss(loss_fn: LossFn, params: PyTree, batch: Any) -> jax.Array:
   return jnp.asarray(value).astype(_stack.tree_dtype(params))
 
 
-TRUST_REGION_GROWTH = "boundary"  # trust_region's default radius_growth (docs/method.md, "Radius growth")
+# trust_region's default radius_growth (docs/method.md, "Radius growth").
+TRUST_REGION_GROWTH = "boundary"
 
 
 def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
@@ -316,7 +317,8 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
                            coords.to_theta(out.step), params)
     new_state = TrustRegionState(
         radius=keep(out.radius, state.radius), loss=jnp.where(ok, out.loss, state.loss),
-        grad=keep(coords.grad_to_theta(out.grad), state.grad), accepted=accepted, stalled=ok & out.stalled,
+        grad=keep(coords.grad_to_theta(out.grad), state.grad), accepted=accepted,
+        stalled=ok & out.stalled,
         nonfinite=~ok, iteration=state.iteration + 1,
         num_accepted=state.num_accepted + accepted.astype(jnp.int32),
         predicted_reduction=jnp.where(ok, out.predicted, 0.0).astype(loss.dtype),

@@ -15,9 +15,10 @@ Time on a 2-core CPU (measured): ``--quick`` about 21 s when the CPU is otherwis
 Protocol:
 
 * Data: MNIST-5k (``benchmarks.datasets``; ``--dataset mnist1d``: MNIST-1D, generated, with
-  its 40-100-100-10 MLP, to check a choice on a second problem). Every run trains on the first 3,500 of its 4,000
-  training rows; the last 500 training rows are the validation split (the split on which
-  ``benchmarks.paper`` chooses Adam's learning rate); the 1,000 test rows are evaluated after
+  its 40-100-100-10 MLP, to check a choice on a second problem). Every run trains on the
+  first 3,500 of its 4,000 training rows; the last 500 training rows are the validation split
+  (the split on which ``benchmarks.paper`` chooses Adam's learning rate); the 1,000 test rows
+  are evaluated after
   every epoch, reported, and never used to choose anything.
 * Settings (``benchmarks.paper_methods.Method``): SAPTS N=2 and N=4 (660-row minibatches, 5%
   overlap) and full-batch APTS N=2, each with first-order (o1) and L-SR1 (o2) models.
@@ -304,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
   rows, num_rows = run_all(args, out / "ablation.csv")
   ablation_report.plot(rows, out)
   text = ablation_report.summarize(rows, args.target, time.perf_counter() - start,
-                                   f"{NAMES[args.dataset]}: {args.epochs} epochs, {args.seeds} seed(s), "
+                                   f"{NAMES[args.dataset]}: {args.epochs} epochs, "
+                                   f"{args.seeds} seed(s), "
                                    f"{num_rows:,} training rows")
   (out / "summary.md").write_text(text + "\n")
   print(text, flush=True)
