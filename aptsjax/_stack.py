@@ -3,7 +3,8 @@
 A *stack* holds k pytree vectors (the columns of an n-by-k matrix such as S, Y or Psi) with the
 same structure as the parameters, each leaf carrying a leading axis of size k. The helpers below
 are the only O(n k) operations of the L-SR1 and OBS code; everything else works on k-by-k
-matrices. All products run at ``Precision.HIGHEST`` so that float32 stays float32 on GPUs (no
+matrices. None of them reshapes a leaf: products contract the leaf's own dimensions, so a leaf
+sharded over a model axis stays sharded and only the k-sized results are all-reduced. All products run at ``Precision.HIGHEST`` so that float32 stays float32 on GPUs (no
 TF32; docs/method.md, "Numerics").
 """
 
@@ -13,14 +14,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _flat(leaf: jax.Array, k: int) -> jax.Array:
-  return jnp.reshape(leaf, (k, -1))
+def _trailing(x: jax.Array, skip: int) -> tuple[int, ...]:
+  return tuple(range(skip, jnp.ndim(x)))
 
 
 def stack_size(stack: PyTree) -> int:
@@ -30,17 +30,15 @@ def stack_size(stack: PyTree) -> int:
 
 def gram(a: PyTree, b: PyTree) -> jax.Array:
   """Returns the k-by-l matrix ``A^T B`` of two stacks: ``[i, j] = <a_i, b_j>``."""
-  ka, kb = stack_size(a), stack_size(b)
-  parts = jax.tree.map(
-      lambda x, y: jnp.matmul(_flat(x, ka), _flat(y, kb).T, precision=_HIGHEST), a, b)
+  parts = jax.tree.map(lambda x, y: jnp.tensordot(
+      x, y, axes=(_trailing(x, 1), _trailing(y, 1)), precision=_HIGHEST), a, b)
   return sum(jax.tree.leaves(parts))
 
 
 def dot(stack: PyTree, v: PyTree) -> jax.Array:
   """Returns the k-vector ``A^T v``: ``[i] = <a_i, v>``."""
-  k = stack_size(stack)
-  parts = jax.tree.map(
-      lambda x, y: jnp.matmul(_flat(x, k), jnp.reshape(y, (-1,)), precision=_HIGHEST), stack, v)
+  parts = jax.tree.map(lambda x, y: jnp.tensordot(
+      x, y, axes=(_trailing(x, 1), _trailing(y, 0)), precision=_HIGHEST), stack, v)
   return sum(jax.tree.leaves(parts))
 
 
@@ -97,14 +95,25 @@ def upcast(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
 
 
-def norm(tree: PyTree) -> jax.Array:
-  """The 2-norm of a pytree vector, accumulated in at least float32 (see ``upcast``)."""
-  return optax.tree.norm(upcast(tree))
+def inner(a: PyTree, b: PyTree) -> jax.Array:
+  """The inner product of two pytree vectors in their own dtype.
+
+  Each leaf's product contracts all its dimensions in place (``jnp.vdot`` would flatten it,
+  which gathers a leaf sharded over a model axis).
+  """
+  parts = jax.tree.map(lambda x, y: jnp.tensordot(x, y, axes=jnp.ndim(x), precision=_HIGHEST),
+                       a, b)
+  return sum(jax.tree.leaves(parts))
 
 
 def vdot(a: PyTree, b: PyTree) -> jax.Array:
   """The inner product of two pytree vectors, accumulated in at least float32 (see ``upcast``)."""
-  return optax.tree.vdot(upcast(a), upcast(b))
+  return inner(upcast(a), upcast(b))
+
+
+def norm(tree: PyTree) -> jax.Array:
+  """The 2-norm of a pytree vector, accumulated in at least float32 (see ``upcast``)."""
+  return jnp.sqrt(vdot(tree, tree))
 
 
 def varying_axes(x: Any) -> frozenset:

@@ -213,24 +213,52 @@ def _leading_sizes(like: PyTree, count: int) -> list[int]:
   return sizes
 
 
+def _row_slices(shape: tuple[int, ...], count: int) -> list[tuple]:
+  """Static index tuples that select the first ``count`` flat entries of an array of ``shape``.
+
+  One per row of the last dimension (row-major order), so the entries are read without
+  reshaping the array: a leaf sharded over a model axis is not gathered for them.
+  """
+  if not shape:
+    return [()] if count else []
+  width = shape[-1]
+  out = []
+  for row in range(-(-count // width)):
+    index = tuple(int(i) for i in np.unravel_index(row, shape[:-1])) if shape[:-1] else ()
+    out.append(index + (slice(0, min(width, count - row * width)),))
+  return out
+
+
 def leading_entries(stack: PyTree, count: int) -> jax.Array:
   """The first ``count`` flat entries (leaf order) of every vector of a stack: ``(k, count)``.
 
   These are the products [S Y]^T e_i with the first ``count`` unit vectors, without a pass over n.
   """
-  k = _stack.stack_size(stack)
-  parts = [jnp.reshape(x, (k, -1))[:, :c]
-           for x, c in zip(jax.tree.leaves(stack), _leading_sizes(stack, count)) if c]
+  parts = []
+  for x, c in zip(jax.tree.leaves(stack), _leading_sizes(stack, count)):
+    for index in _row_slices(x.shape[1:], c):
+      parts.append(jnp.reshape(x[(slice(None),) + index], (x.shape[0], -1)))
   return jnp.concatenate(parts, axis=1)
 
 
 def add_to_leading(tree: PyTree, values: jax.Array) -> PyTree:
-  """``tree + sum_i values_i e_i`` over the first ``len(values)`` flat entries (leaf order)."""
+  """``tree + sum_i values_i e_i`` over the first ``len(values)`` flat entries (leaf order).
+
+  Each row of values is padded to its leaf's shape and added (no scatter, which would gather a
+  leaf sharded over a model axis): a pass over the leaves that hold those entries only.
+  """
   like = jax.tree.map(lambda x: x[None], tree)
   sizes = _leading_sizes(like, values.shape[0])
-  offsets = np.cumsum([0] + sizes)
   leaves, treedef = jax.tree.flatten(tree)
-  out = [x if not c else
-         jnp.reshape(jnp.reshape(x, (-1,)).at[:c].add(values[o:o + c].astype(x.dtype)), x.shape)
-         for x, c, o in zip(leaves, sizes, offsets)]
+  out, offset = [], 0
+  for x, c in zip(leaves, sizes):
+    for index in _row_slices(x.shape, c):
+      width = index[-1].stop if index else 1
+      block = jnp.reshape(values[offset:offset + width].astype(x.dtype),
+                          (1,) * (x.ndim - 1) + (width,) if x.ndim else ())
+      config = [(i, d - i - 1, 0) for i, d in zip(index[:-1], x.shape[:-1])]
+      config += [(0, x.shape[-1] - width, 0)] if x.ndim else []
+      x = x + jax.lax.pad(block, jnp.zeros((), x.dtype), config)
+      offset += width
+    out.append(x)
   return jax.tree.unflatten(treedef, out)

@@ -225,7 +225,7 @@ def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = Tru
   # The only reads of the stored pairs: [S Y]^T s and [S Y]^T y.
   dots = pair_dots(state, [s, y])
   s_col, y_col = dots[:, 0], dots[:, 1]          # [S^T s; Y^T s], [S^T y; Y^T y]
-  ss_jj, sy_jj, yy_jj = _vdot(s, s), _vdot(s, y), _vdot(y, y)
+  ss_jj, sy_jj, yy_jj = _stack.inner(s, s), _stack.inner(s, y), _stack.inner(y, y)
 
   # (3) The Gram matrices with the pair in slot j (the oldest pair, if the ring is full).
   j = state.count % k
@@ -311,11 +311,6 @@ def rescale(state: LSR1State, ratio: PyTree) -> LSR1State:
   spec = compact.spectral(gamma, fac.basis, fac.keep, jnp.where(used, fac.core, 0.0))
   return state._replace(s=s, y=y, ss=ss, yy=yy, gamma=gamma, in_use=fac.kept, coef=spec.coef,
                         lam=spec.lam, lam_valid=spec.valid)
-
-
-def _vdot(a: PyTree, b: PyTree) -> jax.Array:
-  parts = jax.tree.map(lambda x, y: jnp.vdot(x, y, precision=_HIGHEST), a, b)
-  return sum(jax.tree.leaves(parts))
 
 
 def dense_pairs(state: LSR1State) -> tuple[np.ndarray, np.ndarray, float]:

@@ -82,7 +82,7 @@ def first_order_step(grad: PyTree, radius: Any) -> OBSResult:
   """
   check_radius(radius)
   dtype = _stack.tree_dtype(grad)
-  gnorm = _stack_norm(grad)   # at least float32: half-precision gradients are scaled in float32
+  gnorm = _stack.norm(grad)   # at least float32: half-precision gradients are scaled in float32
   radius = jnp.asarray(radius, dtype).astype(gnorm.dtype)
   ok = (gnorm > 0) & jnp.isfinite(gnorm) & jnp.isfinite(radius) & (radius > 0)
   scale = jnp.where(ok, -radius / jnp.where(ok, gnorm, 1.0), 0.0)
@@ -93,12 +93,6 @@ def first_order_step(grad: PyTree, radius: Any) -> OBSResult:
                    on_boundary=ok,
                    sigma=jnp.where(ok, gnorm / jnp.where(ok, radius, 1.0), zero).astype(dtype),
                    hard_case=jnp.array(False))
-
-
-def _stack_norm(tree: PyTree) -> jax.Array:
-  """The 2-norm of a pytree vector, accumulated in at least float32 (``_stack.upcast``)."""
-  return jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(
-      lambda x: jnp.vdot(x, x, precision=jax.lax.Precision.HIGHEST), _stack.upcast(tree)))))
 
 
 def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
@@ -135,7 +129,7 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   a_par = jnp.where(spec.valid, _mm(coef.T, lsr1.pair_dots(state, [g]))[:, 0], 0.0)
   # Pass 2: the explicit projection g_perp = g - P_par a_par, for its norm.
   proj = lsr1.pair_combine(state, _mm(coef, a_par[:, None]))
-  gperp_norm = _stack_norm(jax.tree.map(lambda x, p: x - p[0], g, proj))
+  gperp_norm = _stack.norm(jax.tree.map(lambda x, p: x - p[0], g, proj))
   # For the hard case in the complement: the unit vector e_i among the first 4k that is
   # farthest from span(P_par) (|z_perp|^2 >= 1/2 when n >= 4k), from entries of S and Y only.
   ez = _mm(coef.T, jnp.concatenate([compact.leading_entries(state.s, 2 * k),
@@ -143,7 +137,7 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   z_sq = 1.0 - jnp.sum(ez**2, axis=0)                 # |e_i - P_par P_par^T e_i|^2
   z_pick = jnp.argmax(z_sq)
   zc, zperp_norm = ez[:, z_pick], jnp.sqrt(jnp.maximum(z_sq[z_pick], 0.0))
-  gnorm = _stack_norm(g)
+  gnorm = _stack.norm(g)
   has_complement = jnp.sum(spec.valid) < n
 
   # Components: k eigen-directions, then the complement (eigenvalue gamma).
@@ -218,7 +212,7 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   # Rounding (P_par is orthonormal only to working precision) changes |p| slightly: scale by f
   # so that |p| <= radius always, and the predicted reduction with it.
   # A boundary (or hard-case) step is scaled to length exactly radius, an interior one only down.
-  step_norm = _stack_norm(step)
+  step_norm = _stack.norm(step)
   to_radius = delta / jnp.where(step_norm > 0, step_norm, 1.0)
   f = jnp.where(~interior & (step_norm > 0), to_radius, jnp.minimum(to_radius, 1.0))
   step = jax.tree.map(lambda p: (f * p).astype(p.dtype), step)

@@ -27,6 +27,10 @@ from aptsjax.apts import apts
 from aptsjax.apts import state_specs
 from aptsjax import data
 from aptsjax import distributed
+from aptsjax import sharding
+from aptsjax.mesh import build_mesh
+from aptsjax.mesh import default_num_devices  # re-exported  # pylint: disable=unused-import
+from aptsjax.mesh import mesh_devices
 from aptsjax._checks import as_int
 from aptsjax._step import NONFINITE_ACTIONS
 from aptsjax._step import distinct as _distinct
@@ -102,10 +106,15 @@ class Trainer(NamedTuple):
       process's devices hold, in order (own rows and shared rows of each of its subdomains).
     shard_local_batch: ``(local_batch, num_rows) -> batch``: like ``shard_batch`` for a process
       that loaded only ``take_rows(batch, process_rows(num_rows))`` itself.
-    replicate: ``params -> params`` as global arrays replicated on every device (``step`` does
-      this itself; use it to hand parameters to other jitted code on the mesh).
+    replicate: ``params -> params`` as global arrays on the mesh, replicated on every device, or
+      on a 2-D mesh replicated over the data axis and sharded over the model axis as
+      ``param_specs`` says (``step`` does this itself; use it to hand parameters to other
+      jitted code on the mesh).
     metrics: ``state -> dict`` of ``METRICS`` fields, replicated on every device of every
       process (``local_steps`` gathered to all N values), so any process can read them.
+    model_axis: the model axis name on a 2-D mesh (``model_devices > 1``), else None.
+    state_shardings: ``(state, params=None) -> shardings``: the NamedShardings of a state (or
+      of its shape structs) on the mesh, e.g. to restore a checkpoint; None on one device.
   """
   tx: optax.GradientTransformationExtraArgs
   mesh: jax.sharding.Mesh | None
@@ -119,6 +128,8 @@ class Trainer(NamedTuple):
   shard_local_batch: Callable[[Any, int], Any]
   replicate: Callable[[PyTree], PyTree]
   metrics: Callable[[NamedTuple], dict[str, jax.Array]]
+  model_axis: str | None = None
+  state_shardings: Callable[..., PyTree] | None = None
 
 
 METRICS = ("loss", "radius", "accepted", "apts_accepted", "stalled", "nonfinite", "iteration",
@@ -129,46 +140,6 @@ def _metrics(state: NamedTuple) -> dict[str, jax.Array]:
   return {name: getattr(state, name) for name in METRICS}
 
 
-def _by_process(devices: list) -> dict[int, list]:
-  groups: dict[int, list] = {}
-  for device in devices:
-    groups.setdefault(device.process_index, []).append(device)
-  return dict(sorted(groups.items()))
-
-
-def default_num_devices(num_subdomains: int, devices: list | None = None) -> int:
-  """The largest number of available devices that divides ``num_subdomains``.
-
-  With several processes it is a multiple of the process count using the same number of devices
-  on every process, so that every process takes part.
-  """
-  groups = _by_process(list(devices if devices is not None else jax.devices()))
-  procs, per = len(groups), min(len(g) for g in groups.values())
-  fits = [procs * k for k in range(1, per + 1) if num_subdomains % (procs * k) == 0]
-  if not fits:
-    raise ValueError(f"num_subdomains={num_subdomains} is not divisible by the {procs} processes; "
-                     "every process must hold the same number of subdomains.")
-  return max(fits)
-
-
-def mesh_devices(num_devices: int, devices: list) -> list:
-  """The devices of the mesh: ``num_devices / P`` from each of the P processes, process-major.
-
-  Each process's devices are contiguous along the mesh axis, so each process holds a contiguous
-  range of subdomains and loads a contiguous range of the laid-out batch.
-  """
-  groups = _by_process(devices)
-  if num_devices % len(groups):
-    raise ValueError(f"num_devices={num_devices} is not a multiple of the {len(groups)} "
-                     "processes; every process must take part with the same number of devices.")
-  per = num_devices // len(groups)
-  short = [p for p, g in groups.items() if len(g) < per]
-  if short:
-    raise ValueError(f"num_devices={num_devices} needs {per} devices per process, but processes "
-                     f"{short} have fewer; only {len(devices)} devices are available.")
-  return [d for g in groups.values() for d in g[:per]]
-
-
 # On CPU, XLA's loop emitters compile the second-order trainer step about 1.5x faster than its
 # fusion emitters (paper MLP: 13 s -> 9 s) at the same step time (benchmarks/apts_profile.py).
 CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
@@ -176,8 +147,10 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: int, *,
                  num_devices: int | None = None, overlap: float = 0.0, axis_name: str = "data",
-                 devices: list | None = None, on_nonfinite: str = "warn",
-                 remainder: str = "warn", compiler_options: dict[str, Any] | None = None,
+                 model_devices: int = 1, model_axis: str = "model",
+                 param_specs: PyTree | None = None, devices: list | None = None,
+                 on_nonfinite: str = "warn", remainder: str = "warn",
+                 compiler_options: dict[str, Any] | None = None,
                  **apts_kwargs: Any) -> Trainer:
   """Builds the mesh, the batch layout and a jitted APTS train step, on one or many processes.
 
@@ -189,13 +162,30 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   (``init``) and the first batch's shapes (``shard_batch``) are compared across processes and a
   mismatch raises ``ValueError``.
 
+  With ``model_devices`` M > 1 the mesh is 2-D, D x M (``aptsjax.mesh.build_mesh``): each of
+  the D replicas spans M devices, over which the parameters are sharded as ``param_specs`` says
+  (tensor parallel, FSDP, ...), and with them the gradients, every L-SR1 stack and every
+  per-subdomain state (``aptsjax.sharding.state_specs``); the subdomains are spread over the
+  data axis as on a 1-D mesh. The results equal the single-device run up to float rounding
+  (docs/guides/meshes.md).
+
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch.
+    loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch. On a 2-D mesh
+      it is traced with parameters sharded over the model axis; the compiler adds the model's
+      collectives (the model axis is ``AxisType.Auto``).
     num_subdomains: N, the total number of subdomains.
-    num_devices: D, dividing N (with P processes, a multiple of P); default: the largest possible.
+    num_devices: D, the size of the data axis, dividing N (with P processes, a multiple of P);
+      default: the largest possible with ``model_devices`` devices per replica.
     overlap: shared rows / own rows of the subdomain layout, in [0, 1) (docs/method.md,
       "Overlap layout").
-    axis_name: the mesh axis name.
+    axis_name: the data axis name.
+    model_devices: M, the devices per replica (the size of the model axis; default 1, no model
+      axis).
+    model_axis: the model axis name.
+    param_specs: one ``PartitionSpec`` per parameter leaf over ``model_axis`` (a pytree like the
+      params, or a prefix such as ``P()`` for all); default: read by ``init`` from the params
+      (``aptsjax.sharding.param_specs``: Flax NNX partitioning metadata, or the arrays'
+      ``NamedSharding`` specs), replicated where there is none.
     devices: the devices to use (default ``jax.devices()``, all processes' devices).
     on_nonfinite: what ``step`` does after an update skipped because the loss or gradient at the
       current parameters was not finite (``state.nonfinite``; params and state unchanged):
@@ -216,9 +206,12 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
 
   Raises:
     ValueError: an argument of the wrong type or value (named in the message), checked before
-      any device is queried; N not divisible by D; a configuration differing across processes.
+      any device is queried; N not divisible by D; a configuration differing across processes;
+      (``init``) a parameter spec naming another axis than ``model_axis`` or not dividing its
+      dimension.
   """
   num_subdomains = as_int("num_subdomains", num_subdomains, 1)
+  model_devices = as_int("model_devices", model_devices, 1)
   if num_devices is not None:
     num_devices = as_int("num_devices", num_devices, 1)
   data._as_overlap(overlap)  # pylint: disable=protected-access
@@ -227,18 +220,26 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   if remainder not in data.REMAINDER_ACTIONS:
     raise ValueError(f"remainder must be one of {data.REMAINDER_ACTIONS}, got {remainder!r}.")
   devices = list(devices if devices is not None else jax.devices())
-  num_devices = num_devices or default_num_devices(num_subdomains, devices)
-  if num_devices > len(devices):
-    raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are available.")
+  if model_devices > len(devices):
+    raise ValueError(f"model_devices={model_devices} but only {len(devices)} devices are "
+                     "available.")
+  num_devices = num_devices or default_num_devices(num_subdomains, devices[::model_devices])
+  if num_devices * model_devices > len(devices):
+    raise ValueError(f"num_devices={num_devices} x model_devices={model_devices} devices are "
+                     f"needed but only {len(devices)} are available.")
   if num_subdomains % num_devices:
     raise ValueError(f"num_subdomains={num_subdomains} is not divisible by "
                      f"num_devices={num_devices}.")
-  multi = num_devices > 1
+  multi = num_devices * model_devices > 1
+  # With one replica (D = 1) nothing is manual: apts runs without a data axis under jax.jit on
+  # the mesh (a shard_map over a size-1 axis is not needed, and XLA rejects its all-reduces).
   tx = apts(loss_fn, num_subdomains=num_subdomains,
-            axis_name=axis_name if multi else None, **apts_kwargs)
-  chosen = mesh_devices(num_devices, devices) if multi else devices[:1]
+            axis_name=axis_name if num_devices > 1 else None, **apts_kwargs)
+  mesh = build_mesh(num_devices, model_devices, devices, axis_name, model_axis) if multi else None
+  chosen = list(mesh.devices.flat) if multi else devices[:1]
   distributed.check_same({"num_subdomains": num_subdomains, "num_devices": num_devices,
-                          "overlap": overlap, "axis_name": axis_name,
+                          "model_devices": model_devices, "overlap": overlap,
+                          "axis_name": axis_name, "model_axis": model_axis,
                           "on_nonfinite": on_nonfinite, "remainder": remainder,
                           "apts_kwargs": sorted(apts_kwargs.items()),
                           "devices": [(d.process_index, d.id) for d in chosen]},
@@ -263,8 +264,8 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   if compiler_options is None:
     on_cpu = all(d.platform == "cpu" for d in chosen)
     compiler_options = dict(CPU_COMPILER_OPTIONS) if on_cpu else {}
-  jit = lambda f: _donating(jax.jit(reported(f), donate_argnums=(0, 1),
-                                    compiler_options=compiler_options))
+  jit = lambda f, **kw: _donating(jax.jit(reported(f), donate_argnums=(0, 1),
+                                          compiler_options=compiler_options, **kw))
   if not multi:
     return Trainer(tx=tx, mesh=None, axis_name=None, num_subdomains=num_subdomains,
                    overlap=overlap, init=lambda params: _distinct(tx.init(params)),
@@ -272,25 +273,51 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
                    step=finish(jit(one_step)),
                    process_rows=lambda m: data.overlap_layout(m, num_subdomains, overlap),
                    shard_local_batch=lambda local, m: local, replicate=lambda p: p,
-                   metrics=jax.jit(_metrics))
+                   metrics=jax.jit(_metrics), model_axis=None,
+                   state_shardings=lambda state, params=None: None)
 
-  mesh = jax.sharding.Mesh(np.asarray(chosen), (axis_name,),
-                           axis_types=(jax.sharding.AxisType.Explicit,))
+  two_d = model_devices > 1
   replicated = NamedSharding(mesh, P())
   rows = NamedSharding(mesh, P(axis_name))
-  mine = [i for i, d in enumerate(chosen) if d.process_index == jax.process_index()]
+  here = {i // model_devices for i, d in enumerate(chosen)
+          if d.process_index == jax.process_index()}
+  mine = sorted(here)
   per_device = num_subdomains // num_devices
   checked_batch: list[bool] = []
+  specs_seen: list[PyTree] = []   # the parameter specs, fixed by the first init / step
+
+  def specs_for(params):
+    if not specs_seen:
+      if param_specs is None:
+        found = sharding.param_specs(params)
+      else:
+        found = jax.tree.map(lambda s, x: P(*sharding.full_spec(s, np.ndim(x))),
+                             param_specs, params, is_leaf=lambda s: isinstance(s, P))
+      sharding.check_specs(found, params, mesh, (model_axis,) if two_d else ())
+      specs_seen.append(found)
+    return specs_seen[0]
 
   def replicate(params):  # host arrays must hold the same values on every process
-    return jax.device_put(params, replicated)
+    if not two_d:
+      return jax.device_put(params, replicated)
+    return jax.device_put(params, sharding.shardings(specs_for(params), mesh))
+
+  def state_shardings(state, params=None):
+    """NamedShardings of ``state`` (or its shape structs) on the trainer's mesh."""
+    if not two_d:
+      return sharding.shardings(state_specs(state, axis_name), mesh)
+    params = state.grad if params is None else params
+    return sharding.shardings(sharding.state_specs(state, axis_name, params,
+                                                   specs_for(params)), mesh)
 
   def init(params):
     distributed.check_same({"params": params}, "parameter pytree")
-    state = tx.init(params)
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                             state_specs(state, axis_name))
-    return _distinct(jax.device_put(state, shardings))
+    if not two_d:
+      state = tx.init(params)
+      return _distinct(jax.device_put(state, state_shardings(state)))
+    params = replicate(params)
+    target = state_shardings(jax.eval_shape(tx.init, params), params)
+    return _distinct(jax.jit(tx.init, out_shardings=target)(params))
 
   def process_rows(num_rows):
     blocks = data.overlap_layout(num_rows, num_subdomains, overlap).reshape(num_subdomains, -1)
@@ -317,20 +344,35 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     return shard_local_batch(data.take_rows(batch, process_rows(count)), count)
 
   def mapped_step(params, state, batch):
+    # Manual over the data axis only: the model axis stays automatic (see build_mesh).
+    if num_devices == 1:
+      return one_step(params, state, batch)
     specs = state_specs(state, axis_name)
     return jax.shard_map(one_step, mesh=mesh, in_specs=(P(), specs, P(axis_name)),
-                         out_specs=(P(), specs))(params, state, batch)
+                         out_specs=(P(), specs), axis_names={axis_name})(params, state, batch)
 
-  sharded_step = jit(mapped_step)
+  compiled: list[Any] = []
+
+  def jitted(params, state):  # built at the first call, when the parameter specs are known
+    if not compiled:
+      out = {"out_shardings": (sharding.shardings(specs_for(params), mesh),
+                               state_shardings(state, params))} if two_d else {}
+      compiled.append(jit(mapped_step, **out))
+    return compiled[0]
 
   def step(params, state, batch):
-    return sharded_step(replicate(params), state, batch)
+    params = replicate(params)
+    return jitted(params, state)(params, state, batch)
 
-  step.lower = sharded_step.lower  # for HLO inspection; params must already be replicated
+  def lower(params, state, batch):  # for HLO inspection; params must already be placed
+    return jitted(params, state).lower(params, state, batch)
+
+  step.lower = lower
   return Trainer(tx=tx, mesh=mesh, axis_name=axis_name, num_subdomains=num_subdomains,
                  overlap=overlap, init=init, shard_batch=shard_batch, step=finish(step),
                  process_rows=process_rows, shard_local_batch=shard_local_batch,
-                 replicate=replicate, metrics=jax.jit(_metrics, out_shardings=replicated))
+                 replicate=replicate, metrics=jax.jit(_metrics, out_shardings=replicated),
+                 model_axis=model_axis if two_d else None, state_shardings=state_shardings)
 
 
 def numpy_tree(tree: PyTree) -> PyTree:
