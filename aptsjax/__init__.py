@@ -7,9 +7,9 @@ from aptsjax import distributed
 from aptsjax import hyperparams
 from aptsjax import local
 from aptsjax import lsr1
+from aptsjax import mesh
 from aptsjax.apts import APTSState
 from aptsjax.apts import apts
-from aptsjax.apts import state_specs
 from aptsjax.local import LocalCarry
 from aptsjax.local import LocalSolver
 from aptsjax.local import optax_local_solver
@@ -17,6 +17,8 @@ from aptsjax.local import trust_region_local_solver
 from aptsjax import obs
 from aptsjax import parallel
 from aptsjax import scaling
+from aptsjax import sharding
+from aptsjax.sharding import state_specs
 from aptsjax.trust_region import GENERAL_MIN_RADIUS
 from aptsjax.trust_region import Hyperparams
 from aptsjax.trust_region import TrustRegionState

@@ -204,21 +204,41 @@ def spectral(gamma: jax.Array, basis: jax.Array, keep: jax.Array, core: jax.Arra
                   gamma=gamma)
 
 
-def _leading_sizes(like: PyTree, count: int) -> list[int]:
-  """How many of the first ``count`` flat entries (leaf order) fall in each leaf of ``like``."""
-  sizes, left = [], count
-  for x in jax.tree.leaves(like):
-    sizes.append(min(left, int(np.prod(x.shape[1:] if x.ndim else ()))))
-    left -= sizes[-1]
-  return sizes
+# Leaves up to this size give their unit-vector entries through one-hot contractions (below).
+_MASK_MAX_SIZE = 1 << 16
+
+
+def _unit_sizes(like: PyTree, count: int) -> list[int]:
+  """How many of the ``count`` unit vectors e_i of ``unit_entries`` fall in each leaf.
+
+  The smallest leaves first (biases, typically), in leaf order among equal sizes: there the
+  entries are cheapest to read without moving data between the devices of a model axis.
+  """
+  sizes = [int(np.prod(x.shape[1:] if x.ndim else ())) for x in jax.tree.leaves(like)]
+  taken, left = [0] * len(sizes), count
+  for i in sorted(range(len(sizes)), key=lambda i: sizes[i]):
+    taken[i] = min(left, sizes[i])
+    left -= taken[i]
+  return taken
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """The row-major flat index of every entry of an array of ``shape``, built without a reshape."""
+  index = jnp.zeros(shape, jnp.int32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    index = index + stride * jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+    stride *= shape[dim]
+  return index
+
+
+def _one_hot(shape: tuple[int, ...], count: int, dtype) -> jax.Array:
+  """``(*shape, count)``: column i is e_i, the entry of flat index i, for i < count."""
+  return (_flat_index(shape)[..., None] == jnp.arange(count)).astype(dtype)
 
 
 def _row_slices(shape: tuple[int, ...], count: int) -> list[tuple]:
-  """Static index tuples that select the first ``count`` flat entries of an array of ``shape``.
-
-  One per row of the last dimension (row-major order), so the entries are read without
-  reshaping the array: a leaf sharded over a model axis is not gathered for them.
-  """
+  """Static index tuples selecting the first ``count`` flat entries, one per row of the last dim."""
   if not shape:
     return [()] if count else []
   width = shape[-1]
@@ -229,36 +249,46 @@ def _row_slices(shape: tuple[int, ...], count: int) -> list[tuple]:
   return out
 
 
-def leading_entries(stack: PyTree, count: int) -> jax.Array:
-  """The first ``count`` flat entries (leaf order) of every vector of a stack: ``(k, count)``.
+def unit_entries(stack: PyTree, count: int) -> jax.Array:
+  """The entries of every stack vector at ``count`` fixed positions: ``(k, count)``.
 
-  These are the products [S Y]^T e_i with the first ``count`` unit vectors, without a pass over n.
+  These are the products [S Y]^T e_i with ``count`` unit vectors (the first flat entries of the
+  smallest leaves, ``_unit_sizes``), without a pass over n. A leaf of at most
+  ``_MASK_MAX_SIZE`` entries is read by a contraction with one-hot columns: on a leaf sharded
+  over a model axis that is a local product and an all-reduce of k x count numbers (a slice
+  would move data from one device to another with a point-to-point transfer, which every
+  device of the mesh must join). A larger leaf is read by static slices.
   """
   parts = []
-  for x, c in zip(jax.tree.leaves(stack), _leading_sizes(stack, count)):
-    for index in _row_slices(x.shape[1:], c):
+  for x, c in zip(jax.tree.leaves(stack), _unit_sizes(stack, count)):
+    if not c:
+      continue
+    shape = x.shape[1:]
+    if int(np.prod(shape)) <= _MASK_MAX_SIZE:
+      parts.append(jnp.tensordot(x, _one_hot(shape, c, x.dtype), axes=len(shape),
+                                 precision=jax.lax.Precision.HIGHEST))
+      continue
+    for index in _row_slices(shape, c):
       parts.append(jnp.reshape(x[(slice(None),) + index], (x.shape[0], -1)))
   return jnp.concatenate(parts, axis=1)
 
 
-def add_to_leading(tree: PyTree, values: jax.Array) -> PyTree:
-  """``tree + sum_i values_i e_i`` over the first ``len(values)`` flat entries (leaf order).
-
-  Each row of values is padded to its leaf's shape and added (no scatter, which would gather a
-  leaf sharded over a model axis): a pass over the leaves that hold those entries only.
-  """
-  like = jax.tree.map(lambda x: x[None], tree)
-  sizes = _leading_sizes(like, values.shape[0])
+def add_unit(tree: PyTree, values: jax.Array) -> PyTree:
+  """``tree + sum_i values_i e_i`` for the unit vectors of ``unit_entries`` (same order)."""
+  sizes = _unit_sizes(jax.tree.map(lambda x: x[None], tree), values.shape[0])
   leaves, treedef = jax.tree.flatten(tree)
   out, offset = [], 0
   for x, c in zip(leaves, sizes):
-    for index in _row_slices(x.shape, c):
-      width = index[-1].stop if index else 1
-      block = jnp.reshape(values[offset:offset + width].astype(x.dtype),
-                          (1,) * (x.ndim - 1) + (width,) if x.ndim else ())
-      config = [(i, d - i - 1, 0) for i, d in zip(index[:-1], x.shape[:-1])]
-      config += [(0, x.shape[-1] - width, 0)] if x.ndim else []
-      x = x + jax.lax.pad(block, jnp.zeros((), x.dtype), config)
-      offset += width
+    v = values[offset:offset + c].astype(x.dtype)
+    offset += c
+    if c and x.size <= _MASK_MAX_SIZE:
+      x = x + jnp.tensordot(_one_hot(x.shape, c, x.dtype), v, axes=1,
+                            precision=jax.lax.Precision.HIGHEST)
+    elif c:
+      start = 0
+      for index in _row_slices(x.shape, c):
+        width = index[-1].stop if index else 1
+        x = x.at[index].add(jnp.reshape(v[start:start + width], x[index].shape))
+        start += width
     out.append(x)
   return jax.tree.unflatten(treedef, out)

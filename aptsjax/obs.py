@@ -130,10 +130,11 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   # Pass 2: the explicit projection g_perp = g - P_par a_par, for its norm.
   proj = lsr1.pair_combine(state, _mm(coef, a_par[:, None]))
   gperp_norm = _stack.norm(jax.tree.map(lambda x, p: x - p[0], g, proj))
-  # For the hard case in the complement: the unit vector e_i among the first 4k that is
-  # farthest from span(P_par) (|z_perp|^2 >= 1/2 when n >= 4k), from entries of S and Y only.
-  ez = _mm(coef.T, jnp.concatenate([compact.leading_entries(state.s, 2 * k),
-                                    compact.leading_entries(state.y, 2 * k)]))
+  # For the hard case in the complement: the unit vector e_i among 4k fixed ones (entries of the
+  # smallest leaves, ``compact.unit_entries``) that is farthest from span(P_par)
+  # (|z_perp|^2 >= 1/2 when n >= 4k: sum_i |P_par^T e_i|^2 <= 2k), from entries of S and Y only.
+  ez = _mm(coef.T, jnp.concatenate([compact.unit_entries(state.s, 2 * k),
+                                    compact.unit_entries(state.y, 2 * k)]))
   z_sq = 1.0 - jnp.sum(ez**2, axis=0)                 # |e_i - P_par P_par^T e_i|^2
   z_pick = jnp.argmax(z_sq)
   zc, zperp_norm = ez[:, z_pick], jnp.sqrt(jnp.maximum(z_sq[z_pick], 0.0))
@@ -208,7 +209,7 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   par = _mm(coef, (xs - perp_coef * a_par - tau_z * zc)[:, None])
   step = jax.tree.map(lambda p, gv: p[0] + perp_coef.astype(p.dtype) * gv,
                       lsr1.pair_combine(state, par), g)
-  step = compact.add_to_leading(step, jnp.where(jnp.arange(ez.shape[1]) == z_pick, tau_z, 0.0))
+  step = compact.add_unit(step, jnp.where(jnp.arange(ez.shape[1]) == z_pick, tau_z, 0.0))
   # Rounding (P_par is orthonormal only to working precision) changes |p| slightly: scale by f
   # so that |p| <= radius always, and the predicted reduction with it.
   # A boundary (or hard-case) step is scaled to length exactly radius, an interior one only down.

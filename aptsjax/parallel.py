@@ -24,13 +24,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from aptsjax.apts import apts
-from aptsjax.apts import state_specs
 from aptsjax import data
 from aptsjax import distributed
 from aptsjax import sharding
 from aptsjax.mesh import build_mesh
 from aptsjax.mesh import default_num_devices  # re-exported  # pylint: disable=unused-import
-from aptsjax.mesh import mesh_devices
+from aptsjax.mesh import mesh_devices  # re-exported  # pylint: disable=unused-import
+from aptsjax.sharding import state_specs
 from aptsjax._checks import as_int
 from aptsjax._step import NONFINITE_ACTIONS
 from aptsjax._step import distinct as _distinct

@@ -34,6 +34,7 @@ from aptsjax import _stack
 from aptsjax import lsr1
 from aptsjax import obs
 from aptsjax import scaling
+from aptsjax import sharding
 from aptsjax.hyperparams import GENERAL_MIN_RADIUS  # re-exported
 from aptsjax.hyperparams import Hyperparams
 from aptsjax.hyperparams import make_hyperparams
@@ -279,14 +280,14 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
   def init_fn(params: PyTree) -> TrustRegionState:
     _checks.check_params(params, second_order)
     dtype = _stack.tree_dtype(params)
-    return TrustRegionState(
+    return sharding.leading_metadata(TrustRegionState(
         radius=jnp.asarray(hp.init_radius, dtype), loss=jnp.asarray(jnp.inf, dtype),
         grad=optax.tree.zeros_like(params), accepted=jnp.array(False), stalled=jnp.array(False),
         nonfinite=jnp.array(False), iteration=jnp.zeros((), jnp.int32),
         num_accepted=jnp.zeros((), jnp.int32), predicted_reduction=jnp.zeros((), dtype),
         actual_reduction=jnp.zeros((), dtype),
         memory=lsr1.init(params, memory) if second_order else None,
-        scaling=scaling.init(params) if hp.norm == "rms" else None)
+        scaling=scaling.init(params) if hp.norm == "rms" else None))
 
   def update_fn(grads: PyTree, state: TrustRegionState, params: PyTree | None = None,
                 *, batch: Any = None, value: jax.Array | None = None, **extra_args: Any
