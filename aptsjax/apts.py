@@ -55,6 +55,7 @@ from aptsjax import data
 from aptsjax import local
 from aptsjax import lsr1
 from aptsjax import scaling
+from aptsjax import sharding
 from aptsjax import trust_region as tr
 from aptsjax.hyperparams import Hyperparams, reaches_boundary
 from aptsjax.local import LocalCarry, LocalSolver, trust_region_local_solver  # re-exported
@@ -251,14 +252,14 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     dtype = _stack.tree_dtype(params)
     local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub, axis=0), solver.init(params))
     zero = jnp.zeros((), dtype)
-    return APTSState(
+    return sharding.leading_metadata(APTSState(
         radius=jnp.asarray(hp.init_radius, dtype), loss=jnp.asarray(jnp.inf, dtype),
         grad=optax.tree.zeros_like(params), accepted=jnp.array(False),
         apts_accepted=jnp.array(False), stalled=jnp.array(False), nonfinite=jnp.array(False),
         iteration=jnp.zeros((), jnp.int32), predicted_reduction=zero, actual_reduction=zero,
         local_steps=jnp.zeros((n_sub,), jnp.int32), local_state=local,
         global_memory=lsr1.init(params, memory) if second_order else None,
-        scaling=scaling.init(params) if hp.norm == "rms" else None)
+        scaling=scaling.init(params) if hp.norm == "rms" else None))
 
   def update_fn(grads: PyTree, state: APTSState, params: PyTree | None = None, *,
                 batch: Any = None, **extra_args: Any) -> tuple[PyTree, APTSState]:
