@@ -31,6 +31,7 @@ EXAMPLES = {
     "flax_linen.py": ["linen"],
     "multiprocess.py": ["multiprocess"],
     "checkpoint_resume.py": ["checkpoint"],
+    "model_parallel.py": ["mesh"],
 }
 SHARED = ("circle.py", "cpu_devices.py")  # modules the scripts import, not scripts themselves
 TIMEOUT = 180.0  # seconds per example run; --quick runs take 3-15 s each on 2 CPU cores
