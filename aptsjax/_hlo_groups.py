@@ -160,7 +160,11 @@ def spanned_axes(groups: list[list[int]], shape: tuple[int, ...],
 
 
 def stack_frames(text: str) -> dict[int, list[str]]:
-  """Source locations (``file:line``, innermost first) of each ``stack_frame_id`` of a module."""
+  """Source locations (``file:line``, innermost first) of each ``stack_frame_id`` of a module.
+
+  Read from the module's ``FileNames``, ``FileLocations`` and ``StackFrames`` tables (JAX
+  records the user frames of the call stack that built each operation).
+  """
   sections: dict[str, dict[int, str]] = {}
   current = None
   for line in text.splitlines():
@@ -185,7 +189,8 @@ def stack_frames(text: str) -> dict[int, list[str]]:
   for k, v in sections.get("StackFrames", {}).items():
     loc = re.search(r"file_location_id=(\d+)", v)
     parent = re.search(r"parent_frame_id=(\d+)", v)
-    frames[k] = (int(loc.group(1)) if loc else 0, int(parent.group(1)) if parent else 0)
+    # XLA prints a frame's parent as the parent's id + 1 (1: no parent).
+    frames[k] = (int(loc.group(1)) if loc else 0, int(parent.group(1)) - 1 if parent else 0)
   out = {}
   for k in frames:
     chain, seen, frame = [], set(), k

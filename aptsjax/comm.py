@@ -199,6 +199,7 @@ class Collective(NamedTuple):
       all-reduce, the gathered array of an all-gather, the scattered piece of a
       reduce-scatter, the received array of an all-to-all or collective-permute.
     dtypes: their dtype(s).
+    shapes: the shape of each array of the result (several when XLA combined collectives).
     in_loop: whether it is reachable from the body or condition of a while loop.
     trips: runs per call of the program, as in ``AllReduce``.
     axes: the mesh axes its device groups span, in mesh order (``()``: each device alone, e.g.
@@ -212,6 +213,7 @@ class Collective(NamedTuple):
   computation: str
   elements: int
   dtypes: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
   in_loop: bool
   trips: int | None
   axes: tuple[str, ...] | None
@@ -220,14 +222,16 @@ class Collective(NamedTuple):
   source: tuple[str, ...]
 
 
-def _result(kind: str, start: bool, shape_text: str) -> tuple[int, tuple[str, ...]]:
-  """Elements and dtypes of a collective's result (the output part of an ``-start`` tuple)."""
+def _result(kind: str, start: bool, shape_text: str
+            ) -> tuple[int, tuple[str, ...], tuple[tuple[int, ...], ...]]:
+  """Elements, dtypes and shapes of a collective's result (the output part of a ``-start``)."""
   arrays = _SHAPE.findall(shape_text)
   if start and kind == "all-gather":
     arrays = arrays[len(arrays) // 2:]    # (operands, outputs)
   elif start and kind == "collective-permute":
     arrays = arrays[1:2]                  # (operand, output, contexts...)
-  return _elements(" ".join(f"{d}[{s}]" for d, s in arrays))
+  elements, dtypes = _elements(" ".join(f"{d}[{s}]" for d, s in arrays))
+  return elements, dtypes, tuple(tuple(int(d) for d in s.split(",") if d) for _, s in arrays)
 
 
 def collective_stats(compiled: Any, mesh: Any = None) -> list[Collective]:

@@ -130,6 +130,9 @@ def test_literal_hlo_formats():
       ("all-to-all", 4, ("data", "model"), 4, 1, False),     # {}: every device
       ("all-reduce", 6, ("data",), 2, 7, True),              # [2,2]<=[2,2]T(1,0): {0,2},{1,3}
   ])
+  shapes = {r.kind: r.shapes for r in comm.collective_stats(HLO, mesh)}
+  assert shapes["all-to-all"] == ((2,), (2,)) and shapes["all-gather"] == ((12,),)
+  assert shapes["collective-permute"] == ((6,),)
   assert [r.op_name for r in comm.collective_stats(HLO) if r.op_name] == ["jit(f)/psum"]
   assert all(r.axes is None for r in comm.collective_stats(HLO))
   assert [r.elements for r in comm.allreduce_stats(HLO)] == [6, 6, 5]
