@@ -178,17 +178,6 @@ def shardings(specs: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
 
 
-def data_part(specs: PyTree, axis_name: str) -> PyTree:
-  """The specs with every axis but ``axis_name`` dropped (what a shard_map manual over it takes)."""
-  def keep(spec):
-    entries = [axis_name if e == axis_name or (isinstance(e, tuple) and axis_name in e) else None
-               for e in spec]
-    while entries and entries[-1] is None:
-      entries.pop()
-    return P(*entries)
-  return jax.tree.map(keep, specs, is_leaf=_is_spec)
-
-
 def leading_metadata(state: PyTree) -> PyTree:
   """Extends Flax NNX partitioning metadata to the leading axes the optimizer state adds.
 
