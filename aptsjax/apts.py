@@ -51,6 +51,7 @@ from jax.sharding import PartitionSpec
 
 from aptsjax import _checks
 from aptsjax import _stack
+from aptsjax import blocks as pblocks
 from aptsjax import data
 from aptsjax import local
 from aptsjax import lsr1
@@ -180,8 +181,8 @@ def _check_rows(rows: int, num_subdomains: int, num_devices: int) -> None:
 def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
          second_order: bool = False, axis_name: str | None = None, memory: int = 10,
          global_steps: int = 1, local_solver: LocalSolver | None = None,
-         base: Hyperparams | None = None, **hyperparams: float | str
-         ) -> optax.GradientTransformationExtraArgs:
+         base: Hyperparams | None = None, param_blocks: Any = None,
+         **hyperparams: float | str) -> optax.GradientTransformationExtraArgs:
   """APTS: additively preconditioned trust-region training, one iteration per ``update``.
 
   ``update(grads, state, params, batch=...)``: ``grads`` is the gradient of the global
@@ -220,6 +221,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
       ``aptsjax.optax_local_solver(optax.sgd(1e-2, momentum=0.9))``).
     base: the table the overrides apply to: ``Hyperparams()`` (the library's defaults) when
       None, ``Hyperparams.paper()`` for the paper's method exactly.
+    param_blocks: None (subdomains of the data only), ``"leaves"``, ``"layers"`` or a labels
+      pytree (``aptsjax.blocks``): J parameter blocks, N x J local problems (see above).
     **hyperparams: overrides of ``aptsjax.Hyperparams`` (radii, thresholds and factors as the
       paper: init_radius 0.01, min_radius 0.001, max_radius 4.0, eta_accept 0, eta1 0.25,
       eta2 0.75, alpha 0.5, beta 2; options ``radius_growth``, ``norm``, ``rms_decay``,
@@ -238,25 +241,32 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   # of the s_i with local bound Delta (docs/method.md, "Combining the local steps").
   local_share = num_subdomains if hp.combine == "sum" else 1
   weight = 1.0 if hp.combine == "sum" else 1.0 / num_subdomains
-  if local_solver is not None:
-    solver = local_solver
-  elif hp.local_method == "adam":
-    solver = local.optax_local_solver(optax.adam(hp.local_lr))
-  else:
-    solver = trust_region_local_solver(hp.scaled(local_share), second_order, memory, local_steps)
+  if isinstance(param_blocks, str):
+    pblocks.check_name(param_blocks)  # an unknown name raises now; labels are checked at init
+
+  def make_solver(count: int) -> LocalSolver:
+    """The local solver of J = ``count`` parameter blocks (local radii / (N or 1) / sqrt(J))."""
+    if local_solver is not None:
+      return local_solver
+    if hp.local_method == "adam":
+      return local.optax_local_solver(optax.adam(hp.local_lr))
+    share = local_share if count == 1 else local_share * pblocks.bound_factor(count)
+    return trust_region_local_solver(hp.scaled(share), second_order, memory, local_steps)
   n_sub = num_subdomains
 
   def init_fn(params: PyTree) -> APTSState:
     _checks.check_params(params, second_order)
     dtype = _stack.tree_dtype(params)
-    local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub, axis=0), solver.init(params))
+    count = pblocks.count(pblocks.resolve(param_blocks, params))
+    local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub * count, axis=0),
+                         make_solver(count).init(params))
     zero = jnp.zeros((), dtype)
     return APTSState(
         radius=jnp.asarray(hp.init_radius, dtype), loss=jnp.asarray(jnp.inf, dtype),
         grad=optax.tree.zeros_like(params), accepted=jnp.array(False),
         apts_accepted=jnp.array(False), stalled=jnp.array(False), nonfinite=jnp.array(False),
         iteration=jnp.zeros((), jnp.int32), predicted_reduction=zero, actual_reduction=zero,
-        local_steps=jnp.zeros((n_sub,), jnp.int32), local_state=local,
+        local_steps=jnp.zeros((n_sub * count,), jnp.int32), local_state=local,
         global_memory=lsr1.init(params, memory) if second_order else None,
         scaling=scaling.init(params) if hp.norm == "rms" else None)
 
@@ -277,10 +287,15 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
                        f"of axis {axis_name!r}.")
     n_local = n_sub // num_devices
     _check_rows(data._row_count(batch), n_sub, num_devices)  # pylint: disable=protected-access
-    if state.local_steps.shape != (n_local,):
-      raise ValueError(f"the state holds {state.local_steps.shape[0]} subdomains here, expected "
-                       f"{n_local}: shard it with aptsjax.state_specs (shard_map) or "
-                       "aptsjax.parallel.pmap_state (pmap).")
+    spec = pblocks.resolve(param_blocks, params)
+    count = pblocks.count(spec)
+    solver = make_solver(count)
+    if state.local_steps.shape != (n_local * count,):
+      raise ValueError(f"the state holds {state.local_steps.shape[0]} local problems here, "
+                       f"expected {n_local * count} ({n_local} subdomains x {count} parameter "
+                       "blocks): shard it with aptsjax.state_specs (shard_map) or "
+                       "aptsjax.parallel.pmap_state (pmap), and init it with the same "
+                       "param_blocks.")
     blocks = data.split_subdomains(batch, n_local)   # this device's subdomains, in order
     dtype = state.radius.dtype
 
@@ -316,20 +331,25 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
         local_state = jax.vmap(solver.rescale, in_axes=(0, None))(local_state, ratio)
     coords = scaling.coordinates(scale)
 
-    # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local).
-    bound = jnp.where(ok, state.radius / local_share, 0.0)   # 0: no local iterations (no-op)
+    # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local); with
+    # J parameter blocks problem i * J + j runs on f_i restricted to block j, bound / sqrt(J).
+    share = local_share if spec is None else local_share * pblocks.bound_factor(count)
+    bound = jnp.where(ok, state.radius / share, 0.0)   # 0: no local iterations (no-op)
     theta_k = to_varying(params, axis_name)
     u_k = coords.to_u(theta_k)
     g_k = to_varying(grads, axis_name)
 
+    r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, block_grads)
+    inputs, pick, project = pblocks.problems((blocks, r), n_local, spec)
+
     def local_value_and_grad(inp, u):
-      blk, r_i = inp
+      blk, r_i = pick(inp)
       f_i = jax.value_and_grad(local_objective(loss_fn, blk, theta_k, r_i))
       return coords.value_and_grad(f_i)(u)
 
-    r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, block_grads)
-    res = local.run(solver, local_value_and_grad, (blocks, r), u_k, losses.astype(dtype),
-                    coords.grad_to_u(g_k), local_state, bound, local_steps)
+    losses_ij = losses if spec is None else jnp.repeat(losses, count)
+    res = local.run(solver, local_value_and_grad, inputs, u_k, losses_ij.astype(dtype),
+                    coords.grad_to_u(g_k), local_state, bound, local_steps, project=project)
 
     def contribution(theta_i, loss_end, loss_i):  # a non-finite subdomain contributes nothing
       step = optax.tree.sub(theta_i, u_k)
@@ -337,7 +357,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
       return (jax.tree.map(lambda x: jnp.where(good, weight * x, 0.0), step),
               jnp.where(good, weight * (loss_i - loss_end), 0.0))
 
-    steps, decrease = jax.vmap(contribution)(res.params, res.loss, losses)
+    steps, decrease = jax.vmap(contribution)(res.params, res.loss, losses_ij)
     s_sum = jax.tree.map(total, steps)
     s_norm = _stack.norm(s_sum).astype(dtype)
     shrink_to = jnp.where(s_norm > state.radius, state.radius / jnp.where(s_norm > 0, s_norm, 1.0), 1.0)
