@@ -199,6 +199,14 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   full length, the radius adapts to the full step, and ``state.loss`` / ``state.grad`` describe
   ``params + updates / c`` rather than the new parameters). This is not detected.
 
+  Parameter blocks (``param_blocks``, ``aptsjax.blocks``;
+  docs/method.md, "Parameter-block subdomains"): with J blocks there are N x J local problems,
+  i-major (i * J + j; the state's per-subdomain axis is N x J and still shards by i). Problem (i, j) minimises f_i over block j,
+  the rest frozen at theta^k (its gradients masked), within the data-only bound / sqrt(J); the
+  J disjoint block steps of subdomain i concatenate within that bound, so |s~| <= Delta^k still.
+  Each problem evaluates the whole loss on its rows (J times the local cost; second order: N x J
+  parameter-sized memories).
+
   Dtypes: the losses and gradients are cast to the parameters' dtype (float32 parameters with
   float64 data under ``jax_enable_x64`` work). ``second_order=False`` runs with bfloat16 or
   float16 parameters; ``second_order=True`` needs float32 or float64 (``init`` raises
@@ -241,25 +249,24 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   # of the s_i with local bound Delta (docs/method.md, "Combining the local steps").
   local_share = num_subdomains if hp.combine == "sum" else 1
   weight = 1.0 if hp.combine == "sum" else 1.0 / num_subdomains
-  if isinstance(param_blocks, str):
-    pblocks.check_name(param_blocks)  # an unknown name raises now; labels are checked at init
+  pblocks.check_name(param_blocks)  # an unknown name raises now; labels are checked at init
 
-  def make_solver(count: int) -> LocalSolver:
-    """The local solver of J = ``count`` parameter blocks (local radii / (N or 1) / sqrt(J))."""
+  def make_solver(share: float) -> LocalSolver:
+    """The local solver with the local radii divided by ``share`` (N or 1; x sqrt(J))."""
     if local_solver is not None:
       return local_solver
     if hp.local_method == "adam":
       return local.optax_local_solver(optax.adam(hp.local_lr))
-    share = local_share if count == 1 else local_share * pblocks.bound_factor(count)
     return trust_region_local_solver(hp.scaled(share), second_order, memory, local_steps)
   n_sub = num_subdomains
 
   def init_fn(params: PyTree) -> APTSState:
     _checks.check_params(params, second_order)
     dtype = _stack.tree_dtype(params)
-    count = pblocks.count(pblocks.resolve(param_blocks, params))
+    spec = pblocks.resolve(param_blocks, params)
+    count = pblocks.count(spec)
     local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub * count, axis=0),
-                         make_solver(count).init(params))
+                         make_solver(pblocks.share(local_share, spec)).init(params))
     zero = jnp.zeros((), dtype)
     return APTSState(
         radius=jnp.asarray(hp.init_radius, dtype), loss=jnp.asarray(jnp.inf, dtype),
@@ -288,14 +295,13 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     n_local = n_sub // num_devices
     _check_rows(data._row_count(batch), n_sub, num_devices)  # pylint: disable=protected-access
     spec = pblocks.resolve(param_blocks, params)
-    count = pblocks.count(spec)
-    solver = make_solver(count)
+    count, share = pblocks.count(spec), pblocks.share(local_share, spec)
+    solver = make_solver(share)
     if state.local_steps.shape != (n_local * count,):
       raise ValueError(f"the state holds {state.local_steps.shape[0]} local problems here, "
-                       f"expected {n_local * count} ({n_local} subdomains x {count} parameter "
-                       "blocks): shard it with aptsjax.state_specs (shard_map) or "
-                       "aptsjax.parallel.pmap_state (pmap), and init it with the same "
-                       "param_blocks.")
+                       f"expected {n_local} subdomains x {count} parameter blocks: init it with "
+                       "the same param_blocks and shard it with aptsjax.state_specs (shard_map) "
+                       "or aptsjax.parallel.pmap_state (pmap).")
     blocks = data.split_subdomains(batch, n_local)   # this device's subdomains, in order
     dtype = state.radius.dtype
 
@@ -333,7 +339,6 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
 
     # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local); with
     # J parameter blocks problem i * J + j runs on f_i restricted to block j, bound / sqrt(J).
-    share = local_share if spec is None else local_share * pblocks.bound_factor(count)
     bound = jnp.where(ok, state.radius / share, 0.0)   # 0: no local iterations (no-op)
     theta_k = to_varying(params, axis_name)
     u_k = coords.to_u(theta_k)

@@ -164,9 +164,9 @@ def _check_leaf(label: Any, leaf: Any, where: str) -> np.ndarray:
   return array.astype(np.int32)
 
 
-def check_name(param_blocks: str) -> None:
-  """Raises ValueError unless ``param_blocks`` is one of the named labellings (``NAMED``)."""
-  if param_blocks not in NAMED:
+def check_name(param_blocks: Any) -> None:
+  """Raises ValueError for a string that is not one of the named labellings (``NAMED``)."""
+  if isinstance(param_blocks, str) and param_blocks not in NAMED:
     raise ValueError(f"param_blocks must be None, one of {NAMED} or a labels pytree, got "
                      f"{param_blocks!r}.")
 
@@ -227,13 +227,21 @@ def count(spec: BlockLabels | None) -> int:
   return 1 if spec is None else spec.count
 
 
-def bound_factor(num_blocks: int) -> float:
-  """sqrt(J), what a local bound is divided by so that J disjoint block steps fit it.
+def share(data_share: int, spec: BlockLabels | None) -> float:
+  """What APTS divides the radius by for the local bound: the data share times sqrt(J).
 
   Steps s_1..s_J with disjoint supports and |s_j| <= B / sqrt(J) concatenate into
-  s = sum_j s_j with |s|^2 = sum_j |s_j|^2 <= B^2 (in the D-norm too: D is diagonal).
+  s = sum_j s_j with |s|^2 = sum_j |s_j|^2 <= B^2 (in the D-norm too: D is diagonal), so the
+  block steps of one data subdomain together keep its bound B = Delta / ``data_share``.
+
+  Args:
+    data_share: N (``combine="sum"``) or 1 (``"mean"``).
+    spec: the parameter blocks, or None.
+
+  Returns:
+    ``data_share`` itself for None, else ``data_share * sqrt(J)``.
   """
-  return math.sqrt(num_blocks)
+  return data_share if spec is None else data_share * math.sqrt(spec.count)
 
 
 def problems(per_subdomain: PyTree, n_local: int, spec: BlockLabels | None

@@ -153,7 +153,8 @@ def train(runner: pm.Runner, evaluate: Any, seed: int, lr: float, epochs: int,
     loss, acc = evaluate(carry[0])
     m = runner.method
     rows.append({"method": m.name, "kind": m.kind, "batching": m.batching, "order": m.order,
-                 "N": m.num_subdomains, "param_blocks": m.param_blocks or "", "lr": lr, "seed": seed, "epoch": ep + 1,
+                 "N": m.num_subdomains, "param_blocks": m.param_blocks or "", "lr": lr,
+                 "seed": seed, "epoch": ep + 1,
                  "train_loss": loss, "test_acc": acc, "wall_s": totals[4],
                  "iterations": int(totals[0]), "forward_passes": totals[1] / num_rows,
                  "backward_passes": totals[2] / num_rows, "allreduce_floats": totals[3],
