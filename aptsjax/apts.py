@@ -78,8 +78,9 @@ class APTSState(NamedTuple):
     iteration: number of updates.
     predicted_reduction: sum_i (f_i(theta^k) - f_i(theta_i)), the denominator of (6).
     actual_reduction: f(theta^k) - f(theta^k + s~).
-    local_steps: ``(N,)`` local iterations each subdomain took in the last update.
-    local_state: per-subdomain local solver states, leaves with a leading axis N.
+    local_steps: ``(N J,)`` local iterations each local problem took in the last update (J
+      parameter blocks, 1 without ``param_blocks``; problem i * J + j).
+    local_state: per-problem local solver states, leaves with a leading axis N J.
     global_memory: the L-SR1 memory of the global steps (None for first order).
     scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.scaling``), None otherwise;
       with it, every L-SR1 memory holds its pairs in the variables u = D theta.

@@ -7,6 +7,7 @@ Run from the repository root::
     python -m benchmarks.paper --full          # the paper's protocol: 100 epochs, 10 trials
     python -m benchmarks.paper --dataset mnist --data-dir ~/data/mnist
     python -m benchmarks.paper --methods "APTS N=2 o2" Adam
+    python -m benchmarks.paper --methods "APTS N=2 x layers o1" "APTS N=2 o1" Adam  # param blocks
     python -m benchmarks.paper --preset paper  # the paper's method (aptsjax.Hyperparams.paper())
     python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- python -m benchmarks.paper
     srun python -m benchmarks.paper --distributed      # one process per host/GPU under SLURM

@@ -280,12 +280,15 @@ def trainer_run(num_devices, param_blocks, base):
   return parallel.numpy_tree(params), parallel.numpy_tree(state)
 
 
-@pytest.mark.parametrize("param_blocks, base", [("layers", None),
-                                                (COLUMNS, aptsjax.Hyperparams.paper())])
-def test_two_devices_match_one(x64, param_blocks, base):
+@pytest.mark.parametrize("param_blocks, base, backend", [
+    ("layers", None, "cpu"), (COLUMNS, aptsjax.Hyperparams.paper(), "gpu")])
+def test_two_devices_match_one(x64, monkeypatch, param_blocks, base, backend):
   """apts_trainer over 2 devices (shard_map, each holding N / 2 x J problems) = 1 device: the
-  defaults (Adam local solver) and the paper's local TR."""
-  one, two = trainer_run(1, param_blocks, base), trainer_run(2, param_blocks, base)
+  defaults (Adam local solver) and the paper's local TR; "gpu": the 2-device run takes the
+  vectorized local loop (still on the CPU devices), the 1-device run the sequential one."""
+  one = trainer_run(1, param_blocks, base)
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  two = trainer_run(2, param_blocks, base)
   assert one[1].local_steps.shape == two[1].local_steps.shape == (2 * 4,)
   for a, b in zip(jax.tree.leaves(two[0]) + [two[1].loss, two[1].radius],
                   jax.tree.leaves(one[0]) + [one[1].loss, one[1].radius]):
