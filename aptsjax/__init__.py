@@ -1,5 +1,6 @@
 """aptsjax: trust-region methods and data-parallel APTS for JAX, as optax transformations."""
 
+from aptsjax import blocks
 from aptsjax import checkpoint
 from aptsjax import comm
 from aptsjax import data
@@ -10,6 +11,9 @@ from aptsjax import lsr1
 from aptsjax import mesh
 from aptsjax.apts import APTSState
 from aptsjax.apts import apts
+from aptsjax.blocks import layer_blocks
+from aptsjax.blocks import leaf_blocks
+from aptsjax.blocks import shard_blocks
 from aptsjax.local import LocalCarry
 from aptsjax.local import LocalSolver
 from aptsjax.local import optax_local_solver

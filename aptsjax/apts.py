@@ -47,10 +47,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec
 
 from aptsjax import _checks
 from aptsjax import _stack
+from aptsjax import blocks as pblocks
 from aptsjax import data
 from aptsjax import local
 from aptsjax import lsr1
@@ -59,6 +59,7 @@ from aptsjax import sharding
 from aptsjax import trust_region as tr
 from aptsjax.hyperparams import Hyperparams, reaches_boundary
 from aptsjax.local import LocalCarry, LocalSolver, trust_region_local_solver  # re-exported
+from aptsjax.sharding import state_specs  # re-exported  # pylint: disable=unused-import
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
@@ -78,8 +79,9 @@ class APTSState(NamedTuple):
     iteration: number of updates.
     predicted_reduction: sum_i (f_i(theta^k) - f_i(theta_i)), the denominator of (6).
     actual_reduction: f(theta^k) - f(theta^k + s~).
-    local_steps: ``(N,)`` local iterations each subdomain took in the last update.
-    local_state: per-subdomain local solver states, leaves with a leading axis N.
+    local_steps: ``(N J,)`` local iterations each local problem took in the last update (J
+      parameter blocks, 1 without ``param_blocks``; problem i * J + j).
+    local_state: per-problem local solver states, leaves with a leading axis N J.
     global_memory: the L-SR1 memory of the global steps (None for first order).
     scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.scaling``), None otherwise;
       with it, every L-SR1 memory holds its pairs in the variables u = D theta.
@@ -100,19 +102,6 @@ class APTSState(NamedTuple):
   scaling: scaling.ScaleState | None = None
 
   PER_SUBDOMAIN = ("local_steps", "local_state")
-
-
-def state_specs(state: NamedTuple, axis_name: str = "data") -> NamedTuple:
-  """PartitionSpecs for a state: P(axis_name) on per-subdomain leaves, P() on the rest.
-
-  This is what ``jax.shard_map`` takes as the state's in_specs/out_specs, and what a
-  ``NamedSharding`` for checkpointing uses. Works for every aptsjax state (a
-  ``TrustRegionState`` is fully replicated).
-  """
-  per = getattr(type(state), "PER_SUBDOMAIN", ())
-  return type(state)(**{
-      name: jax.tree.map(lambda _, spec=PartitionSpec(axis_name) if name in per else PartitionSpec(): spec, value)
-      for name, value in state._asdict().items()})
 
 
 def to_varying(tree: PyTree, axis_name: str | None) -> PyTree:
@@ -181,8 +170,8 @@ def _check_rows(rows: int, num_subdomains: int, num_devices: int) -> None:
 def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
          second_order: bool = False, axis_name: str | None = None, memory: int = 10,
          global_steps: int = 1, local_solver: LocalSolver | None = None,
-         base: Hyperparams | None = None, **hyperparams: float | str
-         ) -> optax.GradientTransformationExtraArgs:
+         base: Hyperparams | None = None, param_blocks: Any = None,
+         **hyperparams: float | str) -> optax.GradientTransformationExtraArgs:
   """APTS: additively preconditioned trust-region training, one iteration per ``update``.
 
   ``update(grads, state, params, batch=...)``: ``grads`` is the gradient of the global
@@ -198,6 +187,14 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   optax.scale(c))`` breaks the ratio test (the parameters move by a step that was judged at
   full length, the radius adapts to the full step, and ``state.loss`` / ``state.grad`` describe
   ``params + updates / c`` rather than the new parameters). This is not detected.
+
+  Parameter blocks (``param_blocks``, ``aptsjax.blocks``;
+  docs/method.md, "Parameter-block subdomains"): with J blocks there are N x J local problems,
+  i-major (i * J + j; the state's per-subdomain axis is N x J and still shards by i). Problem (i, j) minimises f_i over block j,
+  the rest frozen at theta^k (its gradients masked), within the data-only bound / sqrt(J); the
+  J disjoint block steps of subdomain i concatenate within that bound, so |s~| <= Delta^k still.
+  Each problem evaluates the whole loss on its rows (J times the local cost; second order: N x J
+  parameter-sized memories).
 
   Dtypes: the losses and gradients are cast to the parameters' dtype (float32 parameters with
   float64 data under ``jax_enable_x64`` work). ``second_order=False`` runs with bfloat16 or
@@ -221,6 +218,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
       ``aptsjax.optax_local_solver(optax.sgd(1e-2, momentum=0.9))``).
     base: the table the overrides apply to: ``Hyperparams()`` (the library's defaults) when
       None, ``Hyperparams.paper()`` for the paper's method exactly.
+    param_blocks: None (subdomains of the data only), ``"leaves"``, ``"layers"`` or a labels
+      pytree (``aptsjax.blocks``): J parameter blocks, N x J local problems (see above).
     **hyperparams: overrides of ``aptsjax.Hyperparams`` (radii, thresholds and factors as the
       paper: init_radius 0.01, min_radius 0.001, max_radius 4.0, eta_accept 0, eta1 0.25,
       eta2 0.75, alpha 0.5, beta 2; options ``radius_growth``, ``norm``, ``rms_decay``,
@@ -239,25 +238,31 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   # of the s_i with local bound Delta (docs/method.md, "Combining the local steps").
   local_share = num_subdomains if hp.combine == "sum" else 1
   weight = 1.0 if hp.combine == "sum" else 1.0 / num_subdomains
-  if local_solver is not None:
-    solver = local_solver
-  elif hp.local_method == "adam":
-    solver = local.optax_local_solver(optax.adam(hp.local_lr))
-  else:
-    solver = trust_region_local_solver(hp.scaled(local_share), second_order, memory, local_steps)
+  pblocks.check_name(param_blocks)  # an unknown name raises now; labels are checked at init
+
+  def make_solver(share: float) -> LocalSolver:
+    """The local solver with the local radii divided by ``share`` (N or 1; x sqrt(J))."""
+    if local_solver is not None:
+      return local_solver
+    if hp.local_method == "adam":
+      return local.optax_local_solver(optax.adam(hp.local_lr))
+    return trust_region_local_solver(hp.scaled(share), second_order, memory, local_steps)
   n_sub = num_subdomains
 
   def init_fn(params: PyTree) -> APTSState:
     _checks.check_params(params, second_order)
     dtype = _stack.tree_dtype(params)
-    local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub, axis=0), solver.init(params))
+    spec = pblocks.resolve(param_blocks, params)
+    count = pblocks.count(spec)
+    local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub * count, axis=0),
+                         make_solver(pblocks.share(local_share, spec)).init(params))
     zero = jnp.zeros((), dtype)
     return sharding.leading_metadata(APTSState(
         radius=jnp.asarray(hp.init_radius, dtype), loss=jnp.asarray(jnp.inf, dtype),
         grad=optax.tree.zeros_like(params), accepted=jnp.array(False),
         apts_accepted=jnp.array(False), stalled=jnp.array(False), nonfinite=jnp.array(False),
         iteration=jnp.zeros((), jnp.int32), predicted_reduction=zero, actual_reduction=zero,
-        local_steps=jnp.zeros((n_sub,), jnp.int32), local_state=local,
+        local_steps=jnp.zeros((n_sub * count,), jnp.int32), local_state=local,
         global_memory=lsr1.init(params, memory) if second_order else None,
         scaling=scaling.init(params) if hp.norm == "rms" else None))
 
@@ -278,10 +283,14 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
                        f"of axis {axis_name!r}.")
     n_local = n_sub // num_devices
     _check_rows(data._row_count(batch), n_sub, num_devices)  # pylint: disable=protected-access
-    if state.local_steps.shape != (n_local,):
-      raise ValueError(f"the state holds {state.local_steps.shape[0]} subdomains here, expected "
-                       f"{n_local}: shard it with aptsjax.state_specs (shard_map) or "
-                       "aptsjax.parallel.pmap_state (pmap).")
+    spec = pblocks.resolve(param_blocks, params)
+    count, share = pblocks.count(spec), pblocks.share(local_share, spec)
+    solver = make_solver(share)
+    if state.local_steps.shape != (n_local * count,):
+      raise ValueError(f"the state holds {state.local_steps.shape[0]} local problems here, "
+                       f"expected {n_local} subdomains x {count} parameter blocks: init it with "
+                       "the same param_blocks and shard it with aptsjax.state_specs (shard_map) "
+                       "or aptsjax.parallel.pmap_state (pmap).")
     blocks = data.split_subdomains(batch, n_local)   # this device's subdomains, in order
     dtype = state.radius.dtype
 
@@ -317,20 +326,24 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
         local_state = jax.vmap(solver.rescale, in_axes=(0, None))(local_state, ratio)
     coords = scaling.coordinates(scale)
 
-    # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local).
-    bound = jnp.where(ok, state.radius / local_share, 0.0)   # 0: no local iterations (no-op)
+    # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local); with
+    # J parameter blocks problem i * J + j runs on f_i restricted to block j, bound / sqrt(J).
+    bound = jnp.where(ok, state.radius / share, 0.0)   # 0: no local iterations (no-op)
     theta_k = to_varying(params, axis_name)
     u_k = coords.to_u(theta_k)
     g_k = to_varying(grads, axis_name)
 
+    r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, block_grads)
+    inputs, pick, project = pblocks.problems((blocks, r), n_local, spec)
+
     def local_value_and_grad(inp, u):
-      blk, r_i = inp
+      blk, r_i = pick(inp)
       f_i = jax.value_and_grad(local_objective(loss_fn, blk, theta_k, r_i))
       return coords.value_and_grad(f_i)(u)
 
-    r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, block_grads)
-    res = local.run(solver, local_value_and_grad, (blocks, r), u_k, losses.astype(dtype),
-                    coords.grad_to_u(g_k), local_state, bound, local_steps)
+    losses_ij = losses if spec is None else jnp.repeat(losses, count)
+    res = local.run(solver, local_value_and_grad, inputs, u_k, losses_ij.astype(dtype),
+                    coords.grad_to_u(g_k), local_state, bound, local_steps, project=project)
 
     def contribution(theta_i, loss_end, loss_i):  # a non-finite subdomain contributes nothing
       step = optax.tree.sub(theta_i, u_k)
@@ -338,7 +351,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
       return (jax.tree.map(lambda x: jnp.where(good, weight * x, 0.0), step),
               jnp.where(good, weight * (loss_i - loss_end), 0.0))
 
-    steps, decrease = jax.vmap(contribution)(res.params, res.loss, losses)
+    steps, decrease = jax.vmap(contribution)(res.params, res.loss, losses_ij)
     s_sum = jax.tree.map(total, steps)
     s_norm = _stack.norm(s_sum).astype(dtype)
     shrink_to = jnp.where(s_norm > state.radius, state.radius / jnp.where(s_norm > 0, s_norm, 1.0), 1.0)

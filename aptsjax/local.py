@@ -193,7 +193,8 @@ class LocalOutcome(NamedTuple):
 
 def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any], inputs: PyTree,
         anchor: PyTree, losses: jax.Array, grad: PyTree, states: PyTree, bound: jax.Array,
-        num_steps: int, vectorize: bool | None = None) -> LocalOutcome:
+        num_steps: int, vectorize: bool | None = None,
+        project: Callable[[Any, PyTree], PyTree] | None = None) -> LocalOutcome:
   """The local iterations of this device's subdomains (see the module docstring).
 
   Args:
@@ -209,27 +210,39 @@ def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any],
     num_steps: nu, the most iterations per subdomain.
     vectorize: the vectorized (True) or sequential (False) loop; None: sequential on CPU,
       vectorized elsewhere.
+    project: optional ``(input_i, gradient) -> gradient``: what subdomain i sees of every
+      gradient, the start gradient ``grad`` included (APTS's parameter blocks: the gradient
+      masked to the block, ``aptsjax.blocks.mask``). None: the gradients as they are.
 
   Returns:
     A ``LocalOutcome``.
   """
   if vectorize is None:
     vectorize = jax.default_backend() != "cpu"
+  if project is None:
+    start_grad, value_and_grad = lambda inp: grad, local_value_and_grad
+  else:
+    start_grad = lambda inp: project(inp, grad)
+
+    def value_and_grad(inp, p):
+      value, g = local_value_and_grad(inp, p)
+      return value, project(inp, g)
   one_step = lambda inp, carry, active: solver.step(
-      lambda p: local_value_and_grad(inp, p), carry, anchor, bound, active)
-  if vectorize:
-    return _vectorized(solver, one_step, inputs, anchor, losses, grad, states, bound, num_steps)
-  return _sequential(solver, one_step, inputs, anchor, losses, grad, states, bound, num_steps)
+      lambda p: value_and_grad(inp, p), carry, anchor, bound, active)
+  loop = _vectorized if vectorize else _sequential
+  return loop(solver, one_step, start_grad, inputs, anchor, losses, states, bound, num_steps)
 
 
 StepFn = Callable[[Any, LocalCarry, jax.Array], tuple[LocalCarry, jax.Array]]
+StartGrad = Callable[[Any], PyTree]
 
 
-def _vectorized(solver: LocalSolver, one_step: StepFn, inputs: PyTree, anchor: PyTree,
-                losses: jax.Array, grad: PyTree, states: PyTree, bound: jax.Array,
+def _vectorized(solver: LocalSolver, one_step: StepFn, start_grad: StartGrad,
+                inputs: PyTree, anchor: PyTree, losses: jax.Array, states: PyTree, bound: jax.Array,
                 num_steps: int) -> LocalOutcome:
   """One loop for all subdomains: vmapped masked steps, one scalar trip condition."""
-  start = jax.vmap(lambda f, s: solver.start(anchor, f, grad, s, bound))(losses, states)
+  start = jax.vmap(lambda inp, f, s: solver.start(anchor, f, start_grad(inp), s, bound))(
+      inputs, losses, states)
 
   def cond(c):
     trips, _, _, active = c
@@ -247,14 +260,14 @@ def _vectorized(solver: LocalSolver, one_step: StepFn, inputs: PyTree, anchor: P
   return LocalOutcome(params=carry.params, loss=carry.loss, state=carry.state, num_steps=count)
 
 
-def _sequential(solver: LocalSolver, one_step: StepFn, inputs: PyTree, anchor: PyTree,
-                losses: jax.Array, grad: PyTree, states: PyTree, bound: jax.Array,
+def _sequential(solver: LocalSolver, one_step: StepFn, start_grad: StartGrad,
+                inputs: PyTree, anchor: PyTree, losses: jax.Array, states: PyTree, bound: jax.Array,
                 num_steps: int) -> LocalOutcome:
   """One subdomain after the other, each with its own while_loop; states updated in place."""
   take = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
 
   def subdomain(i, out):
-    carry = solver.start(anchor, losses[i], grad, take(out.state, i), bound)
+    carry = solver.start(anchor, losses[i], start_grad(take(inputs, i)), take(out.state, i), bound)
 
     def body(c):
       trips, carry, _ = c

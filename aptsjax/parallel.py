@@ -111,7 +111,8 @@ class Trainer(NamedTuple):
       ``param_specs`` says (``step`` does this itself; use it to hand parameters to other
       jitted code on the mesh).
     metrics: ``state -> dict`` of ``METRICS`` fields, replicated on every device of every
-      process (``local_steps`` gathered to all N values), so any process can read them.
+      process (``local_steps`` gathered to all N (N J with ``param_blocks``) values), so any
+      process can read them.
     model_axis: the model axis name on a 2-D mesh (``model_devices > 1``), else None.
     state_shardings: ``(state, params=None) -> shardings``: the NamedShardings of a state (or
       of its shape structs) on the mesh, e.g. to restore a checkpoint; None on one device.

@@ -7,6 +7,7 @@ Run from the repository root::
     python -m benchmarks.paper --full          # the paper's protocol: 100 epochs, 10 trials
     python -m benchmarks.paper --dataset mnist --data-dir ~/data/mnist
     python -m benchmarks.paper --methods "APTS N=2 o2" Adam
+    python -m benchmarks.paper --methods "APTS N=2 x layers o1" "APTS N=2 o1" Adam  # param blocks
     python -m benchmarks.paper --preset paper  # the paper's method (aptsjax.Hyperparams.paper())
     python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- python -m benchmarks.paper
     srun python -m benchmarks.paper --distributed      # one process per host/GPU under SLURM
@@ -153,7 +154,8 @@ def train(runner: pm.Runner, evaluate: Any, seed: int, lr: float, epochs: int,
     loss, acc = evaluate(carry[0])
     m = runner.method
     rows.append({"method": m.name, "kind": m.kind, "batching": m.batching, "order": m.order,
-                 "N": m.num_subdomains, "lr": lr, "seed": seed, "epoch": ep + 1,
+                 "N": m.num_subdomains, "param_blocks": m.param_blocks or "", "lr": lr,
+                 "seed": seed, "epoch": ep + 1,
                  "train_loss": loss, "test_acc": acc, "wall_s": totals[4],
                  "iterations": int(totals[0]), "forward_passes": totals[1] / num_rows,
                  "backward_passes": totals[2] / num_rows, "allreduce_floats": totals[3],

@@ -9,9 +9,10 @@ Work conventions (each counted as samples processed, divided by the training row
 
 * APTS / SAPTS (``aptsjax.parallel.apts_trainer``), per iteration on a laid-out batch of R rows
   (own rows plus the shared rows of the overlap layout): forward = backward =
-  (1 + max_i local_steps_i + 1 + global_steps) x R. The local iterations run as one vmapped
-  loop over the subdomains, each over its own R / N rows, so one local step of every subdomain
-  processes R rows, and the loop runs until the slowest subdomain stops (max_i). The terms are
+  (1 + J max_i local_steps_i + 1 + global_steps) x R, J the parameter blocks (1 without). The
+  local iterations run as one vmapped loop over the N x J local problems, each over its
+  subdomain's R / N rows, so one local step of every problem processes J R rows, and the loop
+  runs until the slowest problem stops (max_i). The terms are
   the block gradients at theta^k, the local trials, the evaluation at theta^k + s~ and the
   global TR steps (``aptsjax/apts.py``). All-reduced floats per iteration: read off the compiled
   HLO when the step runs on several devices, else the documented formula 4 n + 4 (what a
@@ -52,18 +53,22 @@ class Method(NamedTuple):
     num_subdomains: N (APTS only; 1 otherwise).
     second_order: L-SR1 models (APTS, TR).
     minibatch: 660-row minibatches (True) or the full training set.
+    param_blocks: APTS parameter blocks (``aptsjax.apts(param_blocks=...)``, e.g. "layers"),
+      or None: subdomains of the data only.
   """
   kind: str
   num_subdomains: int = 1
   second_order: bool = False
   minibatch: bool = False
+  param_blocks: str | None = None
 
   @property
   def name(self) -> str:
-    """A short label such as "SAPTS N=2 o1", "APTS N=4 o2", "TR o2", "Adam"."""
+    """A short label such as "SAPTS N=2 o1", "APTS N=4 o2", "APTS N=2 x layers o1", "Adam"."""
     order = "o2" if self.second_order else "o1"
     if self.kind == "apts":
-      return f"{'SAPTS' if self.minibatch else 'APTS'} N={self.num_subdomains} {order}"
+      blocks = f" x {self.param_blocks}" if self.param_blocks else ""
+      return f"{'SAPTS' if self.minibatch else 'APTS'} N={self.num_subdomains}{blocks} {order}"
     if self.kind == "tr":
       return f"TR {order}"
     base = {"adam": "Adam", "sgd": "SGD"}[self.kind]
@@ -128,8 +133,11 @@ def minibatch_size(num_rows: int) -> int:
 
 
 def extra_methods() -> list[Method]:
-  """Methods available through ``--methods`` only: full-batch Adam and SGD."""
-  return [Method("adam", minibatch=False), Method("sgd", minibatch=False)]
+  """Methods available through ``--methods`` only: full-batch Adam and SGD, and APTS / SAPTS
+  with one block per layer of the parameters (N = 1: parameter blocks only; N = 2: data x
+  layers), first order."""
+  blocks = [Method("apts", n, False, mb, "layers") for mb in (False, True) for n in (1, 2)]
+  return [Method("adam", minibatch=False), Method("sgd", minibatch=False)] + blocks
 
 
 def hlo_floats(compiled: Any) -> int:
@@ -163,6 +171,8 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
   overlap = OVERLAP if method.minibatch else 0.0
   # remainder="drop": the layout rule leaves out the < N rows that do not fill a block (1 of the
   # 660 at N = 6), as the paper's protocol does.
+  if method.param_blocks is not None:
+    apts_options = {"param_blocks": method.param_blocks, **apts_options}
   trainer = parallel.apts_trainer(loss_fn, method.num_subdomains, overlap=overlap,
                                   second_order=method.second_order, global_steps=GLOBAL_STEPS,
                                   remainder="drop", **apts_options)
@@ -197,8 +207,10 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     stat = lambda key: np.stack([np.asarray(m[key]) for m in metrics]).astype(float)
-    local, radius = stat("local_steps").max(axis=1), stat("radius")
-    passes = float(np.sum(2 + GLOBAL_STEPS + local)) * rows
+    steps = stat("local_steps")                     # (iterations, N x J)
+    local, radius = steps.max(axis=1), stat("radius")
+    num_blocks = steps.shape[1] // method.num_subdomains
+    passes = float(np.sum(2 + GLOBAL_STEPS + num_blocks * local)) * rows
     return (params, state), Work(len(metrics), passes, passes, floats * len(metrics), seconds,
                                  float(local.mean()), float(stat("apts_accepted").mean()),
                                  float(radius.mean()), float(radius[-1]))
