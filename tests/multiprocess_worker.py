@@ -1,13 +1,17 @@
 """One process of the multi-process tests (tests/test_multiprocess.py); also imported by them.
 
     python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- \\
-        python tests/multiprocess_worker.py --out DIR [--ckpt DIR --save-at K] [--resume]
-    python -m aptsjax.launch ... -- python tests/multiprocess_worker.py --mismatch
+        python tests/multiprocess_worker.py [--mismatch] [--out DIR [--ckpt DIR --save-at K
+        [--resume-out DIR]]]
 
-Runs APTS on a small MLP through ``aptsjax.parallel.apts_trainer`` over every process's devices
-and has process 0 write ``result.npz`` (per order: the loss and radius after each iteration, the
-final flat parameters). ``--mismatch`` makes process 1 disagree in N, parameter shapes and batch
-rows in turn and prints each error the start-up checks raise.
+``--mismatch`` first makes process 1 disagree in N, parameter shapes and batch rows in turn and
+prints each error the start-up checks raise. With ``--out``, the processes then run APTS on a small
+MLP through ``aptsjax.parallel.apts_trainer`` over every process's devices and process 0 writes
+``result.npz`` (per order: the loss and radius after each iteration, the final flat parameters).
+``--resume-out`` then starts each order again from fresh trainer state and parameters, restores
+the checkpoint saved after iteration K from disk, runs the remaining iterations and has process 0
+write those results to ``result.npz`` in that directory (one launch, one JAX start-up, for all
+three).
 """
 from __future__ import annotations
 
@@ -136,6 +140,29 @@ def mismatches() -> None:
     raise SystemExit(f"only {caught} raised")
 
 
+def run_orders(args: argparse.Namespace, resume: bool) -> dict[str, np.ndarray]:
+  """``run`` for every order of ``--orders``, keyed ``{quantity}_o{order}``."""
+  out = {}
+  for order in args.orders:
+    ckpt = os.path.join(args.ckpt, f"o{order}") if args.ckpt else None
+    result = run(order, args.iters, ckpt=ckpt, save_at=args.save_at, resume=resume)
+    out.update({f"{k}_o{order}": v for k, v in result.items()})
+  return out
+
+
+def write(directory: str, results: dict[str, np.ndarray]) -> None:
+  """Process 0 writes ``directory/result.npz`` with the process and device counts added."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  import aptsjax  # pylint: disable=import-outside-toplevel
+
+  results = dict(results, processes=np.asarray(jax.process_count()),
+                 devices=np.asarray(jax.device_count()))
+  if aptsjax.distributed.is_main_process():
+    os.makedirs(directory, exist_ok=True)
+    np.savez(os.path.join(directory, "result.npz"), **results)
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--out", default=None)
@@ -143,29 +170,21 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--ckpt", default=None)
   p.add_argument("--save-at", type=int, default=0)
-  p.add_argument("--resume", action="store_true")
+  p.add_argument("--resume-out", default=None)
   p.add_argument("--mismatch", action="store_true")
   args = p.parse_args(argv)
 
   import aptsjax  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
 
   aptsjax.distributed.initialize(timeout=60)
   if args.mismatch:
     mismatches()
-    return 0
-  check_rows()
-  out = {}
-  for order in args.orders:
-    ckpt = os.path.join(args.ckpt, f"o{order}") if args.ckpt else None
-    result = run(order, args.iters, ckpt=ckpt, save_at=args.save_at, resume=args.resume)
-    out.update({f"{k}_o{order}": v for k, v in result.items()})
-  import jax  # pylint: disable=import-outside-toplevel
-
-  out["processes"] = np.asarray(jax.process_count())
-  out["devices"] = np.asarray(jax.device_count())
-  if aptsjax.distributed.is_main_process() and args.out:
-    os.makedirs(args.out, exist_ok=True)
-    np.savez(os.path.join(args.out, "result.npz"), **out)
+  if args.out:
+    check_rows()
+    write(args.out, run_orders(args, resume=False))
+    if args.resume_out:
+      write(args.resume_out, run_orders(args, resume=True))
   print(f"process {jax.process_index()} done", flush=True)
   return 0
 
