@@ -291,17 +291,19 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     if not specs_seen:
       if param_specs is None:
         found = sharding.param_specs(params)
-      else:
-        found = jax.tree.map(lambda s, x: P(*sharding.full_spec(s, np.ndim(x))),
-                             param_specs, params, is_leaf=lambda s: isinstance(s, P))
-      sharding.check_specs(found, params, mesh, (model_axis,) if two_d else ())
+      else:   # a pytree like the params, or a prefix of it
+        found = jax.tree.map(lambda s, part: jax.tree.map(
+            lambda x: P(*sharding.full_spec(s, np.ndim(x))), part),
+            param_specs, sharding.pure(params), is_leaf=lambda s: isinstance(s, P))
+      sharding.check_specs(found, sharding.pure(params), mesh, (model_axis,) if two_d else ())
       specs_seen.append(found)
     return specs_seen[0]
 
   def replicate(params):  # host arrays must hold the same values on every process
     if not two_d:
       return jax.device_put(params, replicated)
-    return jax.device_put(params, sharding.shardings(specs_for(params), mesh))
+    specs = specs_for(params)     # read before the Variables (and their metadata) are dropped
+    return jax.device_put(sharding.pure(params), sharding.shardings(specs, mesh))
 
   def state_shardings(state, params=None):
     """NamedShardings of ``state`` (or its shape structs) on the trainer's mesh."""

@@ -57,6 +57,12 @@ def _is_variable(x: Any) -> bool:
   return hasattr(x, "get_metadata") and hasattr(x, "get_value")
 
 
+def pure(params: PyTree) -> PyTree:
+  """``params`` with every Flax NNX Variable replaced by its value (other leaves unchanged)."""
+  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, params,
+                      is_leaf=_is_variable)
+
+
 def param_specs(params: PyTree) -> PyTree:
   """The PartitionSpec of every parameter leaf, one entry per dimension.
 

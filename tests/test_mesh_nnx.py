@@ -111,3 +111,20 @@ def test_nnx_optimizer_with_partitioned_params(x64, kind):
   assert any(not np.allclose(a, np.asarray(b)) for a, b in zip(
       jax.tree.leaves(got), jax.tree.leaves(nnx.to_pure_dict(
           nnx.state(MLP(nnx.Rngs(0), sharded=False), nnx.Param)))))
+
+
+def test_trainer_reads_nnx_partitioning_metadata():
+  """``apts_trainer(model_devices=2)`` takes the specs from ``nnx.with_partitioning``."""
+  with jax.set_mesh(aptsjax.mesh.build_mesh(2, 2, jax.devices())):   # the trainer's layout
+    model = MLP(nnx.Rngs(0), dtype=jnp.float32)
+  loss_fn = flax_utils.nnx_loss_fn(model, loss)
+  params = nnx.state(model, nnx.Param)          # Variables, with their metadata
+  trainer = aptsjax.parallel.apts_trainer(loss_fn, 2, num_devices=2, model_devices=2,
+                                          second_order=True, memory=3)
+  state = trainer.init(params)
+  assert trainer.replicate(params)["l1"]["kernel"].sharding.spec == P(None, "model")
+  assert state.global_memory.s["l1"]["kernel"].sharding.spec == P(None, None, "model")
+  assert state.local_state[0].mu["l2"]["kernel"].sharding.spec == P("data", "model", None)
+  everything = aptsjax.parallel.apts_trainer(loss_fn, 2, num_devices=2, model_devices=2,
+                                             param_specs=P())    # a prefix: all replicated
+  assert everything.init(params).grad["l1"]["kernel"].sharding.spec == P(None, None)
