@@ -204,15 +204,16 @@ def spectral(gamma: jax.Array, basis: jax.Array, keep: jax.Array, core: jax.Arra
                   gamma=gamma)
 
 
-# Leaves up to this size give their unit-vector entries through one-hot contractions (below).
-_MASK_MAX_SIZE = 1 << 16
+# The largest one-hot matrix (leaf size x entries) of a contraction in ``unit_entries``.
+_MASK_MAX_SIZE = 1 << 20
 
 
 def _unit_sizes(like: PyTree, count: int) -> list[int]:
   """How many of the ``count`` unit vectors e_i of ``unit_entries`` fall in each leaf.
 
   The smallest leaves first (biases, typically), in leaf order among equal sizes: there the
-  entries are cheapest to read without moving data between the devices of a model axis.
+  entries are cheapest to read without moving data between the devices of a model axis
+  (``unit_entries``).
   """
   sizes = [int(np.prod(x.shape[1:] if x.ndim else ())) for x in jax.tree.leaves(like)]
   taken, left = [0] * len(sizes), count
@@ -230,6 +231,11 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     index = index + stride * jax.lax.broadcasted_iota(jnp.int32, shape, dim)
     stride *= shape[dim]
   return index
+
+
+def _by_contraction(size: int, count: int, total: int) -> bool:
+  """Whether ``count`` entries of a leaf of ``size`` are read through a one-hot contraction."""
+  return size * count <= min(total, _MASK_MAX_SIZE)
 
 
 def _one_hot(shape: tuple[int, ...], count: int, dtype) -> jax.Array:
@@ -253,18 +259,20 @@ def unit_entries(stack: PyTree, count: int) -> jax.Array:
   """The entries of every stack vector at ``count`` fixed positions: ``(k, count)``.
 
   These are the products [S Y]^T e_i with ``count`` unit vectors (the first flat entries of the
-  smallest leaves, ``_unit_sizes``), without a pass over n. A leaf of at most
-  ``_MASK_MAX_SIZE`` entries is read by a contraction with one-hot columns: on a leaf sharded
-  over a model axis that is a local product and an all-reduce of k x count numbers (a slice
-  would move data from one device to another with a point-to-point transfer, which every
-  device of the mesh must join). A larger leaf is read by static slices.
+  smallest leaves, ``_unit_sizes``), without a pass over n. A leaf read with ``c`` of them is
+  read by a contraction with one-hot columns when its size times ``c`` is at most n and at most
+  ``_MASK_MAX_SIZE`` (a small fraction of a pass): on a leaf sharded over a model axis that is
+  a local product and an all-reduce of k x c numbers, where a slice would move data from one
+  device to another with a point-to-point transfer, which every device of the mesh must join.
+  Other leaves (a single-array parameter, say) are read by static slices.
   """
   parts = []
+  total = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(stack))
   for x, c in zip(jax.tree.leaves(stack), _unit_sizes(stack, count)):
     if not c:
       continue
     shape = x.shape[1:]
-    if int(np.prod(shape)) <= _MASK_MAX_SIZE:
+    if _by_contraction(int(np.prod(shape)), c, total):
       parts.append(jnp.tensordot(x, _one_hot(shape, c, x.dtype), axes=len(shape),
                                  precision=jax.lax.Precision.HIGHEST))
       continue
@@ -277,11 +285,12 @@ def add_unit(tree: PyTree, values: jax.Array) -> PyTree:
   """``tree + sum_i values_i e_i`` for the unit vectors of ``unit_entries`` (same order)."""
   sizes = _unit_sizes(jax.tree.map(lambda x: x[None], tree), values.shape[0])
   leaves, treedef = jax.tree.flatten(tree)
+  total = sum(x.size for x in leaves)
   out, offset = [], 0
   for x, c in zip(leaves, sizes):
     v = values[offset:offset + c].astype(x.dtype)
     offset += c
-    if c and x.size <= _MASK_MAX_SIZE:
+    if c and _by_contraction(x.size, c, total):
       x = x + jnp.tensordot(_one_hot(x.shape, c, x.dtype), v, axes=1,
                             precision=jax.lax.Precision.HIGHEST)
     elif c:

@@ -354,9 +354,10 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     return jax.shard_map(one_step, mesh=mesh, in_specs=(P(), specs, P(axis_name)),
                          out_specs=(P(), specs), axis_names={axis_name})(params, state, batch)
 
-  compiled: list[Any] = []
+  # The 1-D step is jitted now; the 2-D one at the first call, when the parameter specs are known.
+  compiled: list[Any] = [] if two_d else [jit(mapped_step)]
 
-  def jitted(params, state):  # built at the first call, when the parameter specs are known
+  def jitted(params, state):
     if not compiled:
       out = {"out_shardings": (sharding.shardings(specs_for(params), mesh),
                                state_shardings(state, params))} if two_d else {}
