@@ -111,18 +111,22 @@ def pmap_run(second_order, iters, params, batch):
   return {"params": params, "loss": state.loss, "radius": state.radius}
 
 
-@pytest.mark.parametrize("second_order", [False, True])
-def test_shard_map_and_pmap_match_one_device_float32(second_order):
-  """float32: 4 devices (shard_map, pmap) equal 1 device within rounding (tests/rounding.py)."""
-  iters = 3
-  params, batch = problem(rows=512)
-
+def one_device_float32(second_order, iters, params):
+  """The single-device float32 run and its probe spread (tests/rounding.py's error model)."""
   def one_device(p):
     p, state = run_trainer(1, second_order, iters, params=p)
     return {"params": p, "loss": state.loss, "radius": state.radius}
 
   reference = one_device(params)
-  spread = rounding.probe_spread(one_device, params, reference)
+  return reference, rounding.probe_spread(one_device, params, reference)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_shard_map_and_pmap_match_one_device_float32(second_order):
+  """float32: 4 devices (shard_map, pmap) equal 1 device within rounding (tests/rounding.py)."""
+  iters = 3
+  params, batch = problem(rows=512)
+  reference, spread = one_device_float32(second_order, iters, params)
   four_params, four_state = run_trainer(4, second_order, iters, params=params)
   rounding.assert_within_rounding(
       {"params": four_params, "loss": four_state.loss, "radius": four_state.radius},

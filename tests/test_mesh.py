@@ -21,6 +21,7 @@ from aptsjax import sharding
 from tests import rounding
 from tests.test_apts import assert_close
 from tests.test_apts import mlp_loss
+from tests.test_apts import one_device_float32
 from tests.test_apts import problem
 from tests.test_apts import run_trainer
 
@@ -70,13 +71,7 @@ def test_mesh_matches_one_device_float64(x64, layout, data, model, second_order,
 def test_mesh_matches_one_device_float32(layout, data, model, second_order):
   iters = 3
   params, _ = problem(rows=512)
-
-  def one_device(p):
-    p, state = run_trainer(1, second_order, iters, params=p)
-    return {"params": p, "loss": state.loss, "radius": state.radius}
-
-  reference = one_device(params)
-  spread = rounding.probe_spread(one_device, params, reference)
+  reference, spread = one_device_float32(second_order, iters, params)
   got, state = run_mesh(layout, data, model, second_order, iters, params=params)
   rounding.assert_within_rounding(
       {"params": parallel.numpy_tree(got), "loss": np.asarray(state.loss),
