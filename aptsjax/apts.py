@@ -46,6 +46,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from aptsjax import _checks
@@ -171,7 +172,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
          second_order: bool = False, axis_name: str | None = None, memory: int = 10,
          global_steps: int = 1, local_solver: LocalSolver | None = None,
          base: Hyperparams | None = None, param_blocks: Any = None,
-         **hyperparams: float | str) -> optax.GradientTransformationExtraArgs:
+         block_bound: str = "equal", **hyperparams: float | str
+         ) -> optax.GradientTransformationExtraArgs:
   """APTS: additively preconditioned trust-region training, one iteration per ``update``.
 
   ``update(grads, state, params, batch=...)``: ``grads`` is the gradient of the global
@@ -220,6 +222,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
       None, ``Hyperparams.paper()`` for the paper's method exactly.
     param_blocks: None (subdomains of the data only), ``"leaves"``, ``"layers"`` or a labels
       pytree (``aptsjax.blocks``): J parameter blocks, N x J local problems (see above).
+    block_bound: how the local bound is split over the blocks (``aptsjax.blocks.divisors``):
+      ``"equal"`` (/ sqrt(J) each) or ``"size"`` (x sqrt(n_j / n), the same per entry).
     **hyperparams: overrides of ``aptsjax.Hyperparams`` (radii, thresholds and factors as the
       paper: init_radius 0.01, min_radius 0.001, max_radius 4.0, eta_accept 0, eta1 0.25,
       eta2 0.75, alpha 0.5, beta 2; options ``radius_growth``, ``norm``, ``rms_decay``,
@@ -239,6 +243,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
   local_share = num_subdomains if hp.combine == "sum" else 1
   weight = 1.0 if hp.combine == "sum" else 1.0 / num_subdomains
   pblocks.check_name(param_blocks)  # an unknown name raises now; labels are checked at init
+  if block_bound not in pblocks.BOUNDS:
+    raise ValueError(f"block_bound must be one of {pblocks.BOUNDS}, got {block_bound!r}.")
 
   def make_solver(share: float) -> LocalSolver:
     """The local solver with the local radii divided by ``share`` (N or 1; x sqrt(J))."""
@@ -328,6 +334,8 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
 
     # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local); with
     # J parameter blocks problem i * J + j runs on f_i restricted to block j, bound / sqrt(J).
+    if spec is not None:   # problem i * J + j: the bound of block j
+      share = jnp.asarray(np.tile(pblocks.divisors(local_share, spec, block_bound), n_local), dtype)
     bound = jnp.where(ok, state.radius / share, 0.0)   # 0: no local iterations (no-op)
     theta_k = to_varying(params, axis_name)
     u_k = coords.to_u(theta_k)

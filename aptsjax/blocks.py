@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec
 PyTree = Any
 NAMED = ("leaves", "layers")
 REPLICATED = ("own", "first")
+BOUNDS = ("equal", "size")
 
 
 class BlockLabels(NamedTuple):
@@ -33,9 +34,11 @@ class BlockLabels(NamedTuple):
   Attributes:
     labels: the parameters' structure, leaves int32 numpy arrays broadcastable to the leaves.
     count: J, the number of blocks (the largest label + 1).
+    sizes: n_j, the number of parameter entries in each block (they sum to n).
   """
   labels: PyTree
   count: int
+  sizes: tuple[int, ...] = ()
 
 
 def _label_array(value: int) -> np.ndarray:
@@ -204,7 +207,10 @@ def resolve(param_blocks: Any, params: PyTree) -> BlockLabels | None:
     missing = sorted(set(range(count)) - set(used.tolist()))
     raise ValueError(f"param_blocks: the labels must cover 0..{count - 1} (J = largest label + "
                      f"1 = {count}), but no entry has label(s) {missing[:10]}.")
-  return BlockLabels(jax.tree.unflatten(treedef, arrays), count)
+  sizes = sum(np.bincount(np.broadcast_to(a, np.shape(leaf)).ravel(), minlength=count)
+              for a, leaf in zip(arrays, leaves))
+  return BlockLabels(jax.tree.unflatten(treedef, arrays), count,
+                     tuple(int(s) for s in np.atleast_1d(sizes)))
 
 
 def mask(tree: PyTree, labels: PyTree, block: jax.Array | int) -> PyTree:
@@ -242,6 +248,31 @@ def share(data_share: int, spec: BlockLabels | None) -> float:
     ``data_share`` itself for None, else ``data_share * sqrt(J)``.
   """
   return data_share if spec is None else data_share * math.sqrt(spec.count)
+
+
+def divisors(data_share: int, spec: BlockLabels, rule: str = "equal") -> np.ndarray:
+  """What APTS divides the radius by for the local bound of each block: ``(J,)``.
+
+  Any bounds B_j with sum_j B_j^2 = B^2 keep the concatenated block steps within
+  B = Delta / ``data_share`` (see ``share``). ``"equal"``: B_j = B / sqrt(J), the same length
+  for every block. ``"size"``: B_j = B sqrt(n_j / n), the same length per entry (a block of
+  1% of the parameters gets 10% of the bound), as a step of length B spread evenly over all
+  entries would have.
+
+  Args:
+    data_share: N (``combine="sum"``) or 1 (``"mean"``).
+    spec: the parameter blocks.
+    rule: ``"equal"`` or ``"size"``.
+
+  Returns:
+    ``data_share / (B_j / B)`` per block, float64.
+  """
+  if rule not in BOUNDS:
+    raise ValueError(f"block_bound must be one of {BOUNDS}, got {rule!r}.")
+  if rule == "equal":
+    return np.full(spec.count, data_share * math.sqrt(spec.count))
+  sizes = np.asarray(spec.sizes, np.float64)
+  return data_share / np.sqrt(sizes / sizes.sum())
 
 
 def problems(per_subdomain: PyTree, n_local: int, spec: BlockLabels | None

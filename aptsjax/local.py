@@ -206,7 +206,8 @@ def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any],
     losses: ``(n,)`` f_i(theta^k).
     grad: g^k, the gradient of every f_i at theta^k.
     states: the solvers' persistent states, leaves with a leading subdomain axis.
-    bound: Delta^k / N; not positive: no iterations.
+    bound: Delta^k / N, a scalar, or one per subdomain ``(n,)`` (APTS's parameter blocks);
+      not positive: no iterations.
     num_steps: nu, the most iterations per subdomain.
     vectorize: the vectorized (True) or sequential (False) loop; None: sequential on CPU,
       vectorized elsewhere.
@@ -227,10 +228,13 @@ def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any],
     def value_and_grad(inp, p):
       value, g = local_value_and_grad(inp, p)
       return value, project(inp, g)
+  # Each subdomain's bound travels with its inputs: (input_i, bound_i).
+  inputs = (inputs, jnp.broadcast_to(jnp.asarray(bound), losses.shape))
   one_step = lambda inp, carry, active: solver.step(
-      lambda p: value_and_grad(inp, p), carry, anchor, bound, active)
+      lambda p: value_and_grad(inp[0], p), carry, anchor, inp[1], active)
   loop = _vectorized if vectorize else _sequential
-  return loop(solver, one_step, start_grad, inputs, anchor, losses, states, bound, num_steps)
+  return loop(solver, one_step, lambda inp: start_grad(inp[0]), inputs, anchor, losses, states,
+              num_steps)
 
 
 StepFn = Callable[[Any, LocalCarry, jax.Array], tuple[LocalCarry, jax.Array]]
@@ -238,10 +242,13 @@ StartGrad = Callable[[Any], PyTree]
 
 
 def _vectorized(solver: LocalSolver, one_step: StepFn, start_grad: StartGrad,
-                inputs: PyTree, anchor: PyTree, losses: jax.Array, states: PyTree, bound: jax.Array,
+                inputs: PyTree, anchor: PyTree, losses: jax.Array, states: PyTree,
                 num_steps: int) -> LocalOutcome:
-  """One loop for all subdomains: vmapped masked steps, one scalar trip condition."""
-  start = jax.vmap(lambda inp, f, s: solver.start(anchor, f, start_grad(inp), s, bound))(
+  """One loop for all subdomains: vmapped masked steps, one scalar trip condition.
+
+  ``inputs`` pairs each subdomain's input with its bound (see ``run``).
+  """
+  start = jax.vmap(lambda inp, f, s: solver.start(anchor, f, start_grad(inp), s, inp[1]))(
       inputs, losses, states)
 
   def cond(c):
@@ -253,7 +260,7 @@ def _vectorized(solver: LocalSolver, one_step: StepFn, start_grad: StartGrad,
     carry, done = jax.vmap(one_step)(inputs, carry, active)
     return trips + 1, carry, count + active.astype(jnp.int32), active & ~done
 
-  active = jnp.broadcast_to(bound > 0, losses.shape)
+  active = inputs[1] > 0
   init = _stack.match_varying(
       (jnp.zeros((), jnp.int32), start, jnp.zeros(losses.shape, jnp.int32), active), losses)
   _, carry, count, _ = jax.lax.while_loop(cond, body, init)
@@ -261,12 +268,16 @@ def _vectorized(solver: LocalSolver, one_step: StepFn, start_grad: StartGrad,
 
 
 def _sequential(solver: LocalSolver, one_step: StepFn, start_grad: StartGrad,
-                inputs: PyTree, anchor: PyTree, losses: jax.Array, states: PyTree, bound: jax.Array,
+                inputs: PyTree, anchor: PyTree, losses: jax.Array, states: PyTree,
                 num_steps: int) -> LocalOutcome:
-  """One subdomain after the other, each with its own while_loop; states updated in place."""
+  """One subdomain after the other, each with its own while_loop; states updated in place.
+
+  ``inputs`` pairs each subdomain's input with its bound (see ``run``).
+  """
   take = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
 
   def subdomain(i, out):
+    bound = inputs[1][i]
     carry = solver.start(anchor, losses[i], start_grad(take(inputs, i)), take(out.state, i), bound)
 
     def body(c):

@@ -55,19 +55,22 @@ class Method(NamedTuple):
     minibatch: 660-row minibatches (True) or the full training set.
     param_blocks: APTS parameter blocks (``aptsjax.apts(param_blocks=...)``, e.g. "layers"),
       or None: subdomains of the data only.
+    block_bound: how the local bound is split over the blocks (``aptsjax.apts(block_bound=...)``).
   """
   kind: str
   num_subdomains: int = 1
   second_order: bool = False
   minibatch: bool = False
   param_blocks: str | None = None
+  block_bound: str = "equal"
 
   @property
   def name(self) -> str:
     """A short label such as "SAPTS N=2 o1", "APTS N=4 o2", "APTS N=2 x layers o1", "Adam"."""
     order = "o2" if self.second_order else "o1"
     if self.kind == "apts":
-      blocks = f" x {self.param_blocks}" if self.param_blocks else ""
+      rule = "" if self.block_bound == "equal" else f"/{self.block_bound}"
+      blocks = f" x {self.param_blocks}{rule}" if self.param_blocks else ""
       return f"{'SAPTS' if self.minibatch else 'APTS'} N={self.num_subdomains}{blocks} {order}"
     if self.kind == "tr":
       return f"TR {order}"
@@ -135,8 +138,10 @@ def minibatch_size(num_rows: int) -> int:
 def extra_methods() -> list[Method]:
   """Methods available through ``--methods`` only: full-batch Adam and SGD, and APTS / SAPTS
   with one block per layer of the parameters (N = 1: parameter blocks only; N = 2: data x
-  layers), first order."""
-  blocks = [Method("apts", n, False, mb, "layers") for mb in (False, True) for n in (1, 2)]
+  layers), first order; the local bound split equally over the blocks ("x layers") or by their
+  sizes ("x layers/size")."""
+  blocks = [Method("apts", n, False, mb, "layers", rule) for rule in ("equal", "size")
+            for mb in (False, True) for n in (1, 2)]
   return [Method("adam", minibatch=False), Method("sgd", minibatch=False)] + blocks
 
 
@@ -172,7 +177,8 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
   # remainder="drop": the layout rule leaves out the < N rows that do not fill a block (1 of the
   # 660 at N = 6), as the paper's protocol does.
   if method.param_blocks is not None:
-    apts_options = {"param_blocks": method.param_blocks, **apts_options}
+    apts_options = {"param_blocks": method.param_blocks, "block_bound": method.block_bound,
+                    **apts_options}
   trainer = parallel.apts_trainer(loss_fn, method.num_subdomains, overlap=overlap,
                                   second_order=method.second_order, global_steps=GLOBAL_STEPS,
                                   remainder="drop", **apts_options)

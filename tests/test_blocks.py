@@ -214,7 +214,8 @@ def linear_loss(params, batch):
   return 0.5 * jnp.mean((x @ params["a"] + params["b"] - y) ** 2)
 
 
-def test_one_update_matches_numpy_oracle(x64):
+@pytest.mark.parametrize("block_bound", ["equal", "size"])
+def test_one_update_matches_numpy_oracle(x64, block_bound):
   """First-order local TR, one local step: s~, the prediction and the ratio by hand."""
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(8, 3)), rng.normal(size=8)
@@ -236,14 +237,17 @@ def test_one_update_matches_numpy_oracle(x64):
     radius, nb = 0.05, 3
     parts = np.split(np.arange(8), n)
     g = grad(theta, np.arange(8))
-    bound = radius / (n if combine == "sum" else 1) / math.sqrt(nb)
+    bound = radius / (n if combine == "sum" else 1)
+    # "equal": B / sqrt(J) per block; "size": B sqrt(n_j / n), n_j = 2, 1, 2 of n = 5.
+    factors = ([1 / math.sqrt(nb)] * nb if block_bound == "equal"
+               else [math.sqrt(m.sum() / 5) for m in mask])
     weight = 1.0 if combine == "sum" else 1.0 / n
     s_tilde, pred = np.zeros(5), 0.0
     for rows in parts:
       r = g - grad(theta, rows)
       f_i = lambda t, rows=rows, r=r: f(t, rows) + r @ (t - theta)
-      for m in mask:
-        s = -bound * m * g / np.linalg.norm(m * g)
+      for m, factor in zip(mask, factors):
+        s = -bound * factor * m * g / np.linalg.norm(m * g)
         if f_i(theta) - f_i(theta + s) > 0:  # the local ratio test (eta_accept = 0)
           s_tilde += weight * s
           pred += weight * (f_i(theta) - f_i(theta + s))
@@ -251,7 +255,8 @@ def test_one_update_matches_numpy_oracle(x64):
 
     params = {"a": jnp.asarray(a0), "b": jnp.asarray(b0)}
     tx = aptsjax.apts(loss, num_subdomains=n, local_steps=1, base=aptsjax.Hyperparams.paper(),
-                      combine=combine, global_steps=0, init_radius=radius, param_blocks=labels)
+                      combine=combine, global_steps=0, init_radius=radius, param_blocks=labels,
+                      block_bound=block_bound)
     updates, state = jax.jit(lambda p, s, b, tx=tx: tx.update(None, s, p, batch=b))(
         params, tx.init(params), (jnp.asarray(x), jnp.asarray(y)))
     got = np.concatenate([np.asarray(updates["a"]), np.asarray(updates["b"])])
@@ -295,3 +300,18 @@ def test_two_devices_match_one(x64, monkeypatch, param_blocks, base, backend):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
   np.testing.assert_array_equal(two[1].local_steps, one[1].local_steps)
   assert bool(one[1].accepted)
+
+
+def test_block_bounds_split_the_bound():
+  """Both rules give bounds whose squares sum to the data bound's square; "size" by entries."""
+  params, _ = problem()
+  spec = aptsjax.blocks.resolve("layers", params)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert sum(spec.sizes) == n
+  for rule in aptsjax.blocks.BOUNDS:
+    d = aptsjax.blocks.divisors(3, spec, rule)
+    np.testing.assert_allclose(np.sum((1.0 / d) ** 2), 1.0 / 9.0, rtol=1e-12)
+  size = aptsjax.blocks.divisors(3, spec, "size")
+  np.testing.assert_allclose(3.0 / size, np.sqrt(np.asarray(spec.sizes) / n), rtol=1e-12)
+  with pytest.raises(ValueError, match="block_bound"):
+    aptsjax.apts(mlp_loss, param_blocks="layers", block_bound="area")
