@@ -143,19 +143,6 @@ def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree
   return f_i
 
 
-def _sum_leading(x: jax.Array) -> jax.Array:
-  """The sum over the (static, small) leading axis as a balanced tree of explicit adds.
-
-  Cheaper than ``jnp.sum(x, axis=0)`` for the few subdomains of a device (XLA's reduce over a
-  short leading axis reads the array with a poor access pattern on CPU).
-  """
-  parts = [x[i] for i in range(x.shape[0])]
-  while len(parts) > 1:
-    pairs = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
-    parts = pairs + parts[len(parts) - len(parts) % 2:]
-  return parts[0]
-
-
 def _check_rows(rows: int, num_subdomains: int, num_devices: int) -> None:
   """Raises ValueError (at trace time) when a batch has fewer rows than its subdomains."""
   n_local = num_subdomains // num_devices
@@ -301,7 +288,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     dtype = state.radius.dtype
 
     def total(x):  # sum over this device's subdomains, then over devices.
-      x = _sum_leading(x)
+      x = _stack.sum_leading(x)
       return x if axis_name is None else jax.lax.psum(x, axis_name)
 
     def block_value_and_grad(p):
