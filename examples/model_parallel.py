@@ -44,43 +44,55 @@ import aptsjax  # noqa: E402
 from circle import loss_fn, make_problem, sizes  # noqa: E402
 
 
+# --8<-- [start:mesh]
+TENSOR_PARALLEL = {"w1": P(None, "model"), "b1": P("model"),   # first kernel by columns,
+                   "w2": P("model", None), "b2": P()}          # second by rows
+FSDP = {"w1": P("model", None), "b1": P("model"),              # every kernel on its first
+        "w2": P("model", None), "b2": P()}                     # dimension
+
+
 def train(params, batch, iterations, **mesh):
-  """``iterations`` APTS steps (N = 4, second order) with the trainer's mesh arguments."""
+  """APTS (N = 4, second order) on the mesh that ``mesh`` describes, e.g.
+  ``num_devices=2, model_devices=2, param_specs=FSDP``: 2 replicas of 2 devices."""
   trainer = aptsjax.parallel.apts_trainer(loss_fn, 4, second_order=True, **mesh)
-  state, laid = trainer.init(params), trainer.shard_batch(batch)
-  placed = trainer.replicate(jax.tree.map(jnp.asarray, params))   # on the mesh
-  held = sum(s.data.nbytes for x in jax.tree.leaves((placed, state))
-             for s in x.addressable_shards if s.device == jax.devices()[0])
+  params = trainer.replicate(params)     # sharded over the model axis as param_specs says
+  state, laid = trainer.init(params), trainer.shard_batch(batch)   # the state too
   for _ in range(iterations):
-    placed, state = trainer.step(placed, state, laid)
-  return aptsjax.parallel.numpy_tree(placed), float(state.loss), held
+    params, state = trainer.step(params, state, laid)
+  return params, state
+# --8<-- [end:mesh]
+
+
+def on_device0(tree) -> int:
+  """Bytes of ``tree`` held by the first device."""
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+             if s.device == jax.devices()[0])
 
 
 def main(argv: list[str] | None = None) -> None:
   rows, iterations = sizes(__doc__, quick=(512, 3), full=(4096, 50), argv=argv)
   params, (x, y) = make_problem(rows)
-  params, batch = jax.tree.map(lambda a: a.astype("float64"), params), (x.astype("float64"), y)
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+  batch = (x.astype("float64"), y)
   if len(jax.devices()) < 4:
     print(f"this example needs 4 devices, found {len(jax.devices())}")
     return
 
-  # --8<-- [start:mesh]
-  tensor_parallel = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None),
-                     "b2": P()}
-  fsdp = {"w1": P("model", None), "b1": P("model"), "w2": P("model", None), "b2": P()}
-  one = train(params, batch, iterations, num_devices=1)
-  tp = train(params, batch, iterations, num_devices=1, model_devices=4,
-             param_specs=tensor_parallel)
-  fs = train(params, batch, iterations, num_devices=2, model_devices=2, param_specs=fsdp)
-  # --8<-- [end:mesh]
-
-  for name, (got, loss, held) in (("1 device", one), ("tensor parallel 1 x 4", tp),
-                                  ("FSDP 2 x 2", fs)):
+  runs = {"1 device": {"num_devices": 1},
+          "tensor parallel 1 x 4": {"num_devices": 1, "model_devices": 4,
+                                    "param_specs": TENSOR_PARALLEL},
+          "FSDP 2 x 2": {"num_devices": 2, "model_devices": 2, "param_specs": FSDP}}
+  reference = None
+  for name, mesh in runs.items():
+    got, state = train(jax.tree.map(jnp.copy, params), batch, iterations, **mesh)
+    held = on_device0((got, state))
+    got = aptsjax.parallel.numpy_tree(got)
+    reference = got if reference is None else reference
     diff = max(float(np.max(np.abs(a - b)))
-               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(one[0])))
-    print(f"{name:>22}: loss {loss:.6f}, max |params - 1 device| {diff:.1e}, "
+               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference)))
+    print(f"{name:>22}: loss {float(state.loss):.6f}, max |params - 1 device| {diff:.1e}, "
           f"{held:,} bytes of params + state on device 0")
-    scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(one[0]))
+    scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(reference))
     assert diff < 1e-6 * scale, f"{name} differs from the single-device run"
 
 
