@@ -167,3 +167,22 @@ def test_mesh_configuration_errors():
                               param_specs={**SPECS["tp"], "b2": P("model")})
   with pytest.raises(ValueError, match="not divisible by the 4 devices"):
     odd.init(params)
+
+
+def test_checkpoint_restores_the_2d_shardings(tmp_path):
+  """A checkpoint of a 2 x 2 run comes back sharded as ``like`` and continues bitwise."""
+  params, batch = problem(rows=512)
+  params = jax.tree.map(np.asarray, params)
+  trainer = mesh_trainer("tp", 2, 2, True)
+  laid = trainer.shard_batch(batch)
+  p, state = trainer.step(params, trainer.init(params), laid)
+  aptsjax.checkpoint.save(tmp_path, 1, {"params": p, "state": state})
+  want, _ = trainer.step(jax.tree.map(jnp.copy, p), jax.tree.map(jnp.copy, state), laid)
+  like = {"params": trainer.replicate(params), "state": trainer.init(params)}
+  back = aptsjax.checkpoint.restore(tmp_path, like)
+  assert back["state"].global_memory.s["w1"].sharding.spec == P(None, None, "model")
+  assert back["params"]["w1"].sharding.spec == P(None, "model")
+  got, _ = trainer.step(back["params"], back["state"], laid)
+  got, want = parallel.numpy_tree(got), parallel.numpy_tree(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
