@@ -287,15 +287,16 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   checked_batch: list[bool] = []
   specs_seen: list[PyTree] = []   # the parameter specs, fixed by the first init / step
 
-  def specs_for(params):
+  def specs_for(params):  # 2-D only: the parameter specs, read or expanded once
     if not specs_seen:
+      values = sharding.pure(params)
       if param_specs is None:
         found = sharding.param_specs(params)
       else:   # a pytree like the params, or a prefix of it
         found = jax.tree.map(lambda s, part: jax.tree.map(
             lambda x: P(*sharding.full_spec(s, np.ndim(x))), part),
-            param_specs, sharding.pure(params), is_leaf=lambda s: isinstance(s, P))
-      sharding.check_specs(found, sharding.pure(params), mesh, (model_axis,) if two_d else ())
+            param_specs, values, is_leaf=lambda s: isinstance(s, P))
+      sharding.check_specs(found, values, mesh, (model_axis,))
       specs_seen.append(found)
     return specs_seen[0]
 
