@@ -1,32 +1,77 @@
-"""aptsjax: trust-region methods and data-parallel APTS for JAX, as optax transformations."""
+"""aptsjax: trust-region methods and data-parallel APTS for JAX, as optax transformations.
 
-from aptsjax import blocks
-from aptsjax import checkpoint
-from aptsjax import comm
+The package is layered; every import points down:
+
+* ``aptsjax.numerics``: pytree arithmetic, L-SR1, OBS, the RMS scaling;
+* ``aptsjax.data``: subdomain layouts and minibatches (host-side, NumPy);
+* ``aptsjax.optim``: ``trust_region`` and ``apts`` with their settings, local solvers and
+  parameter blocks;
+* ``aptsjax.parallel``: meshes, state shardings, the jitted trainer, processes, checkpoints;
+* ``aptsjax.flax``: the Flax NNX and Linen adapters;
+* ``aptsjax.tools``: readers of compiled programs (collectives), loaded only when imported.
+
+The names below are the public API; modules of earlier releases (``aptsjax.lsr1``,
+``aptsjax.comm``, ...) are still reachable as attributes (docs/changelog.md lists the moves).
+"""
+
+import importlib as _importlib
+
 from aptsjax import data
-from aptsjax import distributed
-from aptsjax import hyperparams
-from aptsjax import local
-from aptsjax import lsr1
-from aptsjax import mesh
-from aptsjax.apts import APTSState
-from aptsjax.apts import apts
-from aptsjax.blocks import layer_blocks
-from aptsjax.blocks import leaf_blocks
-from aptsjax.blocks import shard_blocks
-from aptsjax.local import LocalCarry
-from aptsjax.local import LocalSolver
-from aptsjax.local import optax_local_solver
-from aptsjax.local import trust_region_local_solver
-from aptsjax import obs
+from aptsjax import numerics
+from aptsjax import optim
 from aptsjax import parallel
-from aptsjax import scaling
-from aptsjax import sharding
-from aptsjax.sharding import state_specs
-from aptsjax.trust_region import GENERAL_MIN_RADIUS
-from aptsjax.trust_region import Hyperparams
-from aptsjax.trust_region import TrustRegionState
-from aptsjax.trust_region import trust_region
-from aptsjax.trust_region import value_and_grad_from_state
+from aptsjax.numerics import compact
+from aptsjax.numerics import lsr1
+from aptsjax.numerics import obs
+from aptsjax.numerics import scaling
+from aptsjax.optim import blocks
+from aptsjax.optim import local
+from aptsjax.optim.apts import APTSState
+from aptsjax.optim.apts import apts
+from aptsjax.optim.blocks import layer_blocks
+from aptsjax.optim.blocks import leaf_blocks
+from aptsjax.optim.blocks import shard_blocks
+from aptsjax.optim.local import LocalCarry
+from aptsjax.optim.local import LocalSolver
+from aptsjax.optim.local import optax_local_solver
+from aptsjax.optim.local import trust_region_local_solver
+from aptsjax.optim.settings import GENERAL_MIN_RADIUS
+from aptsjax.optim.settings import Hyperparams
+from aptsjax.optim.trust_region import TrustRegionState
+from aptsjax.optim.trust_region import trust_region
+from aptsjax.optim.trust_region import value_and_grad_from_state
+from aptsjax.parallel import checkpoint
+from aptsjax.parallel import distributed
+from aptsjax.parallel import mesh
+from aptsjax.parallel import sharding
+from aptsjax.parallel.sharding import state_specs
+from aptsjax.parallel.trainer import Trainer
+from aptsjax.parallel.trainer import apts_trainer
 
 __version__ = "0.1.0"
+
+# Modules loaded on first access only (framework adapters and HLO readers), and the module
+# names of earlier releases.
+_LAZY = {
+    "flax": "aptsjax.flax",
+    "tools": "aptsjax.tools",
+    "comm": "aptsjax.tools.comm",
+    "flax_utils": "aptsjax.flax",
+    "hyperparams": "aptsjax.optim.settings",
+    "launch": "aptsjax.parallel.launch",
+}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    return _importlib.import_module(_LAZY[name])
+  raise AttributeError(f"module 'aptsjax' has no attribute {name!r}")
+
+
+__all__ = [
+    "APTSState", "GENERAL_MIN_RADIUS", "Hyperparams", "LocalCarry", "LocalSolver", "Trainer",
+    "TrustRegionState", "apts", "apts_trainer", "blocks", "checkpoint", "compact", "data",
+    "distributed", "layer_blocks", "leaf_blocks", "local", "lsr1", "mesh", "numerics", "obs",
+    "optax_local_solver", "optim", "parallel", "scaling", "shard_blocks", "sharding",
+    "state_specs", "trust_region", "trust_region_local_solver", "value_and_grad_from_state",
+]

@@ -41,7 +41,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from aptsjax._checks import as_int
+from aptsjax.numerics.checks import as_int
 
 Batch = Any
 

@@ -42,8 +42,8 @@ from benchmarks.timing import Row, compile_jitted, time_compiled, time_jitted
 
 # The modules: the package attributes ``aptsjax.apts`` and ``aptsjax.trust_region`` are the
 # optax transformations of the same names.
-apts_lib = importlib.import_module("aptsjax.apts")
-tr = importlib.import_module("aptsjax.trust_region")
+apts_lib = importlib.import_module("aptsjax.optim.apts")
+tr = importlib.import_module("aptsjax.optim.trust_region")
 
 PROFILE = {"num": 2, "local_steps": 5, "rows": 1_000, "memory": 10, "input_dim": 784,
            "features": (512, 256, 10)}

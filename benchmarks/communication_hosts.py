@@ -10,7 +10,7 @@ process's devices (D = ``jax.device_count()``, N = D subdomains):
 3. A latency-bandwidth model per epoch for H hosts (ring all-reduce), with a compute term scaled
    from (2), and the break-even number of Adam steps one APTS iteration must be worth.
 
-    python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- \\
+    python -m aptsjax.parallel.launch --num-processes 2 --devices-per-process 2 -- \\
         python -m benchmarks.communication_hosts [--quick] [--out results/communication_hosts]
 
 It also runs as one process (processes = 1). Only process 0 prints and writes files.

@@ -9,7 +9,7 @@ Run from the repository root::
     python -m benchmarks.paper --methods "APTS N=2 o2" Adam
     python -m benchmarks.paper --methods "APTS N=2 x layers o1" "APTS N=2 o1" Adam  # param blocks
     python -m benchmarks.paper --preset paper  # the paper's method (aptsjax.Hyperparams.paper())
-    python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- python -m benchmarks.paper
+    python -m aptsjax.parallel.launch --num-processes 2 --devices-per-process 2 -- python -m benchmarks.paper
     srun python -m benchmarks.paper --distributed      # one process per host/GPU under SLURM
 
 Run times measured on a 2-core CPU (x86-64, one device, compilation included): the default run

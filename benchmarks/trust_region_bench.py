@@ -22,7 +22,7 @@ and L-BFGS, 20,000 for first-order TR, and a wall-clock cap per scipy run (``--s
 reported as not converged, with the iterations it made.
 
 Counting. One aptsjax ``update`` is one TR iteration and costs one loss and one gradient
-evaluation, at the trial point (``value=state.loss`` is passed, and the gradient at the
+evaluation, at the trial point (``value=state.value`` is passed, and the gradient at the
 accepted point is ``state.grad``, so nothing at the current point is recomputed); the start costs
 one more of each, so f-evals = g-evals = 1 + iterations. (If the state had no ``grad`` field,
 the loop would recompute the gradient after each update and count it.) scipy's counts are its
@@ -156,7 +156,7 @@ def make_tr_step(tx: optax.GradientTransformationExtraArgs, fn: Callable[..., An
                  ) -> Callable[..., tuple[Any, Any, Any, Any, Any]]:
   """One TR iteration as one function: update, apply, next (loss, grad) and |grad|.
 
-  With ``reuse`` the next loss and gradient are ``state.loss`` and ``state.grad`` (computed by
+  With ``reuse`` the next loss and gradient are ``state.value`` and ``state.grad`` (computed by
   the update at the trial point); otherwise they are recomputed (one more evaluation of each).
   """
   value_and_grad = jax.value_and_grad(fn)
@@ -164,7 +164,7 @@ def make_tr_step(tx: optax.GradientTransformationExtraArgs, fn: Callable[..., An
   def step(x: Any, state: Any, loss: Any, grad: Any) -> tuple[Any, Any, Any, Any, Any]:
     updates, state = tx.update(grad, state, x, batch=None, value=loss)
     x = optax.apply_updates(x, updates)
-    loss, grad = (state.loss, state.grad) if reuse else value_and_grad(x)
+    loss, grad = (state.value, state.grad) if reuse else value_and_grad(x)
     return x, state, loss, grad, optax.tree.norm(grad)
 
   return step

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
   same = identical(resumed, reference)
   x, y = data
   accuracy = float(jnp.mean(jnp.argmax(logits(resumed[0], x), axis=1) == y))
-  print(f"APTS N=4, {2 * k} steps, resumed at step {k}: loss {float(resumed[1].loss):.4f}, "
+  print(f"APTS N=4, {2 * k} steps, resumed at step {k}: loss {float(resumed[1].value):.4f}, "
         f"train accuracy {accuracy:.1%}; resumed run identical to the uninterrupted one: {same}")
   assert same, "the resumed run differs from the uninterrupted one"
 

@@ -2,7 +2,7 @@
 
 ``TrainState.apply_gradients(grads=..., **kw)`` treats keywords as fields to replace and never
 passes them to ``tx.update``, so the trust-region method would not see its batch;
-``aptsjax.flax_utils.apply_train_state(state, grads, batch=..., value=...)`` is the drop-in
+``aptsjax.flax.apply_train_state(state, grads, batch=..., value=...)`` is the drop-in
 replacement that does. The loss must be deterministic (no dropout, no batch statistics).
 
 The problem: a 2-16-2 MLP classifying points of the plane as inside or outside a circle,
@@ -23,7 +23,7 @@ from flax.training import train_state
 
 import aptsjax
 from circle import make_data, sizes
-from aptsjax.flax_utils import apply_train_state
+from aptsjax.flax import apply_train_state
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """Flax NNX: ``aptsjax.trust_region`` as the transformation of an ``nnx.Optimizer``.
 
-Shows ``aptsjax.flax_utils.nnx_loss_fn``, which turns ``loss(model, batch)`` into the
+Shows ``aptsjax.flax.nnx_loss_fn``, which turns ``loss(model, batch)`` into the
 ``loss_fn(params, batch)`` the trust-region method evaluates at its trial points, and
 ``nnx.Optimizer.update(model, grads, batch=..., value=...)``, whose keywords reach ``tx.update``.
 The model must be deterministic (no BatchNorm, Dropout or stored ``nnx.Rngs``): the ratio test
@@ -22,7 +22,7 @@ from flax import nnx
 
 import aptsjax
 from circle import make_data, sizes
-from aptsjax.flax_utils import nnx_loss_fn
+from aptsjax.flax import nnx_loss_fn
 
 
 def main(argv: list[str] | None = None) -> None:

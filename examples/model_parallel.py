@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = got if reference is None else reference
     diff = max(float(np.max(np.abs(a - b)))
                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference)))
-    print(f"{name:>22}: loss {float(state.loss):.6f}, max |params - 1 device| {diff:.1e}, "
+    print(f"{name:>22}: loss {float(state.value):.6f}, max |params - 1 device| {diff:.1e}, "
           f"{held:,} bytes of params + state on device 0")
     scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(reference))
     assert diff < 1e-6 * scale, f"{name} differs from the single-device run"

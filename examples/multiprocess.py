@@ -1,7 +1,7 @@
 """APTS across processes with ``jax.distributed``: one script, started once per process.
 
 Shows ``aptsjax.distributed.initialize()`` (a no-op in a single process; the settings come from
-``python -m aptsjax.launch``, or from the cluster with ``initialize(auto=True)``) and the same
+``python -m aptsjax.parallel.launch``, or from the cluster with ``initialize(auto=True)``) and the same
 ``aptsjax.parallel.apts_trainer`` loop as on one machine: the mesh spans every process's devices,
 each process reads only the rows of its own subdomains from the global minibatch (which every
 process builds identically), parameters and metrics come back replicated on every process, and
@@ -12,8 +12,8 @@ with N = 4 subdomains (N must be a multiple of the process count).
 
 Run from the repository root, as 2 processes of 2 CPU devices each on this machine::
 
-    python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- python examples/multiprocess.py --quick
-    python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- python examples/multiprocess.py
+    python -m aptsjax.parallel.launch --num-processes 2 --devices-per-process 2 -- python examples/multiprocess.py --quick
+    python -m aptsjax.parallel.launch --num-processes 2 --devices-per-process 2 -- python examples/multiprocess.py
 
 or as a single process (``python examples/multiprocess.py --quick``), or on a cluster with
 ``initialize(auto=True)`` under SLURM, Open MPI or a TPU pod.
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
       params, state = trainer.step(params, state, trainer.shard_batch(batch))  # own rows only
     metrics = trainer.metrics(state)           # loss, radius, local_steps, ...: replicated
     if aptsjax.distributed.is_main_process():  # log and write files on process 0 only
-      print(f"epoch {epoch}: minibatch loss {float(metrics['loss']):.4f}")
+      print(f"epoch {epoch}: minibatch loss {float(metrics['value']):.4f}")
   # --8<-- [end:multiprocess]
 
   params = aptsjax.parallel.numpy_tree(params)   # every process calls it, at the same point

@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
   x, y = batch
   accuracy = float(jnp.mean(jnp.argmax(logits(params, x), axis=1) == y))
   print(f"APTS N=8 under pmap on {num_devices} {jax.default_backend()} device(s), "
-        f"{iterations} iterations: loss {first_loss:.4f} -> {float(state.loss):.4f}, "
+        f"{iterations} iterations: loss {first_loss:.4f} -> {float(state.value):.4f}, "
         f"train accuracy {accuracy:.1%}")
-  assert float(state.loss) < first_loss, "the loss did not decrease"
+  assert float(state.value) < first_loss, "the loss did not decrease"
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> None:
   x, y = batch
   accuracy = float(jnp.mean(jnp.argmax(logits(params, x), axis=1) == y))
   print(f"trust region, {iterations} iterations ({int(state.num_accepted)} accepted): "
-        f"loss {first_loss:.4f} -> {float(state.loss):.4f}, train accuracy {accuracy:.1%}, "
+        f"loss {first_loss:.4f} -> {float(state.value):.4f}, train accuracy {accuracy:.1%}, "
         f"radius {float(state.radius):.3g}")
-  assert float(state.loss) < first_loss, "the loss did not decrease"
+  assert float(state.value) < first_loss, "the loss did not decrease"
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def launch(*command: str, timeout: float = 240.0,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-  """Runs ``command`` as 2 processes x 2 host CPU devices with ``python -m aptsjax.launch``.
+  """Runs ``command`` as 2 processes x 2 host CPU devices with ``python -m aptsjax.parallel.launch``.
 
   The processes inherit ``env`` (default: this environment, with tests/conftest.py's XLA flags;
   the launcher replaces the device count) and run from the repository root; output is captured
   as text.
   """
-  argv = [sys.executable, "-m", "aptsjax.launch", "--num-processes", "2",
+  argv = [sys.executable, "-m", "aptsjax.parallel.launch", "--num-processes", "2",
           "--devices-per-process", "2", "--timeout", str(timeout), "--", *command]
   return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 30,
                         env=dict(os.environ if env is None else env))

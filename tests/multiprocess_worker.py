@@ -1,6 +1,6 @@
 """One process of the multi-process tests (tests/test_multiprocess.py); also imported by them.
 
-    python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- \\
+    python -m aptsjax.parallel.launch --num-processes 2 --devices-per-process 2 -- \\
         python tests/multiprocess_worker.py [--mismatch] [--out DIR [--ckpt DIR --save-at K
         [--resume-out DIR]]]
 
@@ -88,7 +88,7 @@ def run(order: int, iters: int, num_devices: int | None = None, *, ckpt: str | N
   for it in range(first, iters):
     params, state = trainer.step(params, state, sharded)
     metrics = parallel.numpy_tree(trainer.metrics(state))
-    losses.append(float(metrics["loss"]))
+    losses.append(float(metrics["value"]))
     radii.append(float(metrics["radius"]))
     local.append(metrics["local_steps"])
     if ckpt and not resume and it + 1 == save_at:

@@ -11,7 +11,7 @@ import pytest
 import aptsjax
 from aptsjax import comm
 from aptsjax import parallel
-from aptsjax.apts import LocalCarry, LocalSolver, local_objective
+from aptsjax.optim.apts import LocalCarry, LocalSolver, local_objective
 from tests import rounding
 
 
@@ -65,8 +65,8 @@ def test_full_batch_loss_never_increases(x64, second_order):
   for _ in range(12):
     updates, state = step(params, state)
     params = optax.apply_updates(params, updates)
-    losses.append(float(state.loss))
-    assert float(state.loss) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-12)
+    losses.append(float(state.value))
+    assert float(state.value) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-12)
   assert np.all(np.diff(losses) <= 1e-14 * losses[0]), losses
   assert losses[-1] < 0.5 * losses[0]
 
@@ -81,7 +81,7 @@ def test_shard_map_matches_one_device_float64(x64, second_order, preset):
   one = run_trainer(1, second_order, iters, jnp.float64, **kw)
   four = run_trainer(4, second_order, iters, jnp.float64, **kw)
   assert_close(four[0], one[0], 1e-8)
-  assert_close((four[1].loss, four[1].radius), (one[1].loss, one[1].radius), 1e-8)
+  assert_close((four[1].value, four[1].radius), (one[1].value, one[1].radius), 1e-8)
   local_one, local_four = one[1].local_state, four[1].local_state
   if preset == "paper":  # the pairs and gamma (the factor's basis is only unique up to rotation)
     for name in ("s", "y", "gamma"):
@@ -108,14 +108,14 @@ def pmap_run(second_order, iters, params, batch):
   for _ in range(iters):
     params, state = pstep(params, state, batch)
   state = parallel.unpmap_state(state)
-  return {"params": params, "loss": state.loss, "radius": state.radius}
+  return {"params": params, "loss": state.value, "radius": state.radius}
 
 
 def one_device_float32(second_order, iters, params):
   """The single-device float32 run and its probe spread (tests/rounding.py's error model)."""
   def one_device(p):
     p, state = run_trainer(1, second_order, iters, params=p)
-    return {"params": p, "loss": state.loss, "radius": state.radius}
+    return {"params": p, "loss": state.value, "radius": state.radius}
 
   reference = one_device(params)
   return reference, rounding.probe_spread(one_device, params, reference)
@@ -129,7 +129,7 @@ def test_shard_map_and_pmap_match_one_device_float32(second_order):
   reference, spread = one_device_float32(second_order, iters, params)
   four_params, four_state = run_trainer(4, second_order, iters, params=params)
   rounding.assert_within_rounding(
-      {"params": four_params, "loss": four_state.loss, "radius": four_state.radius},
+      {"params": four_params, "loss": four_state.value, "radius": four_state.radius},
       reference, spread, "shard_map, 4 devices")
   rounding.assert_within_rounding(pmap_run(second_order, iters, params, batch), reference,
                                   spread, "pmap, 4 devices")
@@ -264,7 +264,7 @@ def test_single_subdomain_matches_first_order_trust_region():
   t_updates, t_state = t_tx.update(g, t_tx.init(params), params, batch=batch)
   assert bool(t_state.accepted) and bool(a_state.apts_accepted)
   assert_close(a_updates, t_updates, 1e-6)
-  assert float(a_state.loss) == pytest.approx(float(t_state.loss), rel=1e-6)
+  assert float(a_state.value) == pytest.approx(float(t_state.value), rel=1e-6)
 
 
 def test_summed_step_within_global_radius():
@@ -296,7 +296,7 @@ def test_nonfinite_local_loss_is_contained():
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
   assert not bool(state.apts_accepted)       # the global trial loss is NaN: rejected
   assert float(state.radius) < 0.01          # and the radius shrank
-  assert np.isfinite(float(state.loss))
+  assert np.isfinite(float(state.value))
 
 
 def test_nonfinite_current_point_is_a_noop():
@@ -348,7 +348,7 @@ def test_trainer_donates_params_and_state(num_devices):
   assert all(x.is_deleted() for x in jax.tree.leaves((p, s.grad, s.local_state, s.global_memory)))
   assert not any(x.is_deleted() for x in jax.tree.leaves(params))
   assert_close(parallel.numpy_tree(got_params), optax.apply_updates(params, updates), 1e-5)
-  assert_close(parallel.numpy_tree(got_state.loss), want_state.loss, 1e-5)
+  assert_close(parallel.numpy_tree(got_state.value), want_state.value, 1e-5)
   # NumPy inputs are copied to the devices (and stay usable); an eagerly built state (one
   # buffer in several fields) is accepted.
   host, eager = parallel.numpy_tree(params), trainer.tx.init(params)

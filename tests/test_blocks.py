@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 import aptsjax
 from aptsjax import blocks
 from aptsjax import parallel
-from aptsjax.local import LocalSolver
+from aptsjax.optim.local import LocalSolver
 
 N_ROWS = 32
 
@@ -295,8 +295,8 @@ def test_two_devices_match_one(x64, monkeypatch, param_blocks, base, backend):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   two = trainer_run(2, param_blocks, base)
   assert one[1].local_steps.shape == two[1].local_steps.shape == (2 * 4,)
-  for a, b in zip(jax.tree.leaves(two[0]) + [two[1].loss, two[1].radius],
-                  jax.tree.leaves(one[0]) + [one[1].loss, one[1].radius]):
+  for a, b in zip(jax.tree.leaves(two[0]) + [two[1].value, two[1].radius],
+                  jax.tree.leaves(one[0]) + [one[1].value, one[1].radius]):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
   np.testing.assert_array_equal(two[1].local_steps, one[1].local_steps)
   assert bool(one[1].accepted)

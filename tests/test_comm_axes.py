@@ -7,7 +7,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from aptsjax import comm
-from aptsjax import _hlo_groups
+from aptsjax.tools import replica_groups as _hlo_groups
 
 
 @pytest.fixture(scope="module")

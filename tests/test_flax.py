@@ -17,7 +17,7 @@ from flax import nnx
 from flax.training import train_state
 
 import aptsjax
-from aptsjax.flax_utils import apply_train_state, nnx_loss_fn
+from aptsjax.flax import apply_train_state, nnx_loss_fn
 
 STEPS = 30
 
@@ -85,7 +85,7 @@ def test_nnx_optimizer_trains_mlp():
   assert int(optimizer.opt_state.iteration[...]) == STEPS
   assert int(optimizer.opt_state.num_accepted[...]) >= STEPS // 2
   # The optimizer's loss is the model's loss at the final parameters.
-  np.testing.assert_allclose(float(optimizer.opt_state.loss[...]), losses[-1], rtol=1e-5)
+  np.testing.assert_allclose(float(optimizer.opt_state.value[...]), losses[-1], rtol=1e-5)
 
 
 def test_nnx_loss_fn_takes_pure_and_variable_states():

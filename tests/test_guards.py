@@ -18,7 +18,7 @@ from flax import nnx
 import aptsjax
 from aptsjax import data
 from aptsjax import parallel
-from aptsjax.flax_utils import nnx_loss_fn
+from aptsjax.flax import nnx_loss_fn
 
 
 def lsq_loss(params, batch):
@@ -87,7 +87,7 @@ def test_half_precision_first_order_trains_and_second_order_is_refused(dtype, me
           lambda f, **kw: aptsjax.apts(f, num_subdomains=2, local_steps=2, **kw))
   params, state, losses = run(make(lsq_loss, second_order=False), params, batch, 8)
   assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(params))
-  assert state.loss.dtype == dtype
+  assert state.value.dtype == dtype
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
 
   with pytest.raises(ValueError, match=r"float32 or float64.*second_order=False.*float32"):
@@ -139,8 +139,8 @@ def test_float32_params_with_float64_data(x64, second_order):
       updates, state = step(p, state)
       p = optax.apply_updates(p, updates)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((p, state.grad)))
-    assert state.loss.dtype == jnp.float32 and state.radius.dtype == jnp.float32
-    assert float(state.loss) < float(lsq_loss(params, batch))
+    assert state.value.dtype == jnp.float32 and state.radius.dtype == jnp.float32
+    assert float(state.value) < float(lsq_loss(params, batch))
 
   # A Flax NNX model through aptsjax.flax_utils and nnx.Optimizer, with either method.
   model_loss = lambda m, b: jnp.mean((m(b[0])[:, 0] - b[1]) ** 2)
@@ -158,8 +158,8 @@ def test_float32_params_with_float64_data(x64, second_order):
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     losses = [float(nnx_step(model, optimizer, batch)) for _ in range(4)]
     assert model.kernel[...].dtype == jnp.float32
-    assert optimizer.opt_state.loss[...].dtype == jnp.float32
-    assert float(optimizer.opt_state.loss[...]) < losses[0], losses
+    assert optimizer.opt_state.value[...].dtype == jnp.float32
+    assert float(optimizer.opt_state.value[...]) < losses[0], losses
 
 
 # 5. A non-finite loss at the current point in the trainer.
@@ -225,9 +225,9 @@ def test_rescaling_chain_consequence_is_documented():
     tr_state = state if name == "alone" else state[0]
     assert bool(tr_state.accepted)
     new_params = optax.apply_updates(params, updates)
-    gaps[name] = abs(float(tr_state.loss) - float(lsq_loss(new_params, batch)))
+    gaps[name] = abs(float(tr_state.value) - float(lsq_loss(new_params, batch)))
     gaps[name] /= float(lsq_loss(new_params, batch))
-  assert gaps["alone"] < 1e-6, gaps   # state.loss is the loss at the new parameters ...
+  assert gaps["alone"] < 1e-6, gaps   # state.value is the loss at the new parameters ...
   assert gaps["scaled"] > 1e-3, gaps  # ... but not after optax.scale(0.5) halved the step.
 
 

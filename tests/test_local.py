@@ -8,7 +8,7 @@ import pytest
 
 import aptsjax
 from aptsjax import local
-from aptsjax.apts import local_objective
+from aptsjax.optim.apts import local_objective
 from tests.test_apts import assert_close, mlp_loss, problem
 
 
@@ -136,7 +136,7 @@ def test_vectorized_and_sequential_loops_agree(x64, monkeypatch, second_order):
     for _ in range(3):
       p, state = trainer.step(p, state, sharded)
       steps.append(aptsjax.parallel.numpy_tree(state.local_steps))
-    results.append((aptsjax.parallel.numpy_tree(p), float(state.loss), np.stack(steps)))
+    results.append((aptsjax.parallel.numpy_tree(p), float(state.value), np.stack(steps)))
   (p_seq, loss_seq, steps_seq), (p_vec, loss_vec, steps_vec) = results
   np.testing.assert_array_equal(steps_seq, steps_vec)
   assert np.any(steps_seq > 1) or not second_order, steps_seq   # the loop ran several trips

@@ -74,7 +74,7 @@ def test_mesh_matches_one_device_float32(layout, data, model, second_order):
   reference, spread = one_device_float32(second_order, iters, params)
   got, state = run_mesh(layout, data, model, second_order, iters, params=params)
   rounding.assert_within_rounding(
-      {"params": parallel.numpy_tree(got), "loss": np.asarray(state.loss),
+      {"params": parallel.numpy_tree(got), "loss": np.asarray(state.value),
        "radius": np.asarray(state.radius)}, reference, spread, f"{layout} {data}x{model} mesh")
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import aptsjax
-from aptsjax import flax_utils
+from aptsjax import flax as flax_utils
 
 
 class MLP(nnx.Module):

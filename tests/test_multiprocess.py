@@ -18,7 +18,7 @@ import pytest
 
 import aptsjax
 from aptsjax import distributed
-from aptsjax import launch as launcher
+from aptsjax.parallel import launch as launcher
 from tests import multiprocess_worker as worker
 from tests import rounding
 from tests.helpers import ROOT, launch, printed, show

@@ -13,8 +13,8 @@ import pytest
 
 import aptsjax
 from aptsjax import local
-from aptsjax.apts import local_objective
-from aptsjax.hyperparams import Hyperparams, make_hyperparams, ratio_test, reaches_boundary
+from aptsjax.optim.apts import local_objective
+from aptsjax.optim.settings import Hyperparams, make_hyperparams, ratio_test, reaches_boundary
 from tests.test_apts import assert_close, mlp_loss, problem
 from tests.test_trust_region import quadratic, rosenbrock, X0
 

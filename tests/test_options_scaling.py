@@ -223,7 +223,7 @@ def test_first_order_rms_step(x64):
   # The state holds the theta-space gradient and the loss at the new point.
   x1 = QX0 + step
   np.testing.assert_allclose(flat(state.grad), quadratic_grad(x1), rtol=1e-12, atol=1e-12)
-  assert float(state.loss) == pytest.approx(0.5 * x1 @ QA @ x1 - QB @ x1, rel=1e-12)
+  assert float(state.value) == pytest.approx(0.5 * x1 @ QA @ x1 - QB @ x1, rel=1e-12)
   # The predicted reduction is that of the first-order model: -g.s = Delta |D^{-1} g|.
   assert float(state.predicted_reduction) == pytest.approx(radius * np.linalg.norm(g / d),
                                                            rel=1e-12)
@@ -382,7 +382,7 @@ def test_rms_trainer_two_devices_matches_one_float32():
   def run(num_devices, p):
     p, state = run_trainer(num_devices, True, 3, params=p, norm="rms")
     assert state.scaling is not None
-    return {"params": p, "loss": state.loss, "radius": state.radius, "d": state.scaling.d}
+    return {"params": p, "loss": state.value, "radius": state.radius, "d": state.scaling.d}
 
   reference = run(1, params)
   spread = rounding.probe_spread(lambda p: run(1, p), params, reference)

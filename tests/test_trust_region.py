@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import aptsjax
-from aptsjax.trust_region import Hyperparams, ratio_test, update_radius
+from aptsjax.optim.trust_region import Hyperparams, ratio_test, update_radius
 
 HP = Hyperparams()  # eta_accept 0, eta1 0.25, eta2 0.75, alpha 0.5, beta 2, radii [1e-3, 4]
 NAN, INF = float("nan"), float("inf")
@@ -138,7 +138,7 @@ def test_first_order_first_step_is_scaled_negative_gradient():
   assert rho > 0.75  # so the radius doubles
   assert bool(state.accepted) and not bool(state.nonfinite)
   assert float(state.radius) == pytest.approx(2 * radius, rel=1e-6)
-  assert float(state.loss) == pytest.approx(f(X0 + step), rel=1e-5)
+  assert float(state.value) == pytest.approx(f(X0 + step), rel=1e-5)
   np.testing.assert_allclose(state.grad, A @ (X0 + step) - B, rtol=1e-5, atol=1e-6)
   assert float(state.predicted_reduction) == pytest.approx(predicted, rel=1e-5)
   assert float(state.actual_reduction) == pytest.approx(actual, rel=1e-4)
@@ -193,7 +193,7 @@ def test_rejected_step_still_feeds_the_memory():
   np.testing.assert_allclose(state.memory.s[slot], s, rtol=1e-5)
   np.testing.assert_allclose(state.memory.y[slot], A @ s, rtol=1e-4, atol=1e-5)
   # The state keeps the current point's loss and gradient.
-  assert float(state.loss) == pytest.approx(0.5 * X0 @ A @ X0 - B @ X0, rel=1e-6)
+  assert float(state.value) == pytest.approx(0.5 * X0 @ A @ X0 - B @ X0, rel=1e-6)
   np.testing.assert_allclose(state.grad, g, rtol=1e-6)
 
 
@@ -208,7 +208,7 @@ def test_nonfinite_trial_loss_is_rejected():
   assert not bool(state.accepted) and not bool(state.nonfinite)
   np.testing.assert_array_equal(new_x, x)
   assert float(state.radius) == pytest.approx(5.0)
-  assert float(state.loss) == pytest.approx(float(quadratic(x)))
+  assert float(state.value) == pytest.approx(float(quadratic(x)))
   for leaf in jax.tree.leaves((state.grad, state.memory)):
     assert bool(jnp.all(jnp.isfinite(leaf)))
   # Training goes on: the radius shrinks until the trial point is inside the box.
@@ -256,7 +256,7 @@ def test_nonfinite_trial_gradient_is_rejected():
   np.testing.assert_array_equal(updates, np.zeros(4))
   assert not bool(state.accepted) and not bool(state.nonfinite)
   assert float(state.radius) == pytest.approx(0.5)
-  assert float(state.loss) == pytest.approx(f(X0), rel=1e-6)
+  assert float(state.value) == pytest.approx(f(X0), rel=1e-6)
   assert int(state.memory.count) == 0
   for leaf in jax.tree.leaves(state):
     assert bool(jnp.all(jnp.isfinite(leaf)))
@@ -281,7 +281,7 @@ def test_nonfinite_current_point_is_a_no_op():
     assert int(st.iteration) == int(before.iteration) + 1
     assert int(st.num_accepted) == int(before.num_accepted)
     assert float(st.radius) == float(before.radius)
-    assert float(st.loss) == float(before.loss)
+    assert float(st.value) == float(before.value)
     assert_trees_equal(st.grad, before.grad)
     assert_trees_equal(st.memory, before.memory)
     assert bool(jnp.all(jnp.isfinite(optax.apply_updates(at, ups))))
@@ -369,7 +369,7 @@ def test_vmap_matches_separate_runs(dtype, request):
   singles = [run(ROSEN_STEP, p, ROSEN_TX.init(p), steps) for p in starts]
   for params, state in singles:
     assert params["u"].dtype == dtype and state.radius.dtype == dtype
-    assert state.loss.dtype == dtype and state.memory.ss.dtype == dtype
+    assert state.value.dtype == dtype and state.memory.ss.dtype == dtype
     assert state.grad["u"].dtype == dtype
 
   stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
@@ -384,9 +384,9 @@ def test_vmap_matches_separate_runs(dtype, request):
     assert int(got.num_accepted) == int(want_state.num_accepted)
     assert int(got.memory.count) == int(want_state.memory.count)
     np.testing.assert_allclose(got.radius, want_state.radius, **tol)
-    np.testing.assert_allclose(got.loss, want_state.loss, **tol)
+    np.testing.assert_allclose(got.value, want_state.value, **tol)
   # The problems really differ and all make progress.
-  losses = [float(s.loss) for _, s in singles]
+  losses = [float(s.value) for _, s in singles]
   assert len(set(losses)) == len(losses)
   assert all(l < float(rosenbrock(p)) for l, p in zip(losses, starts))
 
@@ -406,7 +406,7 @@ def test_jit_matches_no_jit(dtype, request):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), eager, jitted)
   assert eager[0]["u"].dtype == dtype and jitted[1].radius.dtype == dtype
   assert int(jitted[1].num_accepted) >= steps // 2
-  assert float(jitted[1].loss) < float(rosenbrock(params0))
+  assert float(jitted[1].value) < float(rosenbrock(params0))
 
 
 # ----------------------------------------------------------------------------
@@ -437,9 +437,9 @@ def test_value_and_grad_from_state_reuses_and_matches():
     np.testing.assert_allclose(xa, xb, rtol=1e-6, atol=1e-7)
     assert bool(sa.accepted) == bool(sb.accepted)
     np.testing.assert_allclose(sa.radius, sb.radius, rtol=1e-6)
-    np.testing.assert_allclose(sa.loss, sb.loss, rtol=1e-6)
+    np.testing.assert_allclose(sa.value, sb.value, rtol=1e-6)
   assert int(path_a[-1][1].num_accepted) >= steps // 2
-  assert float(path_a[-1][1].loss) < float(quadratic(x0))
+  assert float(path_a[-1][1].value) < float(quadratic(x0))
   # Recomputing: one evaluation at params and one at the trial point per iteration. Reusing:
   # the one at the trial point only, once the state holds the loss and gradient.
   assert calls_a == 2 * steps

@@ -2,7 +2,7 @@
 
 * Second order (L-SR1 + OBS, memory 10, library defaults): converges to the known minimiser
   (|x - x*| < 1e-4; f - f* < 1e-8 for the saddle problem, which has many global minimisers)
-  within ``SECOND_ORDER_CAP`` updates, and ``state.loss`` never increases and is the loss at the
+  within ``SECOND_ORDER_CAP`` updates, and ``state.value`` never increases and is the loss at the
   updated parameters.
 * First order: the loss never increases on every problem, and on the convex quadratic the gap
   f - f* halves within ``FIRST_ORDER_ITERS`` updates.
@@ -13,7 +13,7 @@
   quadratic, which trust-exact is given.
 
 Every run is a Python loop around one jitted step (``tx.update`` then ``optax.apply_updates``),
-passing ``value=state.loss`` and reusing ``state.grad`` (full batch), as a user would.
+passing ``value=state.value`` and reusing ``state.grad`` (full batch), as a user would.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class Trace(NamedTuple):
 
   Attributes:
     x: the final parameters.
-    losses: ``state.loss`` after each update, preceded by f(x0).
+    losses: ``state.value`` after each update, preceded by f(x0).
     true_losses: ``fn(params)`` after each update, preceded by f(x0).
     grad_norm: |g| at the final parameters.
     iterations: number of updates made.
@@ -88,7 +88,7 @@ def make_step(tx: optax.GradientTransformationExtraArgs, fn: Callable[..., Any]
     updates, state = tx.update(grad, state, x, batch=None, value=loss)
     x = optax.apply_updates(x, updates)
     if hasattr(state, "grad"):
-      loss, grad = state.loss, state.grad
+      loss, grad = state.value, state.grad
     else:
       loss, grad = value_and_grad(x)
     return x, state, loss, grad, fn(x)
@@ -110,7 +110,7 @@ def run_tr(problem: problems_lib.Problem, max_iters: int,
   while not reached and iterations < max_iters:
     x, state, loss, grad, true_loss = step(x, state, loss, grad)
     iterations += 1
-    losses.append(float(state.loss))
+    losses.append(float(state.value))
     true_losses.append(float(true_loss))
     grad_norm = float(jnp.linalg.norm(grad))
     reached = stop(np.asarray(x), grad_norm)
@@ -134,10 +134,10 @@ def first_order_trace(name: str) -> Trace:
 
 
 def assert_monotone(trace: Trace) -> None:
-  """state.loss never increases and equals the loss at the updated parameters."""
+  """state.value never increases and equals the loss at the updated parameters."""
   increases = np.diff(trace.losses)
   assert np.all(increases <= 0.0), (
-      f"state.loss increased by {increases.max():.3e} at update {int(np.argmax(increases)) + 1}")
+      f"state.value increased by {increases.max():.3e} at update {int(np.argmax(increases)) + 1}")
   np.testing.assert_allclose(trace.true_losses, trace.losses, rtol=1e-10, atol=1e-14)
 
 

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aptsjax import _stack
-from aptsjax import lsr1
-from aptsjax import trust_region as tr
+from aptsjax.numerics import tree as _stack
+from aptsjax.numerics import lsr1
+from aptsjax.optim import trust_region as tr
 
 PyTree = Any
 ValueAndGrad = Callable[[PyTree], tuple[jax.Array, PyTree]]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple
 
-from aptsjax import _hlo_groups
+from aptsjax.tools import replica_groups as _hlo_groups
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _CALLEE = re.compile(r"(?:body|condition|to_apply|calls|true_computation|false_computation)="

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aptsjax import _stack
+from aptsjax.numerics import tree as _stack
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST

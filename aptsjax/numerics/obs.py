@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aptsjax import _stack
-from aptsjax import compact
-from aptsjax import lsr1
-from aptsjax.compact import mm as _mm
+from aptsjax.numerics import tree as _stack
+from aptsjax.numerics import compact
+from aptsjax.numerics import lsr1
+from aptsjax.numerics.compact import mm as _mm
 
 PyTree = Any
 

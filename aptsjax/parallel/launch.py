@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from aptsjax import distributed
+from aptsjax.parallel import distributed
 
 
 def free_port() -> int:

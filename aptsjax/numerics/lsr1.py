@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aptsjax import _stack
-from aptsjax import compact
-from aptsjax.compact import Spectral
-from aptsjax.compact import r_tol
+from aptsjax.numerics import tree as _stack
+from aptsjax.numerics import compact
+from aptsjax.numerics.compact import Spectral
+from aptsjax.numerics.compact import r_tol
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST

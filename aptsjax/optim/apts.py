@@ -49,18 +49,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aptsjax import _checks
-from aptsjax import _stack
-from aptsjax import blocks as pblocks
+from aptsjax.numerics import checks as _checks
+from aptsjax.numerics import tree as _stack
+from aptsjax.optim import blocks as pblocks
 from aptsjax import data
-from aptsjax import local
-from aptsjax import lsr1
-from aptsjax import scaling
-from aptsjax import sharding
-from aptsjax import trust_region as tr
-from aptsjax.hyperparams import Hyperparams, reaches_boundary
-from aptsjax.local import LocalCarry, LocalSolver, trust_region_local_solver  # re-exported
-from aptsjax.sharding import state_specs  # re-exported  # pylint: disable=unused-import
+from aptsjax.optim import local
+from aptsjax.numerics import lsr1
+from aptsjax.numerics import scaling
+from aptsjax.optim import trust_region as tr
+from aptsjax.optim.settings import Hyperparams, reaches_boundary
+from aptsjax.optim.local import LocalCarry, LocalSolver, trust_region_local_solver  # re-exported
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
@@ -70,7 +68,7 @@ class APTSState(NamedTuple):
 
   Attributes:
     radius: the global radius Delta.
-    loss: the global loss at the parameters after the update (on the last batch).
+    value: the global loss at the parameters after the update (on the last batch).
     grad: the global gradient there (reusable for the next update on the same data).
     accepted: whether the parameters changed in the last update (APTS or global step taken).
     apts_accepted: whether the summed local step s~ was accepted.
@@ -88,7 +86,7 @@ class APTSState(NamedTuple):
       with it, every L-SR1 memory holds its pairs in the variables u = D theta.
   """
   radius: jax.Array
-  loss: jax.Array
+  value: jax.Array
   grad: PyTree
   accepted: jax.Array
   apts_accepted: jax.Array
@@ -174,7 +172,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
 
   Like ``aptsjax.trust_region``, it must be the last transformation: ``optax.chain(tx,
   optax.scale(c))`` breaks the ratio test (the parameters move by a step that was judged at
-  full length, the radius adapts to the full step, and ``state.loss`` / ``state.grad`` describe
+  full length, the radius adapts to the full step, and ``state.value`` / ``state.grad`` describe
   ``params + updates / c`` rather than the new parameters). This is not detected.
 
   Parameter blocks (``param_blocks``, ``aptsjax.blocks``;
@@ -250,14 +248,14 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub * count, axis=0),
                          make_solver(pblocks.share(local_share, spec)).init(params))
     zero = jnp.zeros((), dtype)
-    return sharding.leading_metadata(APTSState(
-        radius=jnp.asarray(hp.init_radius, dtype), loss=jnp.asarray(jnp.inf, dtype),
+    return APTSState(
+        radius=jnp.asarray(hp.init_radius, dtype), value=jnp.asarray(jnp.inf, dtype),
         grad=optax.tree.zeros_like(params), accepted=jnp.array(False),
         apts_accepted=jnp.array(False), stalled=jnp.array(False), nonfinite=jnp.array(False),
         iteration=jnp.zeros((), jnp.int32), predicted_reduction=zero, actual_reduction=zero,
         local_steps=jnp.zeros((n_sub * count,), jnp.int32), local_state=local,
         global_memory=lsr1.init(params, memory) if second_order else None,
-        scaling=scaling.init(params) if hp.norm == "rms" else None))
+        scaling=scaling.init(params) if hp.norm == "rms" else None)
 
   def update_fn(grads: PyTree, state: APTSState, params: PyTree | None = None, *,
                 batch: Any = None, **extra_args: Any) -> tuple[PyTree, APTSState]:
@@ -387,7 +385,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     moved = coords.to_theta(optax.tree.sub(theta, u_start))
     updates = jax.tree.map(lambda a: jnp.where(ok, a, jnp.zeros_like(a)), moved)
     new_state = APTSState(
-        radius=jnp.where(ok, radius, state.radius), loss=jnp.where(ok, loss, state.loss),
+        radius=jnp.where(ok, radius, state.radius), value=jnp.where(ok, loss, state.value),
         grad=keep(grad, state.grad), accepted=ok & changed, apts_accepted=ok & accept,
         stalled=ok & stalled, nonfinite=~ok, iteration=state.iteration + 1,
         predicted_reduction=jnp.where(ok, predicted, 0.0),

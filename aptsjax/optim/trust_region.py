@@ -29,17 +29,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aptsjax import _checks
-from aptsjax import _stack
-from aptsjax import lsr1
-from aptsjax import obs
-from aptsjax import scaling
-from aptsjax import sharding
-from aptsjax.hyperparams import GENERAL_MIN_RADIUS  # re-exported
-from aptsjax.hyperparams import Hyperparams
-from aptsjax.hyperparams import make_hyperparams
-from aptsjax.hyperparams import ratio_test
-from aptsjax.hyperparams import update_radius
+from aptsjax.numerics import checks as _checks
+from aptsjax.numerics import tree as _stack
+from aptsjax.numerics import lsr1
+from aptsjax.numerics import obs
+from aptsjax.numerics import scaling
+from aptsjax.optim.settings import GENERAL_MIN_RADIUS  # re-exported
+from aptsjax.optim.settings import Hyperparams
+from aptsjax.optim.settings import make_hyperparams
+from aptsjax.optim.settings import ratio_test
+from aptsjax.optim.settings import update_radius
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
@@ -157,7 +156,7 @@ class TrustRegionState(NamedTuple):
 
   Attributes:
     radius: the current radius.
-    loss: the loss at the current parameters (after the last update) on the last batch.
+    value: the loss at the current parameters (after the last update) on the last batch.
     grad: the gradient there, on the last batch: with full-batch data, pass it (and ``loss``
       as ``value``) to the next ``update`` instead of recomputing (see
       ``value_and_grad_from_state``).
@@ -174,7 +173,7 @@ class TrustRegionState(NamedTuple):
     scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.scaling``); None otherwise.
   """
   radius: jax.Array
-  loss: jax.Array
+  value: jax.Array
   grad: PyTree
   accepted: jax.Array
   stalled: jax.Array
@@ -230,14 +229,14 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
   ``params`` on ``batch`` and returns the updates (zero when the step is rejected). Cost of one
   update: one loss evaluation at ``params`` (skipped when ``value`` is given) and one loss and
   gradient evaluation at the trial point; with full-batch data the gradient for the next update
-  is ``state.grad`` and the value ``state.loss``, so a full-batch iteration costs one forward and
+  is ``state.grad`` and the value ``state.value``, so a full-batch iteration costs one forward and
   one backward pass in total.
 
   It must be the last transformation: nothing may rescale or otherwise change its updates
   afterwards. The ratio test has judged that exact step, and the state describes the point it
   leads to, so ``optax.chain(tx, optax.scale(c))`` breaks it: the parameters move by ``c`` times
   a step that was tested only at full length (with no guarantee of decrease), the radius adapts
-  to the full step, and ``state.loss`` / ``state.grad`` are the loss and gradient at
+  to the full step, and ``state.value`` / ``state.grad`` are the loss and gradient at
   ``params + updates / c``, not at the new parameters (``value_and_grad_from_state`` would then
   hand the next update wrong values). This is not detected. Transformations that leave its
   output alone may share the chain.
@@ -280,14 +279,14 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
   def init_fn(params: PyTree) -> TrustRegionState:
     _checks.check_params(params, second_order)
     dtype = _stack.tree_dtype(params)
-    return sharding.leading_metadata(TrustRegionState(
-        radius=jnp.asarray(hp.init_radius, dtype), loss=jnp.asarray(jnp.inf, dtype),
+    return TrustRegionState(
+        radius=jnp.asarray(hp.init_radius, dtype), value=jnp.asarray(jnp.inf, dtype),
         grad=optax.tree.zeros_like(params), accepted=jnp.array(False), stalled=jnp.array(False),
         nonfinite=jnp.array(False), iteration=jnp.zeros((), jnp.int32),
         num_accepted=jnp.zeros((), jnp.int32), predicted_reduction=jnp.zeros((), dtype),
         actual_reduction=jnp.zeros((), dtype),
         memory=lsr1.init(params, memory) if second_order else None,
-        scaling=scaling.init(params) if hp.norm == "rms" else None))
+        scaling=scaling.init(params) if hp.norm == "rms" else None)
 
   def update_fn(grads: PyTree, state: TrustRegionState, params: PyTree | None = None,
                 *, batch: Any = None, value: jax.Array | None = None, **extra_args: Any
@@ -317,7 +316,7 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
     updates = jax.tree.map(lambda a, b: jnp.where(accepted, a, jnp.zeros_like(a)),
                            coords.to_theta(out.step), params)
     new_state = TrustRegionState(
-        radius=keep(out.radius, state.radius), loss=jnp.where(ok, out.loss, state.loss),
+        radius=keep(out.radius, state.radius), value=jnp.where(ok, out.loss, state.value),
         grad=keep(coords.grad_to_theta(out.grad), state.grad), accepted=accepted,
         stalled=ok & out.stalled,
         nonfinite=~ok, iteration=state.iteration + 1,
@@ -333,7 +332,7 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
 def value_and_grad_from_state(loss_fn: LossFn) -> Callable[..., tuple[jax.Array, PyTree]]:
   """Returns ``fn(params, batch, *, state)`` that reuses the optimizer's loss and gradient.
 
-  For full-batch training: after the first update, ``state.loss`` and ``state.grad`` are the
+  For full-batch training: after the first update, ``state.value`` and ``state.grad`` are the
   loss and gradient at the current parameters on the same data, so recomputing them is wasted
   work. ``fn`` returns them when ``state.iteration > 0`` and the last update was not a no-op, and
   evaluates ``jax.value_and_grad(loss_fn)`` otherwise (inside ``lax.cond``: one of the two runs).
@@ -343,8 +342,8 @@ def value_and_grad_from_state(loss_fn: LossFn) -> Callable[..., tuple[jax.Array,
 
   def fn(params: PyTree, batch: Any = None, *, state: TrustRegionState
          ) -> tuple[jax.Array, PyTree]:
-    reuse = (state.iteration > 0) & ~state.nonfinite & jnp.isfinite(state.loss)
-    return jax.lax.cond(reuse, lambda: (state.loss.astype(state.radius.dtype), state.grad),
+    reuse = (state.iteration > 0) & ~state.nonfinite & jnp.isfinite(state.value)
+    return jax.lax.cond(reuse, lambda: (state.value.astype(state.radius.dtype), state.grad),
                         lambda: _cast_loss(vg(params, batch), state))
 
   return fn

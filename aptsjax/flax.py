@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 from flax.training import train_state as train_state_lib
@@ -153,3 +154,54 @@ def apply_train_state(train_state: train_state_lib.TrainState, grads: PyTree,
                                              **extra_args)
   params = optax.apply_updates(train_state.params, updates)
   return train_state.replace(step=train_state.step + 1, params=params, opt_state=opt_state)
+
+
+def leading_metadata(state: PyTree) -> PyTree:
+  """Extends Flax NNX partitioning metadata to the leading axes the optimizer state adds.
+
+  ``nnx.Optimizer`` passes ``nnx.Variable`` parameters to ``init``; mapping over them keeps each
+  Variable's ``out_sharding`` metadata, which then names the parameter's dimensions for an array
+  with extra leading axes (an L-SR1 stack, the per-subdomain states). This prefixes None for
+  each extra axis, so ``nnx.get_partition_spec`` of the optimizer state shards every stack as
+  its parameter. Leaves without such metadata are returned unchanged.
+
+  Args:
+    state: an optimizer state, possibly holding Variables.
+
+  Returns:
+    The state with consistent metadata.
+  """
+  def fix(x):
+    if not isinstance(x, nnx.Variable):
+      return x
+    names = x.get_metadata().get("out_sharding")
+    extra = np.ndim(x.get_value()) - len(names or ())
+    if not names or extra <= 0:
+      return x
+    return x.replace(out_sharding=(None,) * extra + tuple(names))
+
+  return jax.tree.map(fix, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def partitioned(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``init`` extends the parameters' NNX partitioning metadata to its state.
+
+  For ``nnx.Optimizer`` with partitioned parameters (``nnx.with_partitioning``) on a mesh:
+  every state leaf shaped like a parameter with extra leading axes (an L-SR1 stack, the APTS
+  per-subdomain states) then carries ``(None, ..., *param_axes)``, so
+  ``nnx.get_named_sharding(nnx.state(optimizer), mesh)`` shards it like its parameter::
+
+    optimizer = nnx.Optimizer(model, aptsjax.flax.partitioned(tx), wrt=nnx.Param)
+
+  Without it the stacks keep the parameter's own metadata, which names the wrong dimensions.
+
+  Args:
+    tx: an aptsjax (or any optax) transformation.
+
+  Returns:
+    The same transformation with the metadata fixed at ``init``.
+  """
+  def init_fn(params: PyTree) -> Any:
+    return leading_metadata(tx.init(params))
+
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)

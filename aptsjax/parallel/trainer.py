@@ -23,26 +23,23 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aptsjax.apts import apts
+from aptsjax.optim.apts import apts
+from aptsjax.optim.protocol import per_subdomain_fields
 from aptsjax import data
-from aptsjax import distributed
-from aptsjax import sharding
-from aptsjax.mesh import build_mesh
-from aptsjax.mesh import default_num_devices  # re-exported  # pylint: disable=unused-import
-from aptsjax.mesh import mesh_devices  # re-exported  # pylint: disable=unused-import
-from aptsjax.sharding import state_specs
-from aptsjax._checks import as_int
-from aptsjax._step import NONFINITE_ACTIONS
-from aptsjax._step import distinct as _distinct
-from aptsjax._step import donating as _donating
-from aptsjax._step import raise_nonfinite as _raise_nonfinite
-from aptsjax._step import report_nonfinite as _report_nonfinite
+from aptsjax.parallel import distributed
+from aptsjax.parallel import sharding
+from aptsjax.parallel.mesh import build_mesh
+from aptsjax.parallel.mesh import default_num_devices  # re-exported  # pylint: disable=unused-import
+from aptsjax.parallel.mesh import mesh_devices  # re-exported  # pylint: disable=unused-import
+from aptsjax.parallel.sharding import state_specs
+from aptsjax.numerics.checks import as_int
+from aptsjax.parallel.step import NONFINITE_ACTIONS
+from aptsjax.parallel.step import distinct as _distinct
+from aptsjax.parallel.step import donating as _donating
+from aptsjax.parallel.step import raise_nonfinite as _raise_nonfinite
+from aptsjax.parallel.step import report_nonfinite as _report_nonfinite
 
 PyTree = Any
-
-
-def _per_subdomain(state: NamedTuple) -> tuple[str, ...]:
-  return getattr(type(state), "PER_SUBDOMAIN", ())
 
 
 def pmap_state(state: NamedTuple, num_devices: int) -> NamedTuple:
@@ -52,7 +49,7 @@ def pmap_state(state: NamedTuple, num_devices: int) -> NamedTuple:
   [d N / D, (d + 1) N / D), the same ones it holds under ``jax.shard_map``; the other leaves are
   replicated to (D, ...).
   """
-  per = _per_subdomain(state)
+  per = per_subdomain_fields(state)
 
   def convert(name, value):
     if name in per:
@@ -68,7 +65,7 @@ def pmap_state(state: NamedTuple, num_devices: int) -> NamedTuple:
 
 def unpmap_state(state: NamedTuple) -> NamedTuple:
   """The inverse of ``pmap_state``: merges the device axis back into the global layout."""
-  per = _per_subdomain(state)
+  per = per_subdomain_fields(state)
 
   def convert(name, value):
     if name in per:
@@ -133,7 +130,7 @@ class Trainer(NamedTuple):
   state_shardings: Callable[..., PyTree] | None = None
 
 
-METRICS = ("loss", "radius", "accepted", "apts_accepted", "stalled", "nonfinite", "iteration",
+METRICS = ("value", "radius", "accepted", "apts_accepted", "stalled", "nonfinite", "iteration",
            "predicted_reduction", "actual_reduction", "local_steps")
 
 

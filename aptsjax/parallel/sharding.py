@@ -8,7 +8,7 @@ the spec of every state leaf follows:
 
 * a leaf inside a sub-pytree shaped like the parameters gets ``(lead..., *param_spec)``, where
   ``lead`` is one entry per extra leading axis: the data axis for the subdomain axis of a
-  per-subdomain field (``PER_SUBDOMAIN``), None for a memory axis;
+  per-subdomain field (``aptsjax.optim.protocol.per_subdomain_fields``), None for a memory axis;
 * any other leaf (a radius, a k-by-k Gram matrix, a counter) is replicated, or sharded over the
   data axis on its leading axis when it is per-subdomain.
 
@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from aptsjax.optim.protocol import per_subdomain_fields
 
 PyTree = Any
 
@@ -147,7 +149,7 @@ def state_specs(state: NamedTuple, axis_name: str = "data", params: PyTree | Non
   Returns:
     A state of PartitionSpecs.
   """
-  per = getattr(type(state), "PER_SUBDOMAIN", ())
+  per = per_subdomain_fields(state)
   if params is None:
     return type(state)(**{
         name: jax.tree.map(lambda _, s=P(axis_name) if name in per else P(): s, value)
@@ -182,30 +184,3 @@ def state_specs(state: NamedTuple, axis_name: str = "data", params: PyTree | Non
 def shardings(specs: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
   """``NamedSharding(mesh, spec)`` for every PartitionSpec of ``specs``."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
-
-
-def leading_metadata(state: PyTree) -> PyTree:
-  """Extends Flax NNX partitioning metadata to the leading axes the optimizer state adds.
-
-  ``nnx.Optimizer`` passes ``nnx.Variable`` parameters to ``init``; mapping over them keeps each
-  Variable's ``out_sharding`` metadata, which then names the parameter's dimensions for an array
-  with extra leading axes (an L-SR1 stack, the per-subdomain states). This prefixes None for
-  each extra axis, so ``nnx.get_partition_spec`` of the optimizer state shards every stack as
-  its parameter. Leaves without such metadata are returned unchanged.
-
-  Args:
-    state: an optimizer state, possibly holding Variables.
-
-  Returns:
-    The state with consistent metadata.
-  """
-  def fix(x):
-    if not _is_variable(x):
-      return x
-    names = x.get_metadata().get("out_sharding")
-    extra = np.ndim(x.get_value()) - len(names or ())
-    if not names or extra <= 0:
-      return x
-    return x.replace(out_sharding=(None,) * extra + tuple(names))
-
-  return jax.tree.map(fix, state, is_leaf=_is_variable)
