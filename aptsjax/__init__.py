@@ -35,8 +35,9 @@ from aptsjax.optim.local import LocalCarry
 from aptsjax.optim.local import LocalSolver
 from aptsjax.optim.local import optax_local_solver
 from aptsjax.optim.local import trust_region_local_solver
-from aptsjax.optim.settings import GENERAL_MIN_RADIUS
-from aptsjax.optim.settings import Hyperparams
+from aptsjax.optim.config import APTSConfig
+from aptsjax.optim.config import GENERAL_MIN_RADIUS
+from aptsjax.optim.config import TrustRegionConfig
 from aptsjax.optim.trust_region import TrustRegionState
 from aptsjax.optim.trust_region import trust_region
 from aptsjax.optim.trust_region import value_and_grad_from_state
@@ -57,7 +58,7 @@ _LAZY = {
     "tools": "aptsjax.tools",
     "comm": "aptsjax.tools.comm",
     "flax_utils": "aptsjax.flax",
-    "hyperparams": "aptsjax.optim.settings",
+    "hyperparams": "aptsjax.optim.config",
     "launch": "aptsjax.parallel.launch",
 }
 
@@ -69,8 +70,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "APTSState", "GENERAL_MIN_RADIUS", "Hyperparams", "LocalCarry", "LocalSolver", "Trainer",
-    "TrustRegionState", "apts", "apts_trainer", "blocks", "checkpoint", "compact", "data",
+    "APTSConfig", "APTSState", "GENERAL_MIN_RADIUS", "LocalCarry", "LocalSolver", "Trainer",
+    "TrustRegionConfig", "TrustRegionState", "apts", "apts_trainer", "blocks", "checkpoint", "compact", "data",
     "distributed", "layer_blocks", "leaf_blocks", "local", "lsr1", "mesh", "numerics", "obs",
     "optax_local_solver", "optim", "parallel", "scaling", "shard_blocks", "sharding",
     "state_specs", "trust_region", "trust_region_local_solver", "value_and_grad_from_state",

@@ -56,7 +56,7 @@ def _as_overlap(overlap: Any) -> float:
   return result
 
 
-def _row_count(batch: Batch) -> int:
+def row_count(batch: Batch) -> int:
   """Returns the common leading size of the leaves of ``batch`` (ValueError if there is none)."""
   leaves = jax.tree_util.tree_leaves(batch)
   if not leaves:
@@ -209,7 +209,7 @@ def take_rows(batch: Batch, rows: np.ndarray) -> Batch:
   Returns:
     The pytree of ``leaf[rows]``, with leaves of the same kind as the input.
   """
-  count = _row_count(batch)
+  count = row_count(batch)
   rows = np.asarray(rows)
   if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
     raise ValueError(f"rows must be a 1-D integer array, got shape {rows.shape} {rows.dtype}")
@@ -234,7 +234,7 @@ def overlapping_subdomains(batch: Batch, num_subdomains: int, overlap: float = 0
     The batch with N (b + c) rows, ready for ``apts(num_subdomains=N)``. With no shared rows it
     is a plain slice of the first N b rows (the batch itself when nothing is dropped).
   """
-  count = _row_count(batch)
+  count = row_count(batch)
   own, shared = layout_sizes(count, num_subdomains, overlap)
   check_remainder(count, num_subdomains, overlap, remainder, stacklevel=3)
   if shared == 0:
@@ -257,7 +257,7 @@ def check_batch(batch: Batch, num_subdomains: int) -> int:
       count not divisible by N.
   """
   n = as_int("num_subdomains", num_subdomains, 1)
-  count = _row_count(batch)
+  count = row_count(batch)
   if count % n:
     raise ValueError(
         f"the batch has {count} rows, not divisible by num_subdomains={n}; lay it out with "
@@ -292,7 +292,7 @@ def trim_rows(batch: Batch, multiple: int) -> Batch:
     The batch itself when nothing is dropped, else the pytree of ``leaf[:keep]``.
   """
   k = as_int("multiple", multiple, 1)
-  count = _row_count(batch)
+  count = row_count(batch)
   keep = count - count % k
   if keep == 0:
     raise ValueError(f"the batch has {count} rows, fewer than multiple={k}")
@@ -370,5 +370,5 @@ def iterate_minibatches(data: Batch, batch_size: int, *, overlap: float = 0.0, s
   Returns:
     An iterator of batches like ``data`` with ``batch_size`` rows each.
   """
-  rows = minibatches(_row_count(data), batch_size, overlap=overlap, seed=seed, epoch=epoch)
+  rows = minibatches(row_count(data), batch_size, overlap=overlap, seed=seed, epoch=epoch)
   return (take_rows(data, index) for index in rows)  # Arguments are checked before iteration.

@@ -5,7 +5,7 @@ user's ``shard_map``/``pmap``); they import only ``aptsjax.numerics`` and ``apts
 from aptsjax.optim import apts
 from aptsjax.optim import blocks
 from aptsjax.optim import local
-from aptsjax.optim import settings
+from aptsjax.optim import config
 from aptsjax.optim import trust_region
 
-__all__ = ["apts", "blocks", "local", "settings", "trust_region"]
+__all__ = ["apts", "blocks", "local", "config", "trust_region"]

@@ -19,6 +19,10 @@ One ``update`` at theta^k with global gradient g^k = ``grads`` and global radius
    4 are one loop of 1 + ``global_steps`` trips sharing one trial evaluation and one
    ``trust_region.commit``.
 
+Each step is a function of ``aptsjax.optim.apts_stages`` (evaluate, local phase, combine,
+global phase); ``update`` below calls them in order and commits the state through
+``aptsjax.optim.guard``, the path ``aptsjax.trust_region`` shares.
+
 Communication per update with ``axis_name`` set: one all-reduce of s~ (n floats), one of the
 gradient at theta^k + s~ (n), one per global step (n), plus a few scalars; with the caller's
 all-reduce of g^k that is 4 n + O(1) floats for global_steps = 1, independent of local_steps.
@@ -30,10 +34,10 @@ Each subdomain keeps its own L-SR1 memory across updates: with the same data eve
 curvature model keeps improving; with minibatches (SAPTS) it is the usual stochastic
 quasi-Newton memory. The local radius restarts at Delta^k / N each update.
 
-The steps above are the paper's method, ``Hyperparams.paper()``. The options of
-``aptsjax.Hyperparams`` (docs/method.md, "Options beyond the paper") change them: ``combine=
+The steps above are the paper's method, ``APTSConfig.paper()``. The options of
+``aptsjax.APTSConfig`` (docs/method.md, "Options beyond the paper") change them: ``combine=
 "mean"`` takes s~ as the mean of the local steps, each bounded by Delta^k, and the denominator
-of (6) as the mean of the local decreases; ``local_method="adam"`` runs Adam steps projected into
+of (6) as the mean of the local decreases; ``local_solver="adam"`` runs Adam steps projected into
 the local region instead of local TR; ``norm="rms"`` runs every phase in u = D theta (the region
 |D s~| <= Delta^k); ``local_radius="split"`` starts the local radius at Delta^k / (N nu) (the
 bound divided by nu); ``radius_growth="boundary"`` grows the radius only after steps on the
@@ -49,19 +53,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aptsjax.numerics import checks as _checks
-from aptsjax.numerics import tree as _stack
-from aptsjax.optim import blocks as pblocks
 from aptsjax import data
-from aptsjax.optim import local
+from aptsjax.numerics import checks
 from aptsjax.numerics import lsr1
 from aptsjax.numerics import scaling
-from aptsjax.optim import trust_region as tr
-from aptsjax.optim.settings import Hyperparams, reaches_boundary
-from aptsjax.optim.local import LocalCarry, LocalSolver, trust_region_local_solver  # re-exported
+from aptsjax.numerics import tree as tree_lib
+from aptsjax.numerics.scaling import ScaleState
+from aptsjax.optim import apts_stages as stages
+from aptsjax.optim import blocks as pblocks
+from aptsjax.optim import guard
+from aptsjax.optim import local
+from aptsjax.optim.apts_stages import local_objective  # re-exported  # pylint: disable=unused-import
+from aptsjax.optim.apts_stages import to_varying  # re-exported  # pylint: disable=unused-import
+from aptsjax.optim.config import APTSConfig
+from aptsjax.optim.config import configure_apts
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
+
 
 class APTSState(NamedTuple):
   """State of ``aptsjax.apts`` (a pytree; same global shapes on one device or many).
@@ -82,7 +91,7 @@ class APTSState(NamedTuple):
       parameter blocks, 1 without ``param_blocks``; problem i * J + j).
     local_state: per-problem local solver states, leaves with a leading axis N J.
     global_memory: the L-SR1 memory of the global steps (None for first order).
-    scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.scaling``), None otherwise;
+    scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.numerics.scaling``), None otherwise;
       with it, every L-SR1 memory holds its pairs in the variables u = D theta.
   """
   radius: jax.Array
@@ -98,22 +107,9 @@ class APTSState(NamedTuple):
   local_steps: jax.Array
   local_state: PyTree
   global_memory: lsr1.LSR1State | None
-  scaling: scaling.ScaleState | None = None
+  scaling: ScaleState | None = None
 
   PER_SUBDOMAIN = ("local_steps", "local_state")
-
-
-def to_varying(tree: PyTree, axis_name: str | None) -> PyTree:
-  """Marks a device-invariant pytree as varying over ``axis_name`` (no-op when None or varying).
-
-  Inside ``jax.shard_map`` with check_vma=True, differentiating a shard's loss with respect to
-  invariant parameters would return the psum of the shard gradients; casting first keeps each
-  device's gradient its own (and keeps all-reduces out of the local iterations).
-  """
-  if axis_name is None:
-    return tree
-  cast = lambda x: x if axis_name in _stack.varying_axes(x) else jax.lax.pcast(x, axis_name, to="varying")
-  return jax.tree.map(cast, tree)
 
 
 def _device_count(axis_name: str | None) -> int:
@@ -124,21 +120,6 @@ def _device_count(axis_name: str | None) -> int:
   except NameError as e:
     raise ValueError(f"axis_name {axis_name!r} is not bound: call update inside jax.shard_map or "
                      "jax.pmap over that axis, or use axis_name=None on one device.") from e
-
-
-def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree
-                    ) -> Callable[[PyTree], jax.Array]:
-  """The local objective (3)-(4): f_i(theta) = f(theta; D_i) + <r_i, theta - theta^k>.
-
-  With r_i = g^k - grad f(theta^k; D_i), grad f_i(theta^k) = g^k (first-order consistency): the
-  term is part of the function that is differentiated, not added after the backward pass as in
-  the authors' reference code (docs/method.md, "Departures from the reference code"). r_i is
-  constant, so it cancels in L-SR1 pairs.
-  """
-  def f_i(theta):
-    loss = tr.scalar_loss(loss_fn, theta, block)
-    return (loss + _stack.vdot(r, optax.tree.sub(theta, theta_k))).astype(loss.dtype)
-  return f_i
 
 
 def _check_rows(rows: int, num_subdomains: int, num_devices: int) -> None:
@@ -153,11 +134,111 @@ def _check_rows(rows: int, num_subdomains: int, num_devices: int) -> None:
                    "batches and use at least num_subdomains rows.")
 
 
-def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
-         second_order: bool = False, axis_name: str | None = None, memory: int = 10,
-         global_steps: int = 1, local_solver: LocalSolver | None = None,
-         base: Hyperparams | None = None, param_blocks: Any = None,
-         block_bound: str = "equal", **hyperparams: float | str
+def _local_count(axis_name: str | None, num_subdomains: int, batch: Any) -> int:
+  """This device's subdomains, N / D, after the trace-time checks of the axis and the batch."""
+  num_devices = _device_count(axis_name)
+  if num_subdomains % num_devices:
+    raise ValueError(f"num_subdomains={num_subdomains} is not divisible by the {num_devices} "
+                     f"devices of axis {axis_name!r}.")
+  _check_rows(data.row_count(batch), num_subdomains, num_devices)
+  return num_subdomains // num_devices
+
+
+def _check_state(state: "APTSState", n_local: int, count: int) -> None:
+  if state.local_steps.shape != (n_local * count,):
+    raise ValueError(f"the state holds {state.local_steps.shape[0]} local problems here, "
+                     f"expected {n_local} subdomains x {count} parameter blocks: init it with "
+                     "the same param_blocks and shard it with aptsjax.state_specs (shard_map) "
+                     "or aptsjax.parallel.pmap_state (pmap).")
+
+
+class _Method(NamedTuple):
+  """What ``apts`` fixed at construction: the options and the per-problem shares."""
+  cfg: APTSConfig
+  second_order: bool
+  memory: int
+  param_blocks: Any
+  local_share: int
+  weight: float
+
+  def blocks(self, params: PyTree) -> tuple[Any, int, float]:
+    """The parameter blocks of ``params``: (labels or None, J, the local radii's divisor)."""
+    spec = pblocks.resolve(self.param_blocks, params)
+    return spec, pblocks.count(spec), pblocks.share(self.local_share, spec)
+
+  def solver(self, share: float) -> local.LocalSolver:
+    return local.solver_for(self.cfg, share, self.second_order, self.memory)
+
+  def plan(self, params: PyTree, radius: jax.Array, ok: jax.Array, n_local: int
+           ) -> stages.LocalPlan:
+    """Stage 2's plan: the local bound Delta^k / share per problem (0 when not ``ok``)."""
+    spec, count, share = self.blocks(params)
+    per_problem = share
+    if spec is not None:   # problem i * J + j: the bound of block j
+      divisors = pblocks.divisors(self.local_share, spec, self.cfg.block_bound)
+      per_problem = jnp.asarray(np.tile(divisors, n_local), radius.dtype)
+    return stages.LocalPlan(
+        solver=self.solver(share), bound=jnp.where(ok, radius / per_problem, 0.0),
+        local_steps=self.cfg.local_steps,
+        problems=lambda per_subdomain: pblocks.problems(per_subdomain, n_local, spec),
+        repeat=count)
+
+
+def _init(method: _Method, num_subdomains: int, params: PyTree) -> APTSState:
+  checks.check_params(params, method.second_order)
+  dtype = tree_lib.tree_dtype(params)
+  _, count, share = method.blocks(params)
+  solver_state = method.solver(share).init(params)
+  local_state = jax.tree.map(lambda x: jnp.repeat(x[None], num_subdomains * count, axis=0),
+                             solver_state)
+  zero = jnp.zeros((), dtype)
+  return APTSState(
+      radius=jnp.asarray(method.cfg.trust_region.init_radius, dtype),
+      value=jnp.asarray(jnp.inf, dtype), grad=optax.tree.zeros_like(params),
+      accepted=jnp.array(False), apts_accepted=jnp.array(False), stalled=jnp.array(False),
+      nonfinite=jnp.array(False), iteration=jnp.zeros((), jnp.int32), predicted_reduction=zero,
+      actual_reduction=zero, local_steps=jnp.zeros((num_subdomains * count,), jnp.int32),
+      local_state=local_state,
+      global_memory=lsr1.init(params, method.memory) if method.second_order else None,
+      scaling=scaling.init(params) if method.cfg.trust_region.norm == "rms" else None)
+
+
+def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state: APTSState,
+            params: PyTree, n_local: int) -> tuple[PyTree, APTSState]:
+  """One APTS iteration: the stages in order, then the guarded commit."""
+  cfg = method.cfg
+  ev = stages.evaluate(sub, params, grads)
+  begin = guard.start(ev.value, ev.grad, params, state.scaling, cfg.trust_region)
+  ev, coords = ev._replace(grad=begin.grad), begin.coords
+  plan = method.plan(params, state.radius, begin.ok, n_local)
+  local_state = state.local_state
+  if begin.ratio is not None and plan.solver.rescale is not None and jax.tree.leaves(local_state):
+    local_state = jax.vmap(plan.solver.rescale, in_axes=(0, None))(local_state, begin.ratio)
+  phase = stages.local_phase(sub, ev, params, coords, local_state, plan)
+  combined = stages.combine(sub, phase, state.radius, method.weight)
+  u_start = coords.to_u(params)
+  false = jnp.array(False)
+  start = stages.GlobalCarry(
+      params=u_start, value=ev.value, grad=coords.grad_to_u(begin.grad), radius=state.radius,
+      memory=guard.rescale_memory(state.global_memory, begin.ratio), stalled=false,
+      changed=false, apts_accepted=false, apts_actual=jnp.zeros((), sub.dtype))
+  end = stages.global_phase(coords.value_and_grad(sub.global_value_and_grad), start, combined,
+                            params, cfg.trust_region, cfg.global_steps, begin.ok)
+  ok = begin.ok
+  shared = guard.finish(ok, guard.Outcome(
+      radius=end.radius, value=end.value, grad=coords.grad_to_theta(end.grad),
+      accepted=end.changed, stalled=end.stalled, predicted_reduction=combined.predicted,
+      actual_reduction=end.apts_actual), state)
+  new_state = APTSState(
+      **shared, apts_accepted=ok & end.apts_accepted,
+      local_steps=jnp.where(ok, phase.outcome.num_steps, 0).astype(jnp.int32),
+      local_state=phase.outcome.state, global_memory=end.memory, scaling=begin.scaling)
+  return guard.updates_if(ok, coords.to_theta(optax.tree.sub(end.params, u_start))), new_state
+
+
+def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False,
+         axis_name: str | None = None, memory: int = 10, param_blocks: Any = None,
+         base: APTSConfig | None = None, **options: Any
          ) -> optax.GradientTransformationExtraArgs:
   """APTS: additively preconditioned trust-region training, one iteration per ``update``.
 
@@ -190,72 +271,42 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch.
-    num_subdomains: N, the total number of subdomains (in every mode); num_subdomains,
-      local_steps, memory (>= 1) and global_steps (>= 0) must be integers (ValueError).
-    local_steps: nu, the maximum local TR iterations per update.
-    second_order: L-SR1 models (local and global; with the Adam local solver, the global
+    num_subdomains: N, the total number of subdomains (in every mode), an integer >= 1.
+    second_order: L-SR1 models (local and global; with an optax local solver, the global
       steps) or first-order models. False by default: with the default options first order
       was better on the validation split in every setting of the study (docs/method.md,
-      "Defaults"); True with ``base=Hyperparams.paper()`` is the paper's second-order APTS.
+      "Defaults"); True with ``base=APTSConfig.paper()`` is the paper's second-order APTS.
     axis_name: None on one device; the mesh/pmap axis name across devices (its size D must
       divide N; each device's shard of the batch holds its N / D subdomains).
-    memory: L-SR1 pairs per memory (each subdomain's and the global one).
-    global_steps: global TR iterations after the APTS step (the paper: 1).
-    local_solver: a ``LocalSolver`` replacing the one ``local_method`` names (for instance
-      ``aptsjax.optax_local_solver(optax.sgd(1e-2, momentum=0.9))``).
-    base: the table the overrides apply to: ``Hyperparams()`` (the library's defaults) when
-      None, ``Hyperparams.paper()`` for the paper's method exactly.
+    memory: L-SR1 pairs per memory (each subdomain's and the global one), an integer >= 1.
     param_blocks: None (subdomains of the data only), ``"leaves"``, ``"layers"`` or a labels
-      pytree (``aptsjax.blocks``): J parameter blocks, N x J local problems (see above).
-    block_bound: how the local bound is split over the blocks (``aptsjax.blocks.divisors``):
-      ``"equal"`` (/ sqrt(J) each) or ``"size"`` (x sqrt(n_j / n), the same per entry).
-    **hyperparams: overrides of ``aptsjax.Hyperparams`` (radii, thresholds and factors as the
-      paper: init_radius 0.01, min_radius 0.001, max_radius 4.0, eta_accept 0, eta1 0.25,
-      eta2 0.75, alpha 0.5, beta 2; options ``radius_growth``, ``norm``, ``rms_decay``,
-      ``rms_eps``, ``local_radius``, ``combine``, ``local_method``, ``local_lr``). With
-      ``combine="sum"`` the local radii are the radii divided by N, with ``"mean"`` the radii.
+      pytree (``aptsjax.optim.blocks``): J parameter blocks, N x J local problems (see above).
+    base: the ``APTSConfig`` the options apply to, used as it is: ``APTSConfig()`` (the
+      library's defaults) when None, ``APTSConfig.paper()`` for the paper's method exactly.
+    **options: overrides of ``APTSConfig`` fields (``local_steps`` nu = 5, ``global_steps`` 1,
+      ``combine``, ``local_solver``, ``local_lr``, ``local_radius``, ``block_bound``) and of
+      its ``trust_region``'s (``init_radius`` 0.01, ``min_radius`` 1e-3, ``max_radius`` 4,
+      ``eta_accept`` 0, ``eta1`` 0.25, ``eta2`` 0.75, ``alpha`` 0.5, ``beta`` 2,
+      ``radius_growth``, ``norm``, ``rms_decay``, ``rms_eps``); an unknown name raises
+      ValueError. With ``combine="sum"`` the local radii are the radii divided by N, with
+      ``"mean"`` the radii.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``APTSState``.
   """
-  num_subdomains = _checks.as_int("num_subdomains", num_subdomains, 1)
-  local_steps = _checks.as_int("local_steps", local_steps, 1)
-  memory = _checks.as_int("memory", memory, 1)
-  global_steps = _checks.as_int("global_steps", global_steps, 0)
-  hp = tr.make_hyperparams(base, **hyperparams)
+  num_subdomains = checks.as_int("num_subdomains", num_subdomains, 1)
+  memory = checks.as_int("memory", memory, 1)
+  cfg = configure_apts(base, **options)
+  pblocks.check_name(param_blocks)  # an unknown name raises now; labels are checked at init
   # combine="sum" (the paper): s~ = sum_i s_i with local bound Delta / N; "mean": s~ = the mean
   # of the s_i with local bound Delta (docs/method.md, "Combining the local steps").
-  local_share = num_subdomains if hp.combine == "sum" else 1
-  weight = 1.0 if hp.combine == "sum" else 1.0 / num_subdomains
-  pblocks.check_name(param_blocks)  # an unknown name raises now; labels are checked at init
-  if block_bound not in pblocks.BOUNDS:
-    raise ValueError(f"block_bound must be one of {pblocks.BOUNDS}, got {block_bound!r}.")
-
-  def make_solver(share: float) -> LocalSolver:
-    """The local solver with the local radii divided by ``share`` (N or 1; x sqrt(J))."""
-    if local_solver is not None:
-      return local_solver
-    if hp.local_method == "adam":
-      return local.optax_local_solver(optax.adam(hp.local_lr))
-    return trust_region_local_solver(hp.scaled(share), second_order, memory, local_steps)
-  n_sub = num_subdomains
+  total = cfg.combine == "sum"
+  method = _Method(cfg=cfg, second_order=second_order, memory=memory, param_blocks=param_blocks,
+                   local_share=num_subdomains if total else 1,
+                   weight=1.0 if total else 1.0 / num_subdomains)
 
   def init_fn(params: PyTree) -> APTSState:
-    _checks.check_params(params, second_order)
-    dtype = _stack.tree_dtype(params)
-    spec = pblocks.resolve(param_blocks, params)
-    count = pblocks.count(spec)
-    local = jax.tree.map(lambda x: jnp.repeat(x[None], n_sub * count, axis=0),
-                         make_solver(pblocks.share(local_share, spec)).init(params))
-    zero = jnp.zeros((), dtype)
-    return APTSState(
-        radius=jnp.asarray(hp.init_radius, dtype), value=jnp.asarray(jnp.inf, dtype),
-        grad=optax.tree.zeros_like(params), accepted=jnp.array(False),
-        apts_accepted=jnp.array(False), stalled=jnp.array(False), nonfinite=jnp.array(False),
-        iteration=jnp.zeros((), jnp.int32), predicted_reduction=zero, actual_reduction=zero,
-        local_steps=jnp.zeros((n_sub * count,), jnp.int32), local_state=local,
-        global_memory=lsr1.init(params, memory) if second_order else None,
-        scaling=scaling.init(params) if hp.norm == "rms" else None)
+    return _init(method, num_subdomains, params)
 
   def update_fn(grads: PyTree, state: APTSState, params: PyTree | None = None, *,
                 batch: Any = None, **extra_args: Any) -> tuple[PyTree, APTSState]:
@@ -265,133 +316,14 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
     if batch is None:
       raise ValueError("apts needs the batch, which it splits into the subdomains: call "
                        "update(grads, state, params, batch=batch).")
-    _stack.check_like(params, state.grad, "params")
+    tree_lib.check_like(params, state.grad, "params")
     if grads is not None:
-      _stack.check_like(grads, params, "grads")
-    num_devices = _device_count(axis_name)
-    if n_sub % num_devices:
-      raise ValueError(f"num_subdomains={n_sub} is not divisible by the {num_devices} devices "
-                       f"of axis {axis_name!r}.")
-    n_local = n_sub // num_devices
-    _check_rows(data._row_count(batch), n_sub, num_devices)  # pylint: disable=protected-access
-    spec = pblocks.resolve(param_blocks, params)
-    count, share = pblocks.count(spec), pblocks.share(local_share, spec)
-    solver = make_solver(share)
-    if state.local_steps.shape != (n_local * count,):
-      raise ValueError(f"the state holds {state.local_steps.shape[0]} local problems here, "
-                       f"expected {n_local} subdomains x {count} parameter blocks: init it with "
-                       "the same param_blocks and shard it with aptsjax.state_specs (shard_map) "
-                       "or aptsjax.parallel.pmap_state (pmap).")
-    blocks = data.split_subdomains(batch, n_local)   # this device's subdomains, in order
-    dtype = state.radius.dtype
-
-    def total(x):  # sum over this device's subdomains, then over devices.
-      x = _stack.sum_leading(x)
-      return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-    def block_value_and_grad(p):
-      def one(blk):
-        return jax.value_and_grad(lambda q: tr.scalar_loss(loss_fn, q, blk))(to_varying(p, axis_name))
-      return jax.vmap(one)(blocks)
-
-    def global_value_and_grad(p):
-      losses, block_grads = block_value_and_grad(p)
-      return (total(losses) / n_sub).astype(dtype), jax.tree.map(lambda g: total(g) / n_sub, block_grads)
-
-    losses, block_grads = block_value_and_grad(params)
-    loss_k = (total(losses) / n_sub).astype(dtype)
-    if grads is None:  # g^k from the block gradients (one all-reduce), no extra pass.
-      grads = jax.tree.map(lambda g: total(g) / n_sub, block_grads)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    ok = jnp.isfinite(loss_k) & _stack.all_finite(grads)
-
-    # norm="rms": D from g^k (the same on every device), the memories moved to the new
-    # variables, and everything below in u = D theta (aptsjax.scaling); identity otherwise.
-    scale, local_state, gmem = state.scaling, state.local_state, state.global_memory
-    if hp.norm == "rms":
-      scale = scaling.update(state.scaling, grads, hp.rms_decay, hp.rms_eps, valid=ok)
-      ratio = scaling.ratio(state.scaling, scale)
-      if gmem is not None:
-        gmem = lsr1.rescale(gmem, ratio)
-      if solver.rescale is not None and jax.tree.leaves(local_state):
-        local_state = jax.vmap(solver.rescale, in_axes=(0, None))(local_state, ratio)
-    coords = scaling.coordinates(scale)
-
-    # Local iterations on f_i, all of this device's subdomains in one loop (aptsjax.local); with
-    # J parameter blocks problem i * J + j runs on f_i restricted to block j, bound / sqrt(J).
-    if spec is not None:   # problem i * J + j: the bound of block j
-      share = jnp.asarray(np.tile(pblocks.divisors(local_share, spec, block_bound), n_local), dtype)
-    bound = jnp.where(ok, state.radius / share, 0.0)   # 0: no local iterations (no-op)
-    theta_k = to_varying(params, axis_name)
-    u_k = coords.to_u(theta_k)
-    g_k = to_varying(grads, axis_name)
-
-    r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, block_grads)
-    inputs, pick, project = pblocks.problems((blocks, r), n_local, spec)
-
-    def local_value_and_grad(inp, u):
-      blk, r_i = pick(inp)
-      f_i = jax.value_and_grad(local_objective(loss_fn, blk, theta_k, r_i))
-      return coords.value_and_grad(f_i)(u)
-
-    losses_ij = losses if spec is None else jnp.repeat(losses, count)
-    res = local.run(solver, local_value_and_grad, inputs, u_k, losses_ij.astype(dtype),
-                    coords.grad_to_u(g_k), local_state, bound, local_steps, project=project)
-
-    def contribution(theta_i, loss_end, loss_i):  # a non-finite subdomain contributes nothing
-      step = optax.tree.sub(theta_i, u_k)
-      good = jnp.isfinite(loss_end) & _stack.all_finite(step) & jnp.isfinite(loss_i)
-      return (jax.tree.map(lambda x: jnp.where(good, weight * x, 0.0), step),
-              jnp.where(good, weight * (loss_i - loss_end), 0.0))
-
-    steps, decrease = jax.vmap(contribution)(res.params, res.loss, losses_ij)
-    s_sum = jax.tree.map(total, steps)
-    s_norm = _stack.norm(s_sum).astype(dtype)
-    shrink_to = jnp.where(s_norm > state.radius, state.radius / jnp.where(s_norm > 0, s_norm, 1.0), 1.0)
-    s_sum = optax.tree.scale(shrink_to, s_sum)
-    s_on_boundary = reaches_boundary(jnp.minimum(s_norm, state.radius), state.radius)
-    predicted = total(decrease).astype(dtype)
-    global_value_and_grad_u = coords.value_and_grad(global_value_and_grad)
-
-    # The global phase: event 0 decides the APTS step s~ (ratio (6), radius update (7), global
-    # memory pair), events 1..global_steps are TR iterations on the global objective. One
-    # proposal, one trial evaluation, one tr.commit for all of them.
-    def event(i, c):
-      theta, loss, grad, radius, gmem, _, changed, apts = c
-      first = i == 0
-      cast = lambda step: jax.tree.map(lambda x, p: x.astype(p.dtype), step, params)
-
-      def model():
-        result = tr.model_step(grad, gmem, radius)
-        return cast(result.step), result.predicted_reduction.astype(dtype), result.on_boundary
-
-      step, pred, edge = jax.lax.cond(first, lambda: (cast(s_sum), predicted, s_on_boundary),
-                                      model)
-      trial_loss, trial_grad = global_value_and_grad_u(optax.apply_updates(theta, step))
-      out = tr.commit(theta, loss, grad, radius, gmem,
-                      tr.Trial(step, pred, trial_loss, trial_grad, edge), hp, store_pair=ok)
-      apts = jax.tree.map(lambda a, b: jnp.where(first, a, b), (out.accepted, out.actual), apts)
-      return (out.params, out.loss, out.grad, out.radius, out.memory, ~first & out.stalled,
-              changed | out.accepted, apts)
-
-    u_start = coords.to_u(params)
-    start = (u_start, loss_k, coords.grad_to_u(grads), state.radius, gmem, jnp.array(False),
-             jnp.array(False), (jnp.array(False), jnp.zeros((), dtype)))
-    theta, loss, grad, radius, gmem, stalled, changed, (accept, actual) = jax.lax.fori_loop(
-        0, 1 + global_steps, event, start)
-    grad = coords.grad_to_theta(grad)
-
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    moved = coords.to_theta(optax.tree.sub(theta, u_start))
-    updates = jax.tree.map(lambda a: jnp.where(ok, a, jnp.zeros_like(a)), moved)
-    new_state = APTSState(
-        radius=jnp.where(ok, radius, state.radius), value=jnp.where(ok, loss, state.value),
-        grad=keep(grad, state.grad), accepted=ok & changed, apts_accepted=ok & accept,
-        stalled=ok & stalled, nonfinite=~ok, iteration=state.iteration + 1,
-        predicted_reduction=jnp.where(ok, predicted, 0.0),
-        actual_reduction=jnp.where(ok, actual, 0.0).astype(dtype),
-        local_steps=jnp.where(ok, res.num_steps, 0).astype(jnp.int32),
-        local_state=res.state, global_memory=gmem, scaling=scale)
-    return updates, new_state
+      tree_lib.check_like(grads, params, "grads")
+    n_local = _local_count(axis_name, num_subdomains, batch)
+    _check_state(state, n_local, method.blocks(params)[1])
+    sub = stages.Subdomains(loss_fn=loss_fn, blocks=data.split_subdomains(batch, n_local),
+                            num_subdomains=num_subdomains, axis_name=axis_name,
+                            dtype=state.radius.dtype)
+    return _update(method, sub, grads, state, params, n_local)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -29,6 +29,8 @@ import optax
 from aptsjax.numerics import tree as _stack
 from aptsjax.numerics import lsr1
 from aptsjax.optim import trust_region as tr
+from aptsjax.optim.config import APTSConfig
+from aptsjax.optim.config import TrustRegionConfig
 
 PyTree = Any
 ValueAndGrad = Callable[[PyTree], tuple[jax.Array, PyTree]]
@@ -82,7 +84,7 @@ class LocalSolver(NamedTuple):
 
 def keep_inactive(active: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   """``new`` where ``active``, else ``old``, leaf by leaf (for a step's parameter-sized values)."""
-  return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
+  return optax.tree.where(active, new, old)
 
 
 def distance(params: PyTree, anchor: PyTree) -> jax.Array:
@@ -90,21 +92,22 @@ def distance(params: PyTree, anchor: PyTree) -> jax.Array:
   return _stack.norm(optax.tree.sub(params, anchor))
 
 
-def trust_region_local_solver(hp: tr.Hyperparams, second_order: bool, memory: int,
-                              local_steps: int = 1) -> LocalSolver:
+def trust_region_local_solver(cfg: TrustRegionConfig, second_order: bool, memory: int,
+                              local_steps: int = 1, local_radius: str = "bound") -> LocalSolver:
   """The library's TR as the local solver (docs/method.md, "Local iterations").
 
   Each step is ``aptsjax.trust_region.iterate`` with the radius min(local radius,
   bound - |theta_i - theta^k|); it reports ``done`` once |theta_i - theta^k| >=
-  (1 - 1e-3) bound. Every update the local radius starts at ``bound`` (``hp.local_radius =
+  (1 - 1e-3) bound. Every update the local radius starts at ``bound`` (``local_radius =
   "bound"``, the paper) or at ``bound / local_steps`` (``"split"``), then follows the TR rules
-  of ``hp`` (growth capped by ``hp.max_radius``).
+  of ``cfg`` (growth capped by ``cfg.max_radius``).
 
   Args:
-    hp: the local constants (radii already divided by N).
+    cfg: the local constants (radii already divided by N).
     second_order: L-SR1 + OBS (True) or the first-order model.
     memory: L-SR1 pairs per subdomain.
     local_steps: nu, the most local iterations (read by ``local_radius="split"``).
+    local_radius: ``"bound"`` or ``"split"`` (``APTSConfig.local_radius``).
 
   Returns:
     A ``LocalSolver`` whose state is the subdomain's L-SR1 memory (None for first order) and
@@ -113,16 +116,16 @@ def trust_region_local_solver(hp: tr.Hyperparams, second_order: bool, memory: in
   def init(params):
     return lsr1.init(params, memory) if second_order else None
 
-  split = hp.local_radius == "split"
+  split = local_radius == "split"
 
   def start(params, loss, grad, state, bound):
     # "split": bound / nu, but never below the local floor (a rejection must not grow it).
-    radius = jnp.minimum(bound, jnp.maximum(bound / local_steps, hp.min_radius)) if split else bound
+    radius = jnp.minimum(bound, jnp.maximum(bound / local_steps, cfg.min_radius)) if split else bound
     return LocalCarry(params=params, loss=loss, state=state, extra=(grad, radius))
 
   def step(value_and_grad, carry, anchor, bound, active):
     grad, radius = carry.extra
-    out = tr.iterate(value_and_grad, carry.params, carry.loss, grad, radius, carry.state, hp,
+    out = tr.iterate(value_and_grad, carry.params, carry.loss, grad, radius, carry.state, cfg,
                      step_cap=bound - distance(carry.params, anchor), store_pair=active)
     params, loss, grad, radius = keep_inactive(
         active, (out.params, out.loss, out.grad, out.radius), (carry.params, carry.loss, grad, radius))
@@ -174,6 +177,32 @@ def optax_local_solver(tx: optax.GradientTransformation) -> LocalSolver:
     return carry, done
 
   return LocalSolver(init=tx.init, start=start, step=step)
+
+
+def solver_for(cfg: APTSConfig, share: float, second_order: bool, memory: int) -> LocalSolver:
+  """The local solver that ``cfg.local_solver`` names (the one way to choose it).
+
+  Args:
+    cfg: the APTS options.
+    share: the divisor of the local radii (N for ``combine="sum"``, 1 for ``"mean"``; times
+      sqrt(J) with J parameter blocks).
+    second_order: L-SR1 models for the trust-region local solver.
+    memory: its L-SR1 pairs per subdomain.
+
+  Returns:
+    ``"trust_region"``: ``trust_region_local_solver`` with the radii of ``cfg.trust_region``
+    divided by ``share``; ``"adam"``: ``optax_local_solver(optax.adam(cfg.local_lr))``; an optax
+    transformation: ``optax_local_solver`` of it; a ``LocalSolver``: itself.
+  """
+  choice = cfg.local_solver
+  if isinstance(choice, str):
+    if choice == "adam":
+      return optax_local_solver(optax.adam(cfg.local_lr))
+    return trust_region_local_solver(cfg.trust_region.scaled(share), second_order, memory,
+                                     cfg.local_steps, cfg.local_radius)
+  if isinstance(choice, optax.GradientTransformation):
+    return optax_local_solver(choice)
+  return choice
 
 
 class LocalOutcome(NamedTuple):

@@ -34,11 +34,12 @@ from aptsjax.numerics import tree as _stack
 from aptsjax.numerics import lsr1
 from aptsjax.numerics import obs
 from aptsjax.numerics import scaling
-from aptsjax.optim.settings import GENERAL_MIN_RADIUS  # re-exported
-from aptsjax.optim.settings import Hyperparams
-from aptsjax.optim.settings import make_hyperparams
-from aptsjax.optim.settings import ratio_test
-from aptsjax.optim.settings import update_radius
+from aptsjax.numerics.scaling import ScaleState
+from aptsjax.optim import guard
+from aptsjax.optim.config import TrustRegionConfig
+from aptsjax.optim.config import configure_trust_region
+from aptsjax.optim.radius import ratio_test
+from aptsjax.optim.radius import update_radius
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
@@ -79,7 +80,7 @@ class Trial(NamedTuple):
 
 
 def commit(params: PyTree, loss: jax.Array, grad: PyTree, radius: jax.Array,
-           memory: lsr1.LSR1State | None, trial: Trial, hp: Hyperparams,
+           memory: lsr1.LSR1State | None, trial: Trial, cfg: TrustRegionConfig,
            store_pair: jax.Array | bool = True) -> Iterate:
   """The end of one TR iteration: ratio test, radius update (7), memory update, choice.
 
@@ -95,7 +96,7 @@ def commit(params: PyTree, loss: jax.Array, grad: PyTree, radius: jax.Array,
     radius: the trust-region radius the step was judged against.
     memory: the L-SR1 memory (second order) or None (first order).
     trial: the step, its predicted reduction and the loss and gradient at ``params + step``.
-    hp: the constants.
+    cfg: the constants and options.
     store_pair: False keeps the L-SR1 memory as it is (the caller will discard the iteration).
 
   Returns:
@@ -103,24 +104,23 @@ def commit(params: PyTree, loss: jax.Array, grad: PyTree, radius: jax.Array,
   """
   actual = loss - trial.loss
   finite_grad = _stack.all_finite(trial.grad)
-  accept, shrink, grow = ratio_test(jnp.where(finite_grad, actual, -jnp.inf), trial.predicted, hp,
+  accept, shrink, grow = ratio_test(jnp.where(finite_grad, actual, -jnp.inf), trial.predicted, cfg,
                                     trial.on_boundary)
   if memory is not None:  # the pair of every trial step, unless its loss or gradient is not finite
     y = jax.tree.map(lambda a, b: a - b, trial.grad, grad)
     memory = lsr1.update(memory, trial.step, y,
                          valid=jnp.isfinite(trial.loss) & finite_grad & store_pair)
-  choose = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
   return Iterate(
-      params=choose(optax.apply_updates(params, trial.step), params),
-      loss=jnp.where(accept, trial.loss, loss), grad=choose(trial.grad, grad),
-      radius=update_radius(radius, shrink, grow, hp), memory=memory, accepted=accept,
-      stalled=~accept & (radius <= hp.min_radius), step=trial.step, predicted=trial.predicted,
+      params=optax.tree.where(accept, optax.apply_updates(params, trial.step), params),
+      loss=jnp.where(accept, trial.loss, loss), grad=optax.tree.where(accept, trial.grad, grad),
+      radius=update_radius(radius, shrink, grow, cfg), memory=memory, accepted=accept,
+      stalled=~accept & (radius <= cfg.min_radius), step=trial.step, predicted=trial.predicted,
       actual=actual)
 
 
 def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params: PyTree,
             loss: jax.Array, grad: PyTree, radius: jax.Array, memory: lsr1.LSR1State | None,
-            hp: Hyperparams, step_cap: jax.Array | None = None,
+            cfg: TrustRegionConfig, step_cap: jax.Array | None = None,
             store_pair: jax.Array | bool = True) -> Iterate:
   """One TR iteration from ``params`` with known ``loss`` and ``grad`` (one value-and-grad call).
 
@@ -133,7 +133,7 @@ def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params
     grad: its gradient at ``params``.
     radius: the trust-region radius.
     memory: the L-SR1 memory (second order) or None (first order).
-    hp: the constants.
+    cfg: the constants and options.
     step_cap: optional extra bound on the step length (APTS: the room left in the local region);
       the step is solved with radius min(radius, step_cap); the radius update uses ``radius``.
     store_pair: False keeps the L-SR1 memory as it is (the caller will discard the iteration).
@@ -148,7 +148,7 @@ def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params
   trial_loss, trial_grad = value_and_grad(optax.apply_updates(params, result.step))
   trial = Trial(step=result.step, predicted=result.predicted_reduction, loss=trial_loss,
                 grad=trial_grad, on_boundary=result.on_boundary)
-  return commit(params, loss, grad, radius, memory, trial, hp, store_pair)
+  return commit(params, loss, grad, radius, memory, trial, cfg, store_pair)
 
 
 class TrustRegionState(NamedTuple):
@@ -183,7 +183,7 @@ class TrustRegionState(NamedTuple):
   predicted_reduction: jax.Array
   actual_reduction: jax.Array
   memory: lsr1.LSR1State | None
-  scaling: scaling.ScaleState | None = None
+  scaling: ScaleState | None = None
 
 
 def scalar_loss(loss_fn: LossFn, params: PyTree, batch: Any) -> jax.Array:
@@ -216,12 +216,8 @@ def scalar_loss(loss_fn: LossFn, params: PyTree, batch: Any) -> jax.Array:
   return jnp.asarray(value).astype(_stack.tree_dtype(params))
 
 
-# trust_region's default radius_growth (docs/method.md, "Radius growth").
-TRUST_REGION_GROWTH = "boundary"
-
-
 def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
-                 base: Hyperparams | None = None, **hyperparams: float | str
+                 base: TrustRegionConfig | None = None, **options: float | str
                  ) -> optax.GradientTransformationExtraArgs:
   """The trust-region method as an optax transformation: one TR iteration per ``update``.
 
@@ -259,34 +255,31 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
     memory: number of L-SR1 pairs (second order), an integer >= 1 (checked for either order);
       10 by default (the paper's code uses 5).
     second_order: L-SR1 model solved by OBS (True) or the first-order model (False).
-    base: the table the overrides apply to: ``Hyperparams()`` (the defaults) with
-      ``radius_growth="boundary"`` (``TRUST_REGION_GROWTH``) when None; ``Hyperparams.paper()``
-      for the paper's TR (growth after every very good step).
-    **hyperparams: overrides of ``Hyperparams`` (``init_radius``, ``min_radius``,
+    base: the ``TrustRegionConfig`` the options apply to, used as it is:
+      ``TrustRegionConfig()`` when None (radius floor 1e-10, growth after boundary steps),
+      ``TrustRegionConfig.paper()`` for the paper's TR.
+    **options: overrides of ``TrustRegionConfig`` fields (``init_radius``, ``min_radius``,
       ``max_radius``, ``eta_accept``, ``eta1``, ``eta2``, ``alpha``, ``beta``,
-      ``radius_growth``, ``norm``, ``rms_decay``, ``rms_eps``). ``min_radius`` defaults to
-      ``GENERAL_MIN_RADIUS`` = 1e-10 here, whatever ``base`` says.
+      ``radius_growth``, ``norm``, ``rms_decay``, ``rms_eps``); an APTS option or an unknown
+      name raises ValueError.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  hyperparams.setdefault("min_radius", GENERAL_MIN_RADIUS)
-  if base is None:
-    hyperparams.setdefault("radius_growth", TRUST_REGION_GROWTH)
-  hp = make_hyperparams(base, **hyperparams)
+  cfg = configure_trust_region(base, **options)
   memory = _checks.as_int("memory", memory, 1)
 
   def init_fn(params: PyTree) -> TrustRegionState:
     _checks.check_params(params, second_order)
     dtype = _stack.tree_dtype(params)
     return TrustRegionState(
-        radius=jnp.asarray(hp.init_radius, dtype), value=jnp.asarray(jnp.inf, dtype),
+        radius=jnp.asarray(cfg.init_radius, dtype), value=jnp.asarray(jnp.inf, dtype),
         grad=optax.tree.zeros_like(params), accepted=jnp.array(False), stalled=jnp.array(False),
         nonfinite=jnp.array(False), iteration=jnp.zeros((), jnp.int32),
         num_accepted=jnp.zeros((), jnp.int32), predicted_reduction=jnp.zeros((), dtype),
         actual_reduction=jnp.zeros((), dtype),
         memory=lsr1.init(params, memory) if second_order else None,
-        scaling=scaling.init(params) if hp.norm == "rms" else None)
+        scaling=scaling.init(params) if cfg.norm == "rms" else None)
 
   def update_fn(grads: PyTree, state: TrustRegionState, params: PyTree | None = None,
                 *, batch: Any = None, value: jax.Array | None = None, **extra_args: Any
@@ -300,56 +293,49 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
     if jnp.shape(loss) != ():
       raise ValueError(f"value must be a scalar, got shape {jnp.shape(loss)}.")
     loss = loss.astype(state.radius.dtype)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    begin = guard.start(loss, grads, params, state.scaling, cfg)
+    coords = begin.coords
     value_and_grad = jax.value_and_grad(lambda p: scalar_loss(loss_fn, p, batch))
-    ok = jnp.isfinite(loss) & _stack.all_finite(grads)
-    scale, mem = state.scaling, state.memory
-    if hp.norm == "rms":   # the step is solved in u = D theta (aptsjax.scaling)
-      scale = scaling.update(state.scaling, grads, hp.rms_decay, hp.rms_eps, valid=ok)
-      if mem is not None:
-        mem = lsr1.rescale(mem, scaling.ratio(state.scaling, scale))
-    coords = scaling.coordinates(scale)
     out = iterate(coords.value_and_grad(value_and_grad), coords.to_u(params), loss,
-                  coords.grad_to_u(grads), state.radius, mem, hp, store_pair=ok)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    accepted = ok & out.accepted
-    updates = jax.tree.map(lambda a, b: jnp.where(accepted, a, jnp.zeros_like(a)),
-                           coords.to_theta(out.step), params)
+                  coords.grad_to_u(begin.grad), state.radius,
+                  guard.rescale_memory(state.memory, begin.ratio), cfg, store_pair=begin.ok)
+    accepted = begin.ok & out.accepted
+    shared = guard.finish(begin.ok, guard.Outcome(
+        radius=out.radius, value=out.loss, grad=coords.grad_to_theta(out.grad),
+        accepted=out.accepted, stalled=out.stalled, predicted_reduction=out.predicted,
+        actual_reduction=out.actual), state)
     new_state = TrustRegionState(
-        radius=keep(out.radius, state.radius), value=jnp.where(ok, out.loss, state.value),
-        grad=keep(coords.grad_to_theta(out.grad), state.grad), accepted=accepted,
-        stalled=ok & out.stalled,
-        nonfinite=~ok, iteration=state.iteration + 1,
-        num_accepted=state.num_accepted + accepted.astype(jnp.int32),
-        predicted_reduction=jnp.where(ok, out.predicted, 0.0).astype(loss.dtype),
-        actual_reduction=jnp.where(ok, out.actual, 0.0).astype(loss.dtype),
-        memory=out.memory, scaling=scale)
-    return updates, new_state
+        **shared, num_accepted=state.num_accepted + accepted.astype(jnp.int32),
+        memory=out.memory, scaling=begin.scaling)
+    return guard.updates_if(accepted, coords.to_theta(out.step)), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def value_and_grad_from_state(loss_fn: LossFn) -> Callable[..., tuple[jax.Array, PyTree]]:
-  """Returns ``fn(params, batch, *, state)`` that reuses the optimizer's loss and gradient.
+  """``optax.value_and_grad_from_state`` with the value and gradient in the state's dtypes.
 
-  For full-batch training: after the first update, ``state.value`` and ``state.grad`` are the
-  loss and gradient at the current parameters on the same data, so recomputing them is wasted
-  work. ``fn`` returns them when ``state.iteration > 0`` and the last update was not a no-op, and
-  evaluates ``jax.value_and_grad(loss_fn)`` otherwise (inside ``lax.cond``: one of the two runs).
-  Only valid when every update uses the same batch.
+  For full-batch training: after an update, the state's ``value`` and ``grad`` are the loss and
+  gradient at the current parameters on the same data, so recomputing them is wasted work.
+  ``fn(params, batch, *, state)`` returns them when ``value`` is finite and evaluates
+  ``jax.value_and_grad(loss_fn)`` otherwise (the first update: ``init`` stores inf), inside
+  ``lax.cond``. The fields are found with ``optax.tree.get``, so ``state`` may be an
+  ``optax.chain`` state holding one aptsjax state. Only valid when every update uses the same
+  batch. Unlike optax's, the computed branch is cast to the state's dtypes (float32 parameters
+  with float64 data under ``jax_enable_x64``).
   """
   vg = jax.value_and_grad(loss_fn)
 
-  def fn(params: PyTree, batch: Any = None, *, state: TrustRegionState
-         ) -> tuple[jax.Array, PyTree]:
-    reuse = (state.iteration > 0) & ~state.nonfinite & jnp.isfinite(state.value)
-    return jax.lax.cond(reuse, lambda: (state.value.astype(state.radius.dtype), state.grad),
-                        lambda: _cast_loss(vg(params, batch), state))
+  def fn(params: PyTree, batch: Any = None, *, state: Any) -> tuple[jax.Array, PyTree]:
+    value, grad = optax.tree.get(state, "value"), optax.tree.get(state, "grad")
+    if value is None or grad is None:
+      raise ValueError("the state holds no 'value' and 'grad' fields: pass the state of "
+                       "aptsjax.trust_region or aptsjax.apts (or a chain holding one).")
+
+    def compute():
+      loss, g = vg(params, batch)
+      return loss.astype(value.dtype), jax.tree.map(lambda a, r: a.astype(r.dtype), g, grad)
+
+    return jax.lax.cond(jnp.isfinite(value), lambda: (value, grad), compute)
 
   return fn
-
-
-def _cast_loss(value_grad: tuple[jax.Array, PyTree], state: TrustRegionState):
-  loss, grad = value_grad
-  return loss.astype(state.radius.dtype), jax.tree.map(lambda g, r: g.astype(r.dtype),
-                                                       grad, state.grad)

@@ -1,0 +1,276 @@
+"""The stages of one APTS update (Algorithm 1 of the paper, lines 4-10), in the order they run.
+
+``aptsjax.apts`` calls them one after the other (docs/method.md, "APTS (Algorithm 1)"):
+
+1. ``evaluate``: every subdomain's loss and gradient at theta^k (one pass over the batch), the
+   global loss f(theta^k) and, unless the caller gave it, the global gradient g^k.
+2. ``local_phase``: the local iterations on f_i(theta) = f(theta; D_i) + <g^k - g_i, theta -
+   theta^k> (3)-(4), each within its local bound, nothing communicated (``aptsjax.optim.local``).
+3. ``combine``: s~ from the local steps (their sum or mean, cut to Delta^k) and the predicted
+   reduction, the denominator of (6).
+4. ``global_phase``: trip 0 judges s~ by the global ratio test (6) and the radius rule (7),
+   trips 1..``global_steps`` are TR iterations on the global objective; one trial evaluation
+   and one ``trust_region.commit`` per trip.
+
+The commit of the state (keep or restore on a non-finite start) is ``aptsjax.optim.guard``,
+shared with ``aptsjax.trust_region``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from aptsjax.numerics import lsr1
+from aptsjax.numerics import scaling
+from aptsjax.numerics import tree as tree_lib
+from aptsjax.optim import local
+from aptsjax.optim import trust_region as tr
+from aptsjax.optim.config import TrustRegionConfig
+from aptsjax.optim.radius import reaches_boundary
+
+PyTree = Any
+LossFn = Callable[[PyTree, Any], jax.Array]
+
+
+def to_varying(tree: PyTree, axis_name: str | None) -> PyTree:
+  """Marks a device-invariant pytree as varying over ``axis_name`` (no-op when None or varying).
+
+  Inside ``jax.shard_map`` with check_vma=True, differentiating a shard's loss with respect to
+  invariant parameters would return the psum of the shard gradients; casting first keeps each
+  device's gradient its own (and keeps all-reduces out of the local iterations).
+  """
+  if axis_name is None:
+    return tree
+  cast = lambda x: (x if axis_name in tree_lib.varying_axes(x)
+                    else jax.lax.pcast(x, axis_name, to="varying"))
+  return jax.tree.map(cast, tree)
+
+
+def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree
+                    ) -> Callable[[PyTree], jax.Array]:
+  """The local objective (3)-(4): f_i(theta) = f(theta; D_i) + <r_i, theta - theta^k>.
+
+  With r_i = g^k - grad f(theta^k; D_i), grad f_i(theta^k) = g^k (first-order consistency): the
+  term is part of the function that is differentiated, not added after the backward pass as in
+  the authors' reference code (docs/method.md, "Departures from the reference code"). r_i is
+  constant, so it cancels in L-SR1 pairs.
+  """
+  def f_i(theta):
+    loss = tr.scalar_loss(loss_fn, theta, block)
+    return (loss + tree_lib.vdot(r, optax.tree.sub(theta, theta_k))).astype(loss.dtype)
+  return f_i
+
+
+class Subdomains(NamedTuple):
+  """This device's subdomains and the global objective built from them.
+
+  Attributes:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    blocks: this device's subdomain batches, leaves with a leading axis (its subdomains).
+    num_subdomains: N, over all devices.
+    axis_name: the device axis (None on one device).
+    dtype: the parameters' dtype (losses are cast to it).
+  """
+  loss_fn: LossFn
+  blocks: Any
+  num_subdomains: int
+  axis_name: str | None
+  dtype: Any
+
+  def total(self, x: jax.Array) -> jax.Array:
+    """The sum over this device's subdomains (leading axis), then over the devices."""
+    x = tree_lib.sum_leading(x)
+    return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
+
+  def mean(self, tree: PyTree) -> PyTree:
+    """The mean over all N subdomains of per-subdomain leaves."""
+    return jax.tree.map(lambda g: self.total(g) / self.num_subdomains, tree)
+
+  def block_value_and_grad(self, params: PyTree) -> tuple[jax.Array, PyTree]:
+    """Every subdomain's loss and gradient at ``params`` (vmapped; no communication)."""
+    def one(blk):
+      vg = jax.value_and_grad(lambda q: tr.scalar_loss(self.loss_fn, q, blk))
+      return vg(to_varying(params, self.axis_name))
+    return jax.vmap(one)(self.blocks)
+
+  def global_value_and_grad(self, params: PyTree) -> tuple[jax.Array, PyTree]:
+    """f and its gradient at ``params``: the means of the subdomain ones (one all-reduce)."""
+    losses, grads = self.block_value_and_grad(params)
+    return (self.total(losses) / self.num_subdomains).astype(self.dtype), self.mean(grads)
+
+
+class Evaluation(NamedTuple):
+  """Stage 1: the objective at theta^k (``losses`` and ``block_grads`` per subdomain)."""
+  losses: jax.Array
+  block_grads: PyTree
+  value: jax.Array
+  grad: PyTree
+
+
+def evaluate(sub: Subdomains, params: PyTree, grads: PyTree | None) -> Evaluation:
+  """Stage 1: f_i and g_i of every subdomain at theta^k, f(theta^k), and g^k (unless given).
+
+  ``grads=None`` forms g^k as the mean of the g_i (one all-reduce, no extra pass).
+  """
+  losses, block_grads = sub.block_value_and_grad(params)
+  value = (sub.total(losses) / sub.num_subdomains).astype(sub.dtype)
+  grad = sub.mean(block_grads) if grads is None else grads
+  return Evaluation(losses=losses, block_grads=block_grads, value=value, grad=grad)
+
+
+class LocalPlan(NamedTuple):
+  """Stage 2's settings: the solver, its bound per local problem, parameter blocks.
+
+  Attributes:
+    solver: the ``LocalSolver``.
+    bound: the local bound per problem (a scalar, or one per problem with parameter blocks);
+      0 means no local iterations (a skipped update).
+    local_steps: nu.
+    problems: ``aptsjax.optim.blocks.problems``'s ``(inputs, pick, project)`` builder, applied
+      to the per-subdomain data and consistency terms.
+    repeat: local problems per subdomain (J, 1 without parameter blocks).
+  """
+  solver: local.LocalSolver
+  bound: jax.Array
+  local_steps: int
+  problems: Callable[[PyTree], tuple[PyTree, Callable, Callable | None]]
+  repeat: int
+
+
+class LocalPhase(NamedTuple):
+  """Stage 2's result: the local outcome, each problem's start loss and the anchor u^k."""
+  outcome: local.LocalOutcome
+  start_losses: jax.Array
+  anchor: PyTree
+
+
+def local_phase(sub: Subdomains, ev: Evaluation, params: PyTree, coords: scaling.Coordinates,
+                states: PyTree, plan: LocalPlan) -> LocalPhase:
+  """Stage 2: the local iterations of this device's problems, from theta^k, with no
+  communication (in u = D theta for ``norm="rms"``).
+
+  Args:
+    sub: the subdomains.
+    ev: stage 1, with ``ev.grad`` g^k cast to the parameters' dtypes.
+    params: theta^k.
+    coords: the change of variables (``aptsjax.optim.guard.Start.coords``).
+    states: the local solvers' persistent states (moved to the current variables).
+    plan: the solver and its bounds.
+  """
+  theta_k = to_varying(params, sub.axis_name)
+  u_k = coords.to_u(theta_k)
+  g_k = to_varying(ev.grad, sub.axis_name)
+  r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, ev.block_grads)
+  inputs, pick, project = plan.problems((sub.blocks, r))
+
+  def local_value_and_grad(inp, u):
+    blk, r_i = pick(inp)
+    f_i = jax.value_and_grad(local_objective(sub.loss_fn, blk, theta_k, r_i))
+    return coords.value_and_grad(f_i)(u)
+
+  losses = ev.losses if plan.repeat == 1 else jnp.repeat(ev.losses, plan.repeat)
+  outcome = local.run(plan.solver, local_value_and_grad, inputs, u_k, losses.astype(sub.dtype),
+                      coords.grad_to_u(g_k), states, plan.bound, plan.local_steps,
+                      project=project)
+  return LocalPhase(outcome=outcome, start_losses=losses, anchor=u_k)
+
+
+class Combined(NamedTuple):
+  """Stage 3's result: s~ (within Delta^k), its predicted reduction and whether it is on the
+  boundary of the global region."""
+  step: PyTree
+  predicted: jax.Array
+  on_boundary: jax.Array
+
+
+def combine(sub: Subdomains, phase: LocalPhase, radius: jax.Array, weight: float) -> Combined:
+  """Stage 3: s~ = weight * sum_i s_i (5), cut to |s~| <= Delta^k, and the denominator of (6).
+
+  A subdomain whose end loss, step or start loss is not finite contributes nothing.
+
+  Args:
+    sub: the subdomains.
+    phase: stage 2.
+    radius: Delta^k.
+    weight: 1 (``combine="sum"``) or 1 / N (``"mean"``).
+  """
+  def contribution(theta_i, loss_end, loss_i):
+    step = optax.tree.sub(theta_i, phase.anchor)
+    good = jnp.isfinite(loss_end) & tree_lib.all_finite(step) & jnp.isfinite(loss_i)
+    return (jax.tree.map(lambda x: jnp.where(good, weight * x, 0.0), step),
+            jnp.where(good, weight * (loss_i - loss_end), 0.0))
+
+  res = phase.outcome
+  steps, decrease = jax.vmap(contribution)(res.params, res.loss, phase.start_losses)
+  s = jax.tree.map(sub.total, steps)
+  s_norm = tree_lib.norm(s).astype(sub.dtype)
+  cut = jnp.where(s_norm > radius, radius / jnp.where(s_norm > 0, s_norm, 1.0), 1.0)
+  return Combined(step=optax.tree.scale(cut, s),
+                  predicted=sub.total(decrease).astype(sub.dtype),
+                  on_boundary=reaches_boundary(jnp.minimum(s_norm, radius), radius))
+
+
+class GlobalCarry(NamedTuple):
+  """Stage 4's loop carry (in u = D theta for ``norm="rms"``).
+
+  Attributes:
+    params: the current point.
+    value: the global loss there.
+    grad: its gradient.
+    radius: the global radius.
+    memory: the global L-SR1 memory (None for first order).
+    stalled: whether the last global TR step was rejected at the radius floor.
+    changed: whether any trip moved the point.
+    apts_accepted: whether trip 0 accepted s~.
+    apts_actual: f(theta^k) - f(theta^k + s~).
+  """
+  params: PyTree
+  value: jax.Array
+  grad: PyTree
+  radius: jax.Array
+  memory: lsr1.LSR1State | None
+  stalled: jax.Array
+  changed: jax.Array
+  apts_accepted: jax.Array
+  apts_actual: jax.Array
+
+
+def global_phase(objective: Callable[[PyTree], tuple[jax.Array, PyTree]], start: GlobalCarry,
+                 combined: Combined, dtypes: PyTree, cfg: TrustRegionConfig, global_steps: int,
+                 store_pair: jax.Array) -> GlobalCarry:
+  """Stage 4: 1 + ``global_steps`` trips; trip 0 proposes s~, the others the model minimiser.
+
+  Args:
+    objective: u -> (f, grad f) of the global objective (one all-reduce each).
+    start: the carry at theta^k.
+    combined: stage 3.
+    dtypes: a pytree like the parameters whose leaves give the step dtypes.
+    cfg: the global region.
+    global_steps: TR iterations after the APTS step.
+    store_pair: False keeps the L-SR1 memory as it is (a skipped update).
+  """
+  cast = lambda step: jax.tree.map(lambda x, p: x.astype(p.dtype), step, dtypes)
+
+  def trip(i, c: GlobalCarry) -> GlobalCarry:
+    first = i == 0
+
+    def model():
+      result = tr.model_step(c.grad, c.memory, c.radius)
+      return cast(result.step), result.predicted_reduction.astype(c.value.dtype), result.on_boundary
+
+    step, pred, edge = jax.lax.cond(
+        first, lambda: (cast(combined.step), combined.predicted, combined.on_boundary), model)
+    trial_loss, trial_grad = objective(optax.apply_updates(c.params, step))
+    out = tr.commit(c.params, c.value, c.grad, c.radius, c.memory,
+                    tr.Trial(step, pred, trial_loss, trial_grad, edge), cfg, store_pair=store_pair)
+    return GlobalCarry(
+        params=out.params, value=out.loss, grad=out.grad, radius=out.radius, memory=out.memory,
+        stalled=~first & out.stalled, changed=c.changed | out.accepted,
+        apts_accepted=jnp.where(first, out.accepted, c.apts_accepted),
+        apts_actual=jnp.where(first, out.actual, c.apts_actual))
+
+  return jax.lax.fori_loop(0, 1 + global_steps, trip, start)

@@ -1,0 +1,234 @@
+"""Settings per method: ``TrustRegionConfig`` (constants and options of one trust region) and
+``APTSConfig`` (APTS's options, holding the ``TrustRegionConfig`` of its global region).
+
+No learning rate appears in either. ``TrustRegionConfig()`` is ``aptsjax.trust_region``'s
+default (a general optimizer: radius floor ``GENERAL_MIN_RADIUS``, growth only after steps that
+reach the boundary); ``TrustRegionConfig.paper()`` is the paper's TR (floor 1e-3, growth after
+every very good step, rule (7)). ``APTSConfig()`` is ``aptsjax.apts``'s default and
+``APTSConfig.paper()`` the paper's APTS exactly; the two differ only in the options that the
+validation study (``benchmarks/paper``, the ablation) chose: ``combine="mean"`` and the Adam
+local solver (docs/method.md, "Defaults").
+
+Both methods take the settings the same way: ``base=`` (a config, used as it is) and keyword
+overrides of its fields. ``configure_trust_region`` and ``configure_apts`` route the keywords:
+a field of the other method's config (``trust_region(f, combine="sum")``) or an unknown name
+raises ValueError, as does a value of the wrong type or outside the choices.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Literal, NamedTuple
+
+import optax
+
+from aptsjax.numerics import checks
+
+GENERAL_MIN_RADIUS = 1e-10
+
+RadiusGrowth = Literal["always", "boundary"]
+Norm = Literal["l2", "rms"]
+LocalRadius = Literal["bound", "split"]
+Combine = Literal["sum", "mean"]
+LocalMethod = Literal["trust_region", "adam"]
+BlockBound = Literal["equal", "size"]
+
+
+class TrustRegionConfig(NamedTuple):
+  """The constants and options of one trust region (the paper's (2) and (7)).
+
+  Attributes:
+    init_radius: Delta_0, the initial radius.
+    min_radius: Delta_min, the floor of the radius (a first-order step is never shorter).
+    max_radius: Delta_max, the ceiling of the radius.
+    eta_accept: accept the step iff rho > eta_accept (the authors' code: any decrease).
+    eta1: shrink the radius iff rho < eta1.
+    eta2: grow the radius iff rho > eta2 (and, for ``radius_growth="boundary"``, the step
+      reached the boundary).
+    alpha: shrink factor.
+    beta: growth factor.
+    radius_growth: ``"always"`` (the paper's (7)) or ``"boundary"`` (Nocedal and Wright,
+      Algorithm 4.1: growing after an interior step enlarges a region that did not constrain
+      the step).
+    norm: ``"l2"`` (the paper: |s|_2 <= Delta) or ``"rms"`` (|D s|_2 <= Delta with D diagonal
+      from an RMS of past gradients, ``aptsjax.numerics.scaling``).
+    rms_decay: the decay of the squared-gradient average behind ``norm="rms"`` (Adam's beta2).
+    rms_eps: added to the RMS before it is normalised (Adam's eps).
+  """
+  init_radius: float = 0.01
+  min_radius: float = GENERAL_MIN_RADIUS
+  max_radius: float = 4.0
+  eta_accept: float = 0.0
+  eta1: float = 0.25
+  eta2: float = 0.75
+  alpha: float = 0.5
+  beta: float = 2.0
+  radius_growth: RadiusGrowth = "boundary"
+  norm: Norm = "l2"
+  rms_decay: float = 0.999
+  rms_eps: float = 1e-8
+
+  @classmethod
+  def paper(cls) -> "TrustRegionConfig":
+    """The paper's trust region: Delta_min = 1e-3, growth after every very good step (7)."""
+    return cls(min_radius=1e-3, radius_growth="always")
+
+  def validate(self) -> "TrustRegionConfig":
+    """Returns self, or raises ValueError for an inconsistent table or a value off its choices."""
+    if not 0.0 < self.min_radius <= self.init_radius <= self.max_radius:
+      raise ValueError("need 0 < min_radius <= init_radius <= max_radius, got "
+                       f"{self.min_radius}, {self.init_radius}, {self.max_radius}.")
+    if not 0.0 <= self.eta_accept <= self.eta1 <= self.eta2 < 1.0:
+      raise ValueError("need 0 <= eta_accept <= eta1 <= eta2 < 1, got "
+                       f"{self.eta_accept}, {self.eta1}, {self.eta2}.")
+    if not (0.0 < self.alpha < 1.0 < self.beta):
+      raise ValueError(f"need 0 < alpha < 1 < beta, got alpha={self.alpha}, beta={self.beta}.")
+    if not (0.0 <= self.rms_decay < 1.0 and self.rms_eps > 0.0):
+      raise ValueError(f"need 0 <= rms_decay < 1 and rms_eps > 0, got {self.rms_decay}, "
+                       f"{self.rms_eps}.")
+    _check_choices(self)
+    return self
+
+  def scaled(self, factor: float) -> "TrustRegionConfig":
+    """The table with every radius divided by ``factor`` (APTS local regions: Delta / N)."""
+    return self._replace(init_radius=self.init_radius / factor,
+                         min_radius=self.min_radius / factor, max_radius=self.max_radius / factor)
+
+
+class APTSConfig(NamedTuple):
+  """The options of ``aptsjax.apts`` and the trust region of its global phase.
+
+  Attributes:
+    trust_region: the global region's constants and options (the paper's by default; the local
+      regions use them divided by N for ``combine="sum"``, as they are for ``"mean"``).
+    combine: the APTS step from the local steps: ``"sum"`` (the paper: s~ = sum_i s_i, each
+      |s_i| <= Delta / N) or ``"mean"`` (s~ = the mean of the s_i, each |s_i| <= Delta).
+    local_solver: the local iterations: ``"trust_region"`` (the paper's local TR), ``"adam"``
+      (``optax.adam(local_lr)`` projected into the local region), any optax
+      ``GradientTransformation`` (projected the same way) or a ``aptsjax.LocalSolver``.
+    local_lr: the learning rate of ``local_solver="adam"`` (Adam's own default; the region
+      bounds the steps); read only for that choice.
+    local_radius: ``"bound"`` (the paper: the local radius starts at the local bound) or
+      ``"split"`` (it starts at the bound / ``local_steps``); read by the trust-region local
+      solver.
+    local_steps: nu, the most local iterations per update (>= 1).
+    global_steps: global TR iterations after the APTS step (>= 0; the paper: 1).
+    block_bound: how the local bound is split over J parameter blocks
+      (``aptsjax.optim.blocks.divisors``): ``"equal"`` (/ sqrt(J)) or ``"size"`` (x sqrt(n_j/n)).
+  """
+  trust_region: TrustRegionConfig = TrustRegionConfig.paper()
+  combine: Combine = "mean"
+  local_solver: Any = "adam"
+  local_lr: float = 1e-3
+  local_radius: LocalRadius = "bound"
+  local_steps: int = 5
+  global_steps: int = 1
+  block_bound: BlockBound = "equal"
+
+  @classmethod
+  def paper(cls) -> "APTSConfig":
+    """The paper's APTS exactly: the summed local TR steps, each within Delta / N."""
+    return cls(combine="sum", local_solver="trust_region")
+
+  def validate(self) -> "APTSConfig":
+    """Returns self, or raises ValueError for a value of the wrong type or off its choices."""
+    if not isinstance(self.trust_region, TrustRegionConfig):
+      raise ValueError("trust_region must be an aptsjax.TrustRegionConfig, got "
+                       f"{type(self.trust_region).__name__}.")
+    self.trust_region.validate()
+    checks.as_int("local_steps", self.local_steps, 1)
+    checks.as_int("global_steps", self.global_steps, 0)
+    if not self.local_lr > 0.0:
+      raise ValueError(f"need local_lr > 0, got {self.local_lr}.")
+    if not (self.local_solver in typing.get_args(LocalMethod) or _is_solver(self.local_solver)):
+      raise ValueError(f"local_solver must be one of {typing.get_args(LocalMethod)}, an optax "
+                       "GradientTransformation or an aptsjax.LocalSolver, got "
+                       f"{self.local_solver!r}.")
+    _check_choices(self)
+    return self
+
+
+def _is_solver(value: Any) -> bool:
+  """An optax transformation or a LocalSolver (both have ``init``; checked structurally)."""
+  return (isinstance(value, optax.GradientTransformation)
+          or (callable(getattr(value, "init", None)) and callable(getattr(value, "step", None))))
+
+
+def choices(config_type: type) -> dict[str, tuple[str, ...]]:
+  """The ``Literal`` fields of a config class and their allowed values."""
+  hints = typing.get_type_hints(config_type)
+  return {name: typing.get_args(hint) for name, hint in hints.items()
+          if typing.get_origin(hint) is Literal}
+
+
+def _check_choices(config: NamedTuple) -> None:
+  for name, allowed in choices(type(config)).items():
+    if getattr(config, name) not in allowed:
+      raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}.")
+
+
+def _coerce(config_type: type, name: str, value: Any) -> Any:
+  """``value`` for field ``name``: a choice stays a string, a count an int, a constant a float."""
+  hint = typing.get_type_hints(config_type)[name]
+  if typing.get_origin(hint) is Literal:
+    if not isinstance(value, str):
+      raise ValueError(f"{name} must be one of {typing.get_args(hint)}, got {value!r}.")
+    return value
+  if hint is int:
+    return checks.as_int(name, value, 0)
+  if hint is float:
+    if isinstance(value, (str, bool)) or not isinstance(value, (int, float)):
+      raise ValueError(f"{name} must be a number, got {value!r}.")
+    return float(value)
+  return value
+
+
+def _fields(config_type: type) -> tuple[str, ...]:
+  return tuple(f for f in config_type._fields if f != "trust_region")
+
+
+def _check_names(options: dict[str, Any], known: tuple[str, ...], method: str,
+                 foreign: dict[str, str]) -> None:
+  for name in options:
+    if name in known:
+      continue
+    if name in foreign:
+      raise ValueError(f"{name!r} is an option of {foreign[name]}, not of {method}.")
+    raise ValueError(f"unknown {method} option {name!r}; known: {list(known)}.")
+
+
+def configure_trust_region(base: TrustRegionConfig | None = None, **options: Any
+                           ) -> TrustRegionConfig:
+  """``base`` (default ``TrustRegionConfig()``) with keyword overrides, validated.
+
+  Raises:
+    ValueError: ``base`` is not a ``TrustRegionConfig``; an option of APTS or an unknown name;
+      a wrong type (a number for a choice, a string for a constant); an inconsistent table.
+  """
+  base = TrustRegionConfig() if base is None else base
+  if not isinstance(base, TrustRegionConfig):
+    raise ValueError(f"base must be an aptsjax.TrustRegionConfig, got {type(base).__name__}"
+                     " (an APTSConfig configures aptsjax.apts).")
+  foreign = {name: "aptsjax.apts (APTSConfig)" for name in _fields(APTSConfig)}
+  _check_names(options, TrustRegionConfig._fields, "trust_region", foreign)
+  values = {k: _coerce(TrustRegionConfig, k, v) for k, v in options.items()}
+  return base._replace(**values).validate()
+
+
+def configure_apts(base: APTSConfig | None = None, **options: Any) -> APTSConfig:
+  """``base`` (default ``APTSConfig()``) with keyword overrides of its fields and of its
+  ``trust_region``'s fields, validated.
+
+  Raises:
+    ValueError: ``base`` is not an ``APTSConfig``; an unknown name; a wrong type; an
+      inconsistent table.
+  """
+  base = APTSConfig() if base is None else base
+  if not isinstance(base, APTSConfig):
+    raise ValueError(f"base must be an aptsjax.APTSConfig, got {type(base).__name__} (a "
+                     "TrustRegionConfig goes in APTSConfig(trust_region=...)).")
+  _check_names(options, _fields(APTSConfig) + TrustRegionConfig._fields, "apts", {})
+  own = {k: _coerce(APTSConfig, k, v) for k, v in options.items() if k in APTSConfig._fields}
+  region = {k: _coerce(TrustRegionConfig, k, v) for k, v in options.items()
+            if k in TrustRegionConfig._fields}
+  return base._replace(trust_region=base.trust_region._replace(**region), **own).validate()
