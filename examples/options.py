@@ -1,7 +1,8 @@
-"""The options of ``aptsjax.Hyperparams`` and the paper's method, side by side on one problem.
+"""The options of ``aptsjax.APTSConfig`` and the paper's method, side by side on one problem.
 
-Every constructor takes ``base=`` (the table: ``aptsjax.Hyperparams()``, the defaults, or
-``aptsjax.Hyperparams.paper()``, the paper's method exactly) and keyword overrides of it. This
+Every constructor takes ``base=`` (a config: ``aptsjax.APTSConfig()``, the defaults, or
+``aptsjax.APTSConfig.paper()``, the paper's method exactly; ``aptsjax.TrustRegionConfig`` for
+``aptsjax.trust_region``) and keyword overrides of its fields. This
 script trains SAPTS (N = 4, 5% overlap) with the defaults, the paper's method, the scaled trust
 region, local trust region in place of local Adam, and local SGD with momentum as the local
 solver, then the paper's plain trust region, and prints each test loss.
@@ -54,16 +55,16 @@ def main(argv: list[str] | None = None) -> None:
   trainers = {
       "defaults": aptsjax.parallel.apts_trainer(loss_fn, 4, overlap=0.05),
       "paper": aptsjax.parallel.apts_trainer(loss_fn, 4, overlap=0.05, second_order=True,
-                                             base=aptsjax.Hyperparams.paper()),
+                                             base=aptsjax.APTSConfig.paper()),
       "region |D s| <= Delta": aptsjax.parallel.apts_trainer(loss_fn, 4, overlap=0.05,
                                                              norm="rms"),
       "local trust region": aptsjax.parallel.apts_trainer(loss_fn, 4, overlap=0.05,
-                                                          local_method="trust_region"),
+                                                          local_solver="trust_region"),
       "local SGD, momentum": aptsjax.parallel.apts_trainer(
           loss_fn, 4, overlap=0.05,
-          local_solver=aptsjax.optax_local_solver(optax.sgd(1e-2, momentum=0.9))),
+          local_solver=optax.sgd(1e-2, momentum=0.9)),
   }
-  paper_tr = aptsjax.trust_region(loss_fn, base=aptsjax.Hyperparams.paper(), min_radius=1e-3)
+  paper_tr = aptsjax.trust_region(loss_fn, base=aptsjax.TrustRegionConfig.paper())
   # --8<-- [end:options]
 
   for name, trainer in trainers.items():
