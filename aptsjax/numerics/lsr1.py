@@ -174,7 +174,8 @@ def choose_gamma(ss: jax.Array, sy: jax.Array, stamp: jax.Array, gamma_prev: jax
   return jnp.where(ok, 0.5 * mu_min, gamma_prev).astype(ss.dtype)
 
 
-def _check_vector(state: LSR1State, v: PyTree, name: str) -> None:
+def check_vector(state: LSR1State, v: PyTree, name: str) -> None:
+  """Raises ValueError (trace time) unless ``v`` is shaped like one vector of the memory."""
   _stack.check_like(v, state.s, name, leading=memory_size(state))
 
 
@@ -188,7 +189,7 @@ def matvec(state: LSR1State, v: PyTree) -> PyTree:
   Returns:
     B v, a pytree like ``v``.
   """
-  _check_vector(state, v, "v")
+  check_vector(state, v, "v")
   v = jax.tree.map(lambda x, r: x.astype(r.dtype), v, jax.tree.map(lambda b: b[0], state.s))
   scale = jnp.where(state.lam_valid, state.lam - state.gamma, 0.0)   # B - gamma I on span(P_par)
   c = _mm(state.coef, scale[:, None] * _mm(state.coef.T, pair_dots(state, [v])))
@@ -210,8 +211,8 @@ def update(state: LSR1State, s: PyTree, y: PyTree, valid: jax.Array | bool = Tru
     The new state; exactly ``state`` when the pair is skipped (non-finite entries, or the
     safeguard |s.r| <= r_tol |s||r|, or r at rounding level).
   """
-  _check_vector(state, s, "s")
-  _check_vector(state, y, "y")
+  check_vector(state, s, "s")
+  check_vector(state, y, "y")
   like = jax.tree.map(lambda b: b[0], state.s)
   s = jax.tree.map(lambda x, r: jnp.asarray(x).astype(r.dtype), s, like)
   y = jax.tree.map(lambda x, r: jnp.asarray(x).astype(r.dtype), y, like)
@@ -296,7 +297,7 @@ def rescale(state: LSR1State, ratio: PyTree) -> LSR1State:
   Returns:
     The rescaled state (a memory without pairs is returned as it is, apart from its stacks).
   """
-  _check_vector(state, ratio, "ratio")
+  check_vector(state, ratio, "ratio")
   s = jax.tree.map(lambda b, r: b * r.astype(b.dtype)[None], state.s, ratio)
   y = jax.tree.map(lambda b, r: b / r.astype(b.dtype)[None], state.y, ratio)
   valid = state.stamp >= 0

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 
 from aptsjax.numerics import tree as _stack
@@ -107,7 +108,7 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
     An ``OBSResult``.
   """
   check_radius(radius)
-  lsr1._check_vector(state, grad, "grad")  # pylint: disable=protected-access
+  lsr1.check_vector(state, grad, "grad")
   like = jax.tree.map(lambda b: b[0], state.s)
   g = jax.tree.map(lambda x, r: jnp.asarray(x).astype(r.dtype), grad, like)
   dtype = state.ss.dtype
@@ -223,7 +224,7 @@ def solve(grad: PyTree, state: lsr1.LSR1State, radius: Any) -> OBSResult:
   pred = jnp.sum(terms) - 0.5 * lam_min * (f * tau) ** 2
   sigma = jnp.maximum(t - lam_min, 0.0)
   ok = finite & jnp.isfinite(pred)
-  step = jax.tree.map(lambda p: jnp.where(ok, p, 0.0), step)
+  step = optax.tree.where(ok, step, optax.tree.zeros_like(step))
   return OBSResult(step=step, predicted_reduction=jnp.where(ok, jnp.maximum(pred, 0.0), 0.0),
                    on_boundary=ok & ~interior, sigma=jnp.where(ok, sigma, 0.0),
                    hard_case=ok & hard)

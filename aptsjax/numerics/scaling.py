@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 PyTree = Any
@@ -74,7 +75,7 @@ def update(state: ScaleState, grad: PyTree, decay: float, eps: float,
   ok = jnp.asarray(valid) & jnp.isfinite(mean) & (mean > 0)
   d = jax.tree.map(lambda x, old: jnp.where(ok, jnp.sqrt(x / jnp.where(ok, mean, 1.0)),
                                             old).astype(old.dtype), w, state.d)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  keep = lambda new, old: optax.tree.where(ok, new, old)
   return ScaleState(nu=keep(nu, state.nu), count=jnp.where(ok, count, state.count), d=d)
 
 

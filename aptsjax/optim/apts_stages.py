@@ -201,7 +201,7 @@ def combine(sub: Subdomains, phase: LocalPhase, radius: jax.Array, weight: float
   def contribution(theta_i, loss_end, loss_i):
     step = optax.tree.sub(theta_i, phase.anchor)
     good = jnp.isfinite(loss_end) & tree_lib.all_finite(step) & jnp.isfinite(loss_i)
-    return (jax.tree.map(lambda x: jnp.where(good, weight * x, 0.0), step),
+    return (optax.tree.where(good, optax.tree.scale(weight, step), optax.tree.zeros_like(step)),
             jnp.where(good, weight * (loss_i - loss_end), 0.0))
 
   res = phase.outcome
