@@ -22,6 +22,9 @@ def as_int(name: str, value: Any, minimum: int) -> int:
     value: an integer (Python or numpy; not a bool, a float or a string).
     minimum: the smallest value allowed.
   """
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be a Python integer fixed at construction, got a traced "
+                     "value (optax.inject_hyperparams is not supported: sizes shape the state).")
   try:
     result = None if isinstance(value, bool) else operator.index(value)
   except TypeError:

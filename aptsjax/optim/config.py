@@ -20,6 +20,7 @@ from __future__ import annotations
 import typing
 from typing import Any, Literal, NamedTuple
 
+import jax
 import optax
 
 from aptsjax.numerics import checks
@@ -167,8 +168,21 @@ def _check_choices(config: NamedTuple) -> None:
       raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}.")
 
 
+INJECT_MESSAGE = (
+    "the trust-region constants and options are Python values fixed when the transformation is "
+    "built (they are validated and select code paths), so optax.inject_hyperparams, which "
+    "passes them as traced arrays, is not supported. Build a new transformation to change a "
+    "constant; the radius itself is state: state._replace(radius=...).")
+
+
 def _coerce(config_type: type, name: str, value: Any) -> Any:
-  """``value`` for field ``name``: a choice stays a string, a count an int, a constant a float."""
+  """``value`` for field ``name``: a choice stays a string, a count an int, a constant a float.
+
+  Raises:
+    ValueError: a wrong type, or a traced value (``optax.inject_hyperparams``).
+  """
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name}: {INJECT_MESSAGE}")
   hint = typing.get_type_hints(config_type)[name]
   if typing.get_origin(hint) is Literal:
     if not isinstance(value, str):
@@ -192,6 +206,8 @@ def _check_names(options: dict[str, Any], known: tuple[str, ...], method: str,
   for name in options:
     if name in known:
       continue
+    if name == "options" and isinstance(options[name], dict):   # optax.inject_hyperparams
+      raise ValueError(f"{method}: {INJECT_MESSAGE}")
     if name in foreign:
       raise ValueError(f"{name!r} is an option of {foreign[name]}, not of {method}.")
     raise ValueError(f"unknown {method} option {name!r}; known: {list(known)}.")
