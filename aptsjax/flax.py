@@ -9,7 +9,7 @@ the parameters alone. Two small helpers connect that signature to Flax:
   ``nnx.Param`` variables (``nnx.as_pure(nnx.state(model, nnx.Param))``). ``nnx_loss_fn`` turns
   ``loss(model, batch)`` into a ``loss_fn`` that takes exactly that state::
 
-    tx = aptsjax.trust_region(aptsjax.flax_utils.nnx_loss_fn(model, loss))
+    tx = aptsjax.trust_region(aptsjax.flax.nnx_loss_fn(model, loss))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     optimizer.update(model, grads, batch=batch)
 

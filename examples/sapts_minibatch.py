@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
   for epoch in range(epochs):
     for batch in aptsjax.data.iterate_minibatches(train, batch_size, overlap=0.05, epoch=epoch):
       params, state = trainer.step(params, state, trainer.shard_batch(batch))
-    print(f"epoch {epoch}: minibatch loss {float(trainer.metrics(state)['loss']):.4f}")
+    print(f"epoch {epoch}: minibatch loss {float(trainer.metrics(state)['value']):.4f}")
   # --8<-- [end:trainer]
 
   params = aptsjax.parallel.numpy_tree(params)

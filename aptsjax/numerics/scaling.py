@@ -1,7 +1,7 @@
 """The scaled trust region |D s|_2 <= Delta, with D diagonal from an RMS of past gradients.
 
-``Hyperparams(norm="rms")`` (docs/method.md, "Scaled trust region"). D is kept as Adam keeps its
-second moment: v <- rho v + (1 - rho) g * g, bias-corrected by 1 - rho^t, and
+``TrustRegionConfig(norm="rms")`` (docs/method.md, "Scaled trust region"). D is kept as Adam
+keeps its second moment: v <- rho v + (1 - rho) g * g, bias-corrected by 1 - rho^t, and
 
   D^2 = w / mean(w),   w = sqrt(v_hat) + eps,
 
@@ -59,8 +59,8 @@ def update(state: ScaleState, grad: PyTree, decay: float, eps: float,
   Args:
     state: a ``ScaleState``.
     grad: the gradient at the current point, like the parameters.
-    decay: rho, the average's decay (``Hyperparams.rms_decay``).
-    eps: added to the RMS before normalising (``Hyperparams.rms_eps``).
+    decay: rho, the average's decay (``TrustRegionConfig.rms_decay``).
+    eps: added to the RMS before normalising (``TrustRegionConfig.rms_eps``).
     valid: False keeps the state (a non-finite gradient).
 
   Returns:

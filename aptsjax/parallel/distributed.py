@@ -6,7 +6,7 @@ gloo (CPU), NCCL (GPU) or ICI (TPU). Nothing here manages processes or moves dat
 ``jax.distributed.initialize`` lacks for a training script:
 
 * :func:`initialize` takes the coordinator settings from its arguments, from the environment that
-  ``python -m aptsjax.launch`` sets (``APTSJAX_COORDINATOR``, ``APTSJAX_NUM_PROCESSES``,
+  ``python -m aptsjax.parallel.launch`` sets (``APTSJAX_COORDINATOR``, ``APTSJAX_NUM_PROCESSES``,
   ``APTSJAX_PROCESS_ID``, ``APTSJAX_LOCAL_DEVICE_IDS``), or lets JAX detect the cluster (SLURM,
   Open MPI, TPU pods, ...) with ``auto=True``. A process that is not the coordinator first waits
   for the coordinator's port to accept connections, at most ``timeout`` seconds, and raises a
@@ -93,7 +93,7 @@ def _env_settings() -> dict[str, Any]:
 
 
 def launched() -> bool:
-  """Whether this process was started by ``python -m aptsjax.launch`` (its variables are set)."""
+  """Whether this process was started by ``python -m aptsjax.parallel.launch`` (its variables are set)."""
   return ENV_COORDINATOR in os.environ
 
 
@@ -102,7 +102,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                timeout: float = DEFAULT_TIMEOUT, auto: bool = False) -> bool:
   """Joins the multi-process JAX runtime, or does nothing in a single-process run.
 
-  Settings come from the arguments, else from the variables ``python -m aptsjax.launch`` sets.
+  Settings come from the arguments, else from the variables ``python -m aptsjax.parallel.launch`` sets.
   With neither and ``auto=False`` this is a single-process run and nothing happens; with
   ``auto=True`` ``jax.distributed.initialize()`` detects the cluster itself (SLURM, Open MPI,
   TPU pods, Kubernetes, ...). Call it before anything else touches ``jax.devices()``.

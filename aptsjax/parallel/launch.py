@@ -1,6 +1,6 @@
 """Starts a multi-process JAX run on this machine, for trying multi-host code on one host.
 
-    python -m aptsjax.launch --num-processes 2 --devices-per-process 2 -- python -m benchmarks.paper
+    python -m aptsjax.parallel.launch --num-processes 2 --devices-per-process 2 -- python -m benchmarks.paper
 
 starts ``--num-processes`` copies of the command with the coordinator on a free localhost port and
 the variables that :func:`aptsjax.distributed.initialize` reads (``APTSJAX_COORDINATOR``,
@@ -147,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if "--" in argv:
     split = argv.index("--")
     argv, command = argv[:split], argv[split + 1:]
-  p = argparse.ArgumentParser(prog="python -m aptsjax.launch",
+  p = argparse.ArgumentParser(prog="python -m aptsjax.parallel.launch",
                               description=__doc__.split("\n")[0],
-                              epilog="usage: python -m aptsjax.launch [options] -- command ...")
+                              epilog="usage: python -m aptsjax.parallel.launch [options] -- command ...")
   p.add_argument("--num-processes", type=int, default=2)
   p.add_argument("--devices-per-process", type=int, default=1)
   p.add_argument("--platform", choices=("cpu", "gpu"), default="cpu")
