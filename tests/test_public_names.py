@@ -11,6 +11,7 @@ in the "Migration" section of docs/changelog.md naming it as ``aptsjax.<module>.
 """
 import importlib
 import pathlib
+import re
 
 import pytest
 
@@ -73,7 +74,9 @@ def migration_notes() -> str:
 
 
 def _migrated(text: str) -> bool:
-  return f"`{text}`" in migration_notes()
+  """Whether a code span of the migration notes names ``text``'s last component as a word."""
+  name = re.escape(text.rsplit(".", 1)[-1])
+  return re.search(rf"`[^`]*\b{name}\b[^`]*`", migration_notes()) is not None
 
 
 def _module(name: str):
