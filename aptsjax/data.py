@@ -46,7 +46,12 @@ from aptsjax.numerics.checks import as_int
 Batch = Any
 
 
-def _as_overlap(overlap: Any) -> float:
+def as_overlap(overlap: Any) -> float:
+  """Returns ``overlap`` as a float in [0, 1) (shared rows / own rows of the subdomain layout).
+
+  Raises:
+    ValueError: ``overlap`` is not a number, or not in [0, 1) (NaN included).
+  """
   try:
     result = float(overlap)
   except (TypeError, ValueError):
@@ -56,8 +61,12 @@ def _as_overlap(overlap: Any) -> float:
   return result
 
 
-def _row_count(batch: Batch) -> int:
-  """Returns the common leading size of the leaves of ``batch`` (ValueError if there is none)."""
+def row_count(batch: Batch) -> int:
+  """Returns the number of rows of ``batch``: the common leading size of its leaves.
+
+  Raises:
+    ValueError: the batch has no leaves, a scalar leaf, or leaves of different leading sizes.
+  """
   leaves = jax.tree_util.tree_leaves(batch)
   if not leaves:
     raise ValueError("the batch has no array leaves")
@@ -92,7 +101,7 @@ def layout_sizes(num_rows: int, num_subdomains: int, overlap: float = 0.0) -> tu
   """
   m = as_int("num_rows", num_rows, 0)
   n = as_int("num_subdomains", num_subdomains, 1)
-  o = fractions.Fraction(repr(_as_overlap(overlap)))
+  o = fractions.Fraction(repr(as_overlap(overlap)))
   shared = math.floor(o * m / (n + o))
   own = (m - shared) // n
   if own < 1:
@@ -209,7 +218,7 @@ def take_rows(batch: Batch, rows: np.ndarray) -> Batch:
   Returns:
     The pytree of ``leaf[rows]``, with leaves of the same kind as the input.
   """
-  count = _row_count(batch)
+  count = row_count(batch)
   rows = np.asarray(rows)
   if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
     raise ValueError(f"rows must be a 1-D integer array, got shape {rows.shape} {rows.dtype}")
@@ -234,7 +243,7 @@ def overlapping_subdomains(batch: Batch, num_subdomains: int, overlap: float = 0
     The batch with N (b + c) rows, ready for ``apts(num_subdomains=N)``. With no shared rows it
     is a plain slice of the first N b rows (the batch itself when nothing is dropped).
   """
-  count = _row_count(batch)
+  count = row_count(batch)
   own, shared = layout_sizes(count, num_subdomains, overlap)
   check_remainder(count, num_subdomains, overlap, remainder, stacklevel=3)
   if shared == 0:
@@ -257,7 +266,7 @@ def check_batch(batch: Batch, num_subdomains: int) -> int:
       count not divisible by N.
   """
   n = as_int("num_subdomains", num_subdomains, 1)
-  count = _row_count(batch)
+  count = row_count(batch)
   if count % n:
     raise ValueError(
         f"the batch has {count} rows, not divisible by num_subdomains={n}; lay it out with "
@@ -292,7 +301,7 @@ def trim_rows(batch: Batch, multiple: int) -> Batch:
     The batch itself when nothing is dropped, else the pytree of ``leaf[:keep]``.
   """
   k = as_int("multiple", multiple, 1)
-  count = _row_count(batch)
+  count = row_count(batch)
   keep = count - count % k
   if keep == 0:
     raise ValueError(f"the batch has {count} rows, fewer than multiple={k}")
@@ -307,7 +316,7 @@ def _minibatch_sizes(num_rows: int, batch_size: int, overlap: float) -> tuple[in
   size = as_int("batch_size", batch_size, 1)
   if size > m:
     raise ValueError(f"batch_size={size} exceeds num_rows={m}")
-  carried = round(_as_overlap(overlap) * size)
+  carried = round(as_overlap(overlap) * size)
   if carried >= size:
     raise ValueError(f"overlap={overlap} carries all {size} rows over: no fresh rows per minibatch")
   return carried, 1 + (m - size) // (size - carried)
@@ -370,5 +379,5 @@ def iterate_minibatches(data: Batch, batch_size: int, *, overlap: float = 0.0, s
   Returns:
     An iterator of batches like ``data`` with ``batch_size`` rows each.
   """
-  rows = minibatches(_row_count(data), batch_size, overlap=overlap, seed=seed, epoch=epoch)
+  rows = minibatches(row_count(data), batch_size, overlap=overlap, seed=seed, epoch=epoch)
   return (take_rows(data, index) for index in rows)  # Arguments are checked before iteration.

@@ -273,7 +273,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, local_steps: int = 5,
       raise ValueError(f"num_subdomains={n_sub} is not divisible by the {num_devices} devices "
                        f"of axis {axis_name!r}.")
     n_local = n_sub // num_devices
-    _check_rows(data._row_count(batch), n_sub, num_devices)  # pylint: disable=protected-access
+    _check_rows(data.row_count(batch), n_sub, num_devices)
     spec = pblocks.resolve(param_blocks, params)
     count, share = pblocks.count(spec), pblocks.share(local_share, spec)
     solver = make_solver(share)

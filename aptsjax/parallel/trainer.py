@@ -212,7 +212,7 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   model_devices = as_int("model_devices", model_devices, 1)
   if num_devices is not None:
     num_devices = as_int("num_devices", num_devices, 1)
-  data._as_overlap(overlap)  # pylint: disable=protected-access
+  data.as_overlap(overlap)
   if on_nonfinite not in NONFINITE_ACTIONS:
     raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}.")
   if remainder not in data.REMAINDER_ACTIONS:
@@ -329,9 +329,9 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     data.check_remainder(num_rows, num_subdomains, overlap, remainder, stacklevel=3)
     total = num_subdomains * (own + shared)
     want = len(mine) * per_device * (own + shared)
-    if data._row_count(local) != want:  # pylint: disable=protected-access
+    if data.row_count(local) != want:
       raise ValueError(f"this process must supply {want} rows (process_rows({num_rows})), got "
-                       f"{data._row_count(local)}")  # pylint: disable=protected-access
+                       f"{data.row_count(local)}")
     if not checked_batch:
       distributed.check_same({"rows": num_rows, "batch": jax.tree.map(
           lambda x: jax.ShapeDtypeStruct((total,) + tuple(np.shape(x)[1:]), x.dtype), local)},
@@ -341,7 +341,7 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
         rows, np.asarray(x), (total,) + tuple(np.shape(x)[1:])), local)
 
   def shard_batch(batch):
-    count = data._row_count(batch)  # pylint: disable=protected-access
+    count = data.row_count(batch)
     return shard_local_batch(data.take_rows(batch, process_rows(count)), count)
 
   def mapped_step(params, state, batch):
