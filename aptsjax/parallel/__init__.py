@@ -15,6 +15,7 @@ from aptsjax.parallel.mesh import default_num_devices
 from aptsjax.parallel.mesh import mesh_devices
 from aptsjax.parallel.pmap import pmap_state
 from aptsjax.parallel.pmap import unpmap_state
+from aptsjax.parallel.sharding import state_specs
 from aptsjax.parallel.trainer import CPU_COMPILER_OPTIONS
 from aptsjax.parallel.trainer import METRICS
 from aptsjax.parallel.trainer import Trainer
@@ -23,4 +24,5 @@ from aptsjax.parallel.trainer import numpy_tree
 
 __all__ = ["CPU_COMPILER_OPTIONS", "METRICS", "Trainer", "apts_trainer", "checkpoint",
            "default_num_devices", "distributed", "layout", "mesh", "mesh_devices", "numpy_tree",
-           "placement", "pmap", "pmap_state", "sharding", "step", "trainer", "unpmap_state"]
+           "placement", "pmap", "pmap_state", "sharding", "state_specs", "step", "trainer",
+           "unpmap_state"]
