@@ -62,7 +62,8 @@ class Trainer(NamedTuple):
       ``aptsjax.data.overlapping_subdomains`` and sharded over the devices, subdomain i's rows on
       the device that holds subdomain i. Rows the layout drops are reported as ``remainder``
       says (a ``UserWarning`` by default).
-    step: ``(params, state, batch) -> (params, state)``, jitted; ``batch`` from ``shard_batch``.
+    step: ``(params, state, batch) -> (params, state)`` (a ``step.TrainStep``), jitted; ``batch``
+      from ``shard_batch``.
       Params and the state's scalars come back replicated on every device of every process.
       A skipped update (``state.nonfinite``) warns or raises as ``on_nonfinite`` says. The
       params and state passed in are donated: their buffers are reused for the results (so
