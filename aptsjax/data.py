@@ -46,7 +46,12 @@ from aptsjax.numerics.checks import as_int
 Batch = Any
 
 
-def _as_overlap(overlap: Any) -> float:
+def as_overlap(overlap: Any) -> float:
+  """Returns ``overlap`` as a float in [0, 1) (shared rows / own rows of the subdomain layout).
+
+  Raises:
+    ValueError: ``overlap`` is not a number, or not in [0, 1) (NaN included).
+  """
   try:
     result = float(overlap)
   except (TypeError, ValueError):
@@ -57,7 +62,11 @@ def _as_overlap(overlap: Any) -> float:
 
 
 def row_count(batch: Batch) -> int:
-  """Returns the common leading size of the leaves of ``batch`` (ValueError if there is none)."""
+  """Returns the number of rows of ``batch``: the common leading size of its leaves.
+
+  Raises:
+    ValueError: the batch has no leaves, a scalar leaf, or leaves of different leading sizes.
+  """
   leaves = jax.tree_util.tree_leaves(batch)
   if not leaves:
     raise ValueError("the batch has no array leaves")
@@ -92,7 +101,7 @@ def layout_sizes(num_rows: int, num_subdomains: int, overlap: float = 0.0) -> tu
   """
   m = as_int("num_rows", num_rows, 0)
   n = as_int("num_subdomains", num_subdomains, 1)
-  o = fractions.Fraction(repr(_as_overlap(overlap)))
+  o = fractions.Fraction(repr(as_overlap(overlap)))
   shared = math.floor(o * m / (n + o))
   own = (m - shared) // n
   if own < 1:
@@ -307,7 +316,7 @@ def _minibatch_sizes(num_rows: int, batch_size: int, overlap: float) -> tuple[in
   size = as_int("batch_size", batch_size, 1)
   if size > m:
     raise ValueError(f"batch_size={size} exceeds num_rows={m}")
-  carried = round(_as_overlap(overlap) * size)
+  carried = round(as_overlap(overlap) * size)
   if carried >= size:
     raise ValueError(f"overlap={overlap} carries all {size} rows over: no fresh rows per minibatch")
   return carried, 1 + (m - size) // (size - carried)

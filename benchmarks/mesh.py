@@ -190,7 +190,7 @@ def comm_row(setup: Setup, module: Any, input_dim: int) -> tuple[Row, list[Row],
   placed = trainer.replicate(params)
   batch = placed_batch(trainer, input_dim)
   start = time.perf_counter()
-  compiled = trainer.step.lower(placed, trainer.init(placed), batch).compile()
+  compiled = trainer.lower(placed, trainer.init(placed), batch).compile()
   seconds = time.perf_counter() - start
   mesh = trainer.mesh
   records = comm.collective_stats(compiled, mesh)

@@ -199,7 +199,7 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
 
   floats = 4.0 * nparams + 4.0
   if trainer.mesh is not None:
-    floats = float(hlo_floats(trainer.step.lower(*init(0), sample()).compile()))
+    floats = float(hlo_floats(trainer.lower(*init(0), sample()).compile()))
 
   def epoch(carry: Carry, ep: int, seed: int) -> tuple[Carry, Work]:
     params, state = carry

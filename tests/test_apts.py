@@ -187,7 +187,7 @@ def test_no_allreduce_in_local_loop_and_fixed_volume():
     trainer = parallel.apts_trainer(mlp_loss, 4, num_devices=4, second_order=False,
                                     local_steps=local_steps)
     state = trainer.init(params)
-    compiled = trainer.step.lower(params, state, trainer.shard_batch(batch)).compile()
+    compiled = trainer.lower(params, state, trainer.shard_batch(batch)).compile()
     records = comm.allreduce_stats(compiled)
     assert records, "expected all-reduces in a 4-device update"
     # The local loop (a while loop whose trip count depends on the data) is there, and

@@ -61,7 +61,7 @@ def test_mesh_matches_one_device_float64(x64, layout, data, model, second_order,
   want_params, want_state = run_trainer(1, second_order, 10, jnp.float64, **dict(kw))
   assert state.iteration == 10 and bool(np.any(np.asarray(state.local_steps) > 0))
   assert_close(parallel.numpy_tree(params), want_params, 1e-8)
-  for name in ("loss", "radius", "predicted_reduction", "actual_reduction"):
+  for name in ("value", "radius", "predicted_reduction", "actual_reduction"):
     assert_close(np.asarray(getattr(state, name)), getattr(want_state, name), 1e-8)
   assert bool(state.accepted) == bool(want_state.accepted)
 

@@ -9,70 +9,41 @@ With ``num_devices=1`` the same code runs ``aptsjax.apts(axis_name=None)`` under
 with D > 1 it runs ``aptsjax.apts(axis_name="data")`` under ``jax.shard_map`` on a 1-D mesh of
 D devices (check_vma=True), the state sharded by ``aptsjax.state_specs``. Subdomain i holds the
 same rows whatever D is, so the results agree up to float rounding. For ``jax.pmap`` users,
-``pmap_state`` / ``unpmap_state`` convert a state to per-device form and back.
+``pmap_state`` / ``unpmap_state`` (``aptsjax.parallel.pmap``) convert a state to per-device form
+and back.
+
+The pieces: ``_checked_devices`` checks the configuration and picks D; ``build_mesh`` builds the
+mesh; ``BatchLayout`` (``aptsjax.parallel.layout``) lays out and shards the batches,
+``Placement`` (``aptsjax.parallel.placement``) the parameters and states; ``TrainStep``
+(``aptsjax.parallel.step``) jits, donates and reports the update; ``_one_device_trainer`` and
+``_mesh_trainer`` put them together.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aptsjax.optim.apts import apts
-from aptsjax.optim.protocol import per_subdomain_fields
 from aptsjax import data
-from aptsjax.parallel import distributed
-from aptsjax.parallel import sharding
-from aptsjax.parallel.mesh import build_mesh
-from aptsjax.parallel.mesh import default_num_devices  # re-exported  # pylint: disable=unused-import
-from aptsjax.parallel.mesh import mesh_devices  # re-exported  # pylint: disable=unused-import
-from aptsjax.parallel.sharding import state_specs
 from aptsjax.numerics.checks import as_int
+from aptsjax.optim.apts import apts
+from aptsjax.parallel import distributed
+from aptsjax.parallel.layout import BatchLayout
+from aptsjax.parallel.mesh import build_mesh
+from aptsjax.parallel.mesh import default_num_devices
+from aptsjax.parallel.placement import Placement
+from aptsjax.parallel.sharding import state_specs
 from aptsjax.parallel.step import NONFINITE_ACTIONS
-from aptsjax.parallel.step import distinct as _distinct
-from aptsjax.parallel.step import donating as _donating
-from aptsjax.parallel.step import raise_nonfinite as _raise_nonfinite
-from aptsjax.parallel.step import report_nonfinite as _report_nonfinite
+from aptsjax.parallel.step import TrainStep
+from aptsjax.parallel.step import distinct
 
 PyTree = Any
-
-
-def pmap_state(state: NamedTuple, num_devices: int) -> NamedTuple:
-  """Reshapes a global state to ``jax.pmap`` form (a leading device axis on every leaf).
-
-  Per-subdomain leaves (N, ...) become (D, N / D, ...): device d holds subdomains
-  [d N / D, (d + 1) N / D), the same ones it holds under ``jax.shard_map``; the other leaves are
-  replicated to (D, ...).
-  """
-  per = per_subdomain_fields(state)
-
-  def convert(name, value):
-    if name in per:
-      def split(x):
-        if x.shape[0] % num_devices:
-          raise ValueError(f"{x.shape[0]} subdomains do not divide over {num_devices} devices.")
-        return jnp.reshape(x, (num_devices, x.shape[0] // num_devices) + x.shape[1:])
-      return jax.tree.map(split, value)
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_devices,) + jnp.shape(x)), value)
-
-  return type(state)(**{k: convert(k, v) for k, v in state._asdict().items()})
-
-
-def unpmap_state(state: NamedTuple) -> NamedTuple:
-  """The inverse of ``pmap_state``: merges the device axis back into the global layout."""
-  per = per_subdomain_fields(state)
-
-  def convert(name, value):
-    if name in per:
-      return jax.tree.map(lambda x: jnp.reshape(x, (-1,) + x.shape[2:]), value)
-    return jax.tree.map(lambda x: x[0], value)
-
-  return type(state)(**{k: convert(k, v) for k, v in state._asdict().items()})
 
 
 class Trainer(NamedTuple):
@@ -91,7 +62,8 @@ class Trainer(NamedTuple):
       ``aptsjax.data.overlapping_subdomains`` and sharded over the devices, subdomain i's rows on
       the device that holds subdomain i. Rows the layout drops are reported as ``remainder``
       says (a ``UserWarning`` by default).
-    step: ``(params, state, batch) -> (params, state)``, jitted; ``batch`` from ``shard_batch``.
+    step: ``(params, state, batch) -> (params, state)`` (a ``step.TrainStep``), jitted; ``batch``
+      from ``shard_batch``.
       Params and the state's scalars come back replicated on every device of every process.
       A skipped update (``state.nonfinite``) warns or raises as ``on_nonfinite`` says. The
       params and state passed in are donated: their buffers are reused for the results (so
@@ -113,6 +85,9 @@ class Trainer(NamedTuple):
     model_axis: the model axis name on a 2-D mesh (``model_devices > 1``), else None.
     state_shardings: ``(state, params=None) -> shardings``: the NamedShardings of a state (or
       of its shape structs) on the mesh, e.g. to restore a checkpoint; None on one device.
+    lower: ``(params, state, batch) -> jax.stages.Lowered``: ``step`` lowered for these
+      arguments, for HLO inspection (``trainer.lower(...).compile()``, ``aptsjax.tools.comm``);
+      donates nothing. Pass params placed as ``step`` places them (``replicate``).
   """
   tx: optax.GradientTransformationExtraArgs
   mesh: jax.sharding.Mesh | None
@@ -128,6 +103,7 @@ class Trainer(NamedTuple):
   metrics: Callable[[NamedTuple], dict[str, jax.Array]]
   model_axis: str | None = None
   state_shardings: Callable[..., PyTree] | None = None
+  lower: Callable[..., jax.stages.Lowered] | None = None
 
 
 METRICS = ("value", "radius", "accepted", "apts_accepted", "stalled", "nonfinite", "iteration",
@@ -143,6 +119,115 @@ def _metrics(state: NamedTuple) -> dict[str, jax.Array]:
 CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
+class _Setup(NamedTuple):
+  """The trainer's checked configuration."""
+  num_subdomains: int
+  num_devices: int
+  model_devices: int
+  overlap: float
+  axis_name: str
+  model_axis: str
+  on_nonfinite: str
+  remainder: str
+  compiler_options: dict[str, Any]
+
+
+def _checked_devices(num_subdomains: Any, num_devices: Any, model_devices: Any, overlap: Any,
+                     on_nonfinite: str, remainder: str, devices: list | None
+                     ) -> tuple[int, int, int, list]:
+  """``(N, D, M, devices)`` checked; D chosen when None. Arguments are checked before any
+  device is queried."""
+  num_subdomains = as_int("num_subdomains", num_subdomains, 1)
+  model_devices = as_int("model_devices", model_devices, 1)
+  if num_devices is not None:
+    num_devices = as_int("num_devices", num_devices, 1)
+  data.as_overlap(overlap)
+  if on_nonfinite not in NONFINITE_ACTIONS:
+    raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}.")
+  if remainder not in data.REMAINDER_ACTIONS:
+    raise ValueError(f"remainder must be one of {data.REMAINDER_ACTIONS}, got {remainder!r}.")
+  devices = list(devices if devices is not None else jax.devices())
+  if model_devices > len(devices):
+    raise ValueError(f"model_devices={model_devices} but only {len(devices)} devices are "
+                     "available.")
+  num_devices = num_devices or default_num_devices(num_subdomains, devices[::model_devices])
+  if num_devices * model_devices > len(devices):
+    raise ValueError(f"num_devices={num_devices} x model_devices={model_devices} devices are "
+                     f"needed but only {len(devices)} are available.")
+  if num_subdomains % num_devices:
+    raise ValueError(f"num_subdomains={num_subdomains} is not divisible by "
+                     f"num_devices={num_devices}.")
+  return num_subdomains, num_devices, model_devices, devices
+
+
+def _update(tx: optax.GradientTransformationExtraArgs, params: PyTree, state: NamedTuple,
+            batch: Any) -> tuple[PyTree, NamedTuple]:
+  """One APTS update: ``(params, state, batch) -> (params, state)``."""
+  updates, state = tx.update(None, state, params, batch=batch)
+  return optax.apply_updates(params, updates), state
+
+
+def _sharded_update(tx: optax.GradientTransformationExtraArgs, mesh: jax.sharding.Mesh,
+                    axis_name: str, params: PyTree, state: NamedTuple, batch: Any
+                    ) -> tuple[PyTree, NamedTuple]:
+  """``_update`` under ``jax.shard_map``, manual over the data axis only: the model axis stays
+  automatic (see ``build_mesh``)."""
+  specs = state_specs(state, axis_name)
+  return jax.shard_map(functools.partial(_update, tx), mesh=mesh,
+                       in_specs=(P(), specs, P(axis_name)), out_specs=(P(), specs),
+                       axis_names={axis_name})(params, state, batch)
+
+
+def _init_on_mesh(tx: optax.GradientTransformationExtraArgs, placement: Placement,
+                  params: PyTree) -> NamedTuple:
+  """``tx.init(params)`` placed on the mesh (checks that every process has the same params)."""
+  distributed.check_same({"params": params}, "parameter pytree")
+  if placement.model_axis is None:
+    state = tx.init(params)
+    return distinct(jax.device_put(state, placement.state_shardings(state)))
+  params = placement.replicate(params)
+  target = placement.state_shardings(jax.eval_shape(tx.init, params), params)
+  return distinct(jax.jit(tx.init, out_shardings=target)(params))
+
+
+def _one_device_trainer(tx: optax.GradientTransformationExtraArgs, setup: _Setup) -> Trainer:
+  """No mesh: ``tx`` under ``jax.jit`` on the first device; the batch laid out on the host."""
+  n, overlap = setup.num_subdomains, setup.overlap
+  step = TrainStep(functools.partial(_update, tx), setup.on_nonfinite, setup.compiler_options)
+  return Trainer(tx=tx, mesh=None, axis_name=None, num_subdomains=n, overlap=overlap,
+                 init=lambda params: distinct(tx.init(params)),
+                 shard_batch=functools.partial(data.overlapping_subdomains, num_subdomains=n,
+                                               overlap=overlap, remainder=setup.remainder),
+                 step=step,
+                 process_rows=functools.partial(data.overlap_layout, num_subdomains=n,
+                                                overlap=overlap),
+                 shard_local_batch=lambda local, num_rows: local, replicate=lambda p: p,
+                 metrics=jax.jit(_metrics), model_axis=None,
+                 state_shardings=lambda state, params=None: None, lower=step.lower)
+
+
+def _mesh_trainer(tx: optax.GradientTransformationExtraArgs, setup: _Setup,
+                  mesh: jax.sharding.Mesh, param_specs: PyTree | None) -> Trainer:
+  """``tx`` on a 1-D (data) or 2-D (data x model) mesh; the step jitted at its first call."""
+  model_axis = setup.model_axis if setup.model_devices > 1 else None
+  placement = Placement(mesh, setup.axis_name, model_axis, param_specs)
+  layout = BatchLayout(mesh, setup.axis_name, setup.num_subdomains, setup.overlap,
+                       setup.remainder)
+  fn = (functools.partial(_update, tx) if setup.num_devices == 1
+        else functools.partial(_sharded_update, tx, mesh, setup.axis_name))
+  # On a 2-D mesh the step is jitted at its first call, when the parameter specs are known.
+  step = TrainStep(fn, setup.on_nonfinite, setup.compiler_options, place=placement.replicate,
+                   out_shardings=placement.step_shardings if model_axis is not None else None)
+  return Trainer(tx=tx, mesh=mesh, axis_name=setup.axis_name,
+                 num_subdomains=setup.num_subdomains, overlap=setup.overlap,
+                 init=functools.partial(_init_on_mesh, tx, placement),
+                 shard_batch=layout.shard_batch, step=step, process_rows=layout.process_rows,
+                 shard_local_batch=layout.shard_local_batch, replicate=placement.replicate,
+                 metrics=jax.jit(_metrics, out_shardings=NamedSharding(mesh, P())),
+                 model_axis=model_axis, state_shardings=placement.state_shardings,
+                 lower=step.lower)
+
+
 def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: int, *,
                  num_devices: int | None = None, overlap: float = 0.0, axis_name: str = "data",
                  model_devices: int = 1, model_axis: str = "model",
@@ -154,7 +239,7 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
 
   ``step`` donates the params and state it is given (see ``Trainer``): keep only the ones it
   returns. The same call runs on one device, on D devices of one process, and across processes started
-  with ``jax.distributed`` (see ``aptsjax.distributed`` and ``python -m aptsjax.launch``): the mesh
+  with ``jax.distributed`` (see ``aptsjax.distributed`` and ``python -m aptsjax.parallel.launch``): the mesh
   spans ``jax.devices()`` of every process, and subdomain i holds the same rows in every case.
   With several processes, the configuration (N, D, overlap, apts keywords), the parameter shapes
   (``init``) and the first batch's shapes (``shard_batch``) are compared across processes and a
@@ -208,31 +293,13 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
       (``init``) a parameter spec naming another axis than ``model_axis`` or not dividing its
       dimension.
   """
-  num_subdomains = as_int("num_subdomains", num_subdomains, 1)
-  model_devices = as_int("model_devices", model_devices, 1)
-  if num_devices is not None:
-    num_devices = as_int("num_devices", num_devices, 1)
-  data._as_overlap(overlap)  # pylint: disable=protected-access
-  if on_nonfinite not in NONFINITE_ACTIONS:
-    raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}.")
-  if remainder not in data.REMAINDER_ACTIONS:
-    raise ValueError(f"remainder must be one of {data.REMAINDER_ACTIONS}, got {remainder!r}.")
-  devices = list(devices if devices is not None else jax.devices())
-  if model_devices > len(devices):
-    raise ValueError(f"model_devices={model_devices} but only {len(devices)} devices are "
-                     "available.")
-  num_devices = num_devices or default_num_devices(num_subdomains, devices[::model_devices])
-  if num_devices * model_devices > len(devices):
-    raise ValueError(f"num_devices={num_devices} x model_devices={model_devices} devices are "
-                     f"needed but only {len(devices)} are available.")
-  if num_subdomains % num_devices:
-    raise ValueError(f"num_subdomains={num_subdomains} is not divisible by "
-                     f"num_devices={num_devices}.")
-  multi = num_devices * model_devices > 1
+  num_subdomains, num_devices, model_devices, devices = _checked_devices(
+      num_subdomains, num_devices, model_devices, overlap, on_nonfinite, remainder, devices)
   # With one replica (D = 1) nothing is manual: apts runs without a data axis under jax.jit on
   # the mesh (a shard_map over a size-1 axis is not needed, and XLA rejects its all-reduces).
   tx = apts(loss_fn, num_subdomains=num_subdomains,
             axis_name=axis_name if num_devices > 1 else None, **apts_kwargs)
+  multi = num_devices * model_devices > 1
   mesh = build_mesh(num_devices, model_devices, devices, axis_name, model_axis) if multi else None
   chosen = list(mesh.devices.flat) if multi else devices[:1]
   distributed.check_same({"num_subdomains": num_subdomains, "num_devices": num_devices,
@@ -242,139 +309,14 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
                           "apts_kwargs": sorted(apts_kwargs.items()),
                           "devices": [(d.process_index, d.id) for d in chosen]},
                          "trainer configuration")
-
-  def layout(batch):
-    return data.overlapping_subdomains(batch, num_subdomains, overlap, remainder)
-
-  def one_step(params, state, batch):
-    updates, state = tx.update(None, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  def reported(step):  # the jitted step with the on_nonfinite reporting
-    def run(params, state, batch):
-      params, state = step(params, state, batch)
-      if on_nonfinite == "warn":
-        _report_nonfinite(state)
-      return params, state
-    return run
-
-  finish = _raise_nonfinite if on_nonfinite == "raise" else (lambda step: step)
   if compiler_options is None:
     on_cpu = all(d.platform == "cpu" for d in chosen)
     compiler_options = dict(CPU_COMPILER_OPTIONS) if on_cpu else {}
-  jit = lambda f, **kw: _donating(jax.jit(reported(f), donate_argnums=(0, 1),
-                                          compiler_options=compiler_options, **kw))
+  setup = _Setup(num_subdomains, num_devices, model_devices, overlap, axis_name, model_axis,
+                 on_nonfinite, remainder, compiler_options)
   if not multi:
-    return Trainer(tx=tx, mesh=None, axis_name=None, num_subdomains=num_subdomains,
-                   overlap=overlap, init=lambda params: _distinct(tx.init(params)),
-                   shard_batch=layout,
-                   step=finish(jit(one_step)),
-                   process_rows=lambda m: data.overlap_layout(m, num_subdomains, overlap),
-                   shard_local_batch=lambda local, m: local, replicate=lambda p: p,
-                   metrics=jax.jit(_metrics), model_axis=None,
-                   state_shardings=lambda state, params=None: None)
-
-  two_d = model_devices > 1
-  replicated = NamedSharding(mesh, P())
-  rows = NamedSharding(mesh, P(axis_name))
-  here = {i // model_devices for i, d in enumerate(chosen)
-          if d.process_index == jax.process_index()}
-  mine = sorted(here)
-  per_device = num_subdomains // num_devices
-  checked_batch: list[bool] = []
-  specs_seen: list[PyTree] = []   # the parameter specs, fixed by the first init / step
-
-  def specs_for(params):  # 2-D only: the parameter specs, read or expanded once
-    if not specs_seen:
-      values = sharding.pure(params)
-      if param_specs is None:
-        found = sharding.param_specs(params)
-      else:   # a pytree like the params, or a prefix of it
-        found = jax.tree.map(lambda s, part: jax.tree.map(
-            lambda x: P(*sharding.full_spec(s, np.ndim(x))), part),
-            param_specs, values, is_leaf=lambda s: isinstance(s, P))
-      sharding.check_specs(found, values, mesh, (model_axis,))
-      specs_seen.append(found)
-    return specs_seen[0]
-
-  def replicate(params):  # host arrays must hold the same values on every process
-    if not two_d:
-      return jax.device_put(params, replicated)
-    specs = specs_for(params)     # read before the Variables (and their metadata) are dropped
-    return jax.device_put(sharding.pure(params), sharding.shardings(specs, mesh))
-
-  def state_shardings(state, params=None):
-    """NamedShardings of ``state`` (or its shape structs) on the trainer's mesh."""
-    if not two_d:
-      return sharding.shardings(state_specs(state, axis_name), mesh)
-    params = state.grad if params is None else params
-    return sharding.shardings(sharding.state_specs(state, axis_name, params,
-                                                   specs_for(params)), mesh)
-
-  def init(params):
-    distributed.check_same({"params": params}, "parameter pytree")
-    if not two_d:
-      state = tx.init(params)
-      return _distinct(jax.device_put(state, state_shardings(state)))
-    params = replicate(params)
-    target = state_shardings(jax.eval_shape(tx.init, params), params)
-    return _distinct(jax.jit(tx.init, out_shardings=target)(params))
-
-  def process_rows(num_rows):
-    blocks = data.overlap_layout(num_rows, num_subdomains, overlap).reshape(num_subdomains, -1)
-    return blocks[mine[0] * per_device:(mine[-1] + 1) * per_device].reshape(-1)
-
-  def shard_local_batch(local, num_rows):
-    own, shared = data.layout_sizes(num_rows, num_subdomains, overlap)
-    data.check_remainder(num_rows, num_subdomains, overlap, remainder, stacklevel=3)
-    total = num_subdomains * (own + shared)
-    want = len(mine) * per_device * (own + shared)
-    if data.row_count(local) != want:  # pylint: disable=protected-access
-      raise ValueError(f"this process must supply {want} rows (process_rows({num_rows})), got "
-                       f"{data.row_count(local)}")  # pylint: disable=protected-access
-    if not checked_batch:
-      distributed.check_same({"rows": num_rows, "batch": jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct((total,) + tuple(np.shape(x)[1:]), x.dtype), local)},
-          "batch")
-      checked_batch.append(True)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        rows, np.asarray(x), (total,) + tuple(np.shape(x)[1:])), local)
-
-  def shard_batch(batch):
-    count = data.row_count(batch)
-    return shard_local_batch(data.take_rows(batch, process_rows(count)), count)
-
-  def mapped_step(params, state, batch):
-    # Manual over the data axis only: the model axis stays automatic (see build_mesh).
-    if num_devices == 1:
-      return one_step(params, state, batch)
-    specs = state_specs(state, axis_name)
-    return jax.shard_map(one_step, mesh=mesh, in_specs=(P(), specs, P(axis_name)),
-                         out_specs=(P(), specs), axis_names={axis_name})(params, state, batch)
-
-  # The 1-D step is jitted now; the 2-D one at the first call, when the parameter specs are known.
-  compiled: list[Any] = [] if two_d else [jit(mapped_step)]
-
-  def jitted(params, state):
-    if not compiled:
-      out = {"out_shardings": (sharding.shardings(specs_for(params), mesh),
-                               state_shardings(state, params))} if two_d else {}
-      compiled.append(jit(mapped_step, **out))
-    return compiled[0]
-
-  def step(params, state, batch):
-    params = replicate(params)
-    return jitted(params, state)(params, state, batch)
-
-  def lower(params, state, batch):  # for HLO inspection; params must already be placed
-    return jitted(params, state).lower(params, state, batch)
-
-  step.lower = lower
-  return Trainer(tx=tx, mesh=mesh, axis_name=axis_name, num_subdomains=num_subdomains,
-                 overlap=overlap, init=init, shard_batch=shard_batch, step=finish(step),
-                 process_rows=process_rows, shard_local_batch=shard_local_batch,
-                 replicate=replicate, metrics=jax.jit(_metrics, out_shardings=replicated),
-                 model_axis=model_axis if two_d else None, state_shardings=state_shardings)
+    return _one_device_trainer(tx, setup)
+  return _mesh_trainer(tx, setup, mesh, param_specs)
 
 
 def numpy_tree(tree: PyTree) -> PyTree:
