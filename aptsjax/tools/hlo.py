@@ -185,6 +185,7 @@ def executions(comps: Computations, entry: str | None) -> dict[str, int | None]:
   memo: dict[str, int | None] = {}
 
   def runs(name: str) -> int | None:
+    """Runs of ``name``: the sum over its call sites of the caller's runs times the site's."""
     if name not in memo:
       memo[name] = 0   # a cycle cannot occur in HLO; this only guards the recursion
       if name == entry or name not in parents:
