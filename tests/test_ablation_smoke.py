@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks.ablation: ``--quick`` end to end, and the selection's rules.
+"""Smoke test of benchmarks.options.ablation: ``--quick`` end to end, and the selection's rules.
 
 Quick mode: MNIST-5k (1,000 of the 3,500 training rows, the 500 validation rows, the 1,000 test
 rows), 2 epochs, 1 seed, SAPTS N=2 o1 and APTS N=2 o1 with three variants, Adam and SGD.
@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("mlxtend")
 
-from benchmarks import ablation, ablation_report  # noqa: E402
+from benchmarks.options import ablation  # noqa: E402
+from benchmarks.options import report as ablation_report  # noqa: E402
 from tests.helpers import read_csv  # noqa: E402
 
 COLUMNS = ["setting", "variant", "kind", "seed", "epoch", "val_acc", "test_acc", "train_loss",

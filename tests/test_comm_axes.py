@@ -162,3 +162,11 @@ def test_spanned_axes_and_errors():
     _hlo_groups.spanned_axes([[0, 5]], shape, names)
   with pytest.raises(ValueError, match="unknown replica_groups"):
     _hlo_groups.replica_groups("replica_groups=??", 4)
+
+
+def test_device_groups_in_text_order():
+  """The groups themselves, per collective of the kinds asked for ({} is every device)."""
+  assert comm.device_groups(HLO, ("all-reduce",)) == [
+      [[0, 2], [1, 3]], [[0, 1], [2, 3]], [[0, 1], [2, 3]]]
+  assert comm.device_groups(HLO, ("all-to-all",)) == [[[0, 1, 2, 3]]]
+  assert len(comm.device_groups(HLO)) == 6

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks.communication_hosts: the quick mode across 2 processes x 2 devices."""
+"""Smoke test of benchmarks.communication.hosts: the quick mode across 2 processes x 2 devices."""
 import math
 import sys
 
@@ -9,7 +9,7 @@ TIMEOUT = 240.0
 
 def test_quick_mode_across_two_processes(tmp_path):
   """HLO (APTS 4n+4 floats, Adam n, nothing in the local loop), timings and the model table."""
-  result = launch(sys.executable, "-m", "benchmarks.communication_hosts", "--quick", "--out",
+  result = launch(sys.executable, "-m", "benchmarks.communication.hosts", "--quick", "--out",
                   str(tmp_path), timeout=TIMEOUT)
   output = "\n".join(l for l in result.stdout.splitlines() if "Gloo" not in l)
   assert result.returncode == 0, output[-4000:] + result.stderr[-2000:]

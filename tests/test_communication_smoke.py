@@ -1,7 +1,7 @@
-"""Smoke test of benchmarks.communication: the quick mode runs end to end (MNIST, N=2, 1 epoch)."""
+"""Smoke test of benchmarks.communication.communication: the quick mode runs end to end (MNIST, N=2, 1 epoch)."""
 import math
 
-from benchmarks import communication
+from benchmarks.communication import communication
 from tests.helpers import read_csv
 
 

@@ -1,11 +1,12 @@
-"""Smoke test of benchmarks.core_cost: the quick mode runs end to end at tiny sizes."""
+"""Smoke test of benchmarks.cost.core_cost: the quick mode runs end to end at tiny sizes."""
 import csv
 import math
 
 import jax
 
 from aptsjax import lsr1
-from benchmarks import core_cost, hlo_traffic
+from aptsjax.tools import traffic
+from benchmarks.cost import core_cost
 
 
 def read(path):
@@ -78,5 +79,5 @@ def test_hlo_traffic_sees_the_copies_of_an_update_without_donation():
   shape = state.s.shape
   text = lambda **kw: jax.jit(jax.vmap(lsr1.update), **kw).lower(state, s_new, y_new).compile(
       ).as_text()
-  assert hlo_traffic.stack_traffic(text(donate_argnums=0), shape) == (4, 0, 2.0)
-  assert hlo_traffic.stack_traffic(text(), shape) == (6, 2, 4.0)
+  assert traffic.stack_traffic(text(donate_argnums=0), shape) == (4, 0, 2.0)
+  assert traffic.stack_traffic(text(), shape) == (6, 2, 4.0)

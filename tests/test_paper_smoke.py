@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks.paper: ``--quick`` runs end to end and writes sane outputs.
+"""Smoke test of benchmarks.paper (benchmarks.paper.paper): ``--quick`` runs end to end and writes sane outputs.
 
 Quick mode: MNIST-5k (first 2,000 training rows), 3 epochs, 1 trial, APTS N=2 o1 (full batch),
 SAPTS N=2 o1 and o2, plain TR o2, Adam and SGD tuned over two rates. About 40 s on 2 CPU cores
@@ -13,7 +13,8 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("mlxtend")
 
-from benchmarks import paper, progress  # noqa: E402
+from benchmarks.common import progress  # noqa: E402
+from benchmarks.paper import paper  # noqa: E402
 from tests.helpers import launch, printed, read_csv, show  # noqa: E402
 
 MNIST_PARAMS = 535_818

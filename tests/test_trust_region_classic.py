@@ -1,4 +1,4 @@
-"""aptsjax.trust_region on classic unconstrained problems (float64, ``benchmarks.problems``).
+"""aptsjax.trust_region on classic unconstrained problems (float64, ``benchmarks.common.problems``).
 
 * Second order (L-SR1 + OBS, memory 10, library defaults): converges to the known minimiser
   (|x - x*| < 1e-4; f - f* < 1e-8 for the saddle problem, which has many global minimisers)
@@ -29,7 +29,7 @@ import pytest
 import scipy.optimize
 
 import aptsjax
-from benchmarks import problems as problems_lib
+from benchmarks.common import problems as problems_lib
 
 MEMORY = 10
 X_TOL = 1e-4             # |x - x*| for problems with a unique minimiser

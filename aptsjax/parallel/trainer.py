@@ -115,7 +115,7 @@ def _metrics(state: NamedTuple) -> dict[str, jax.Array]:
 
 
 # On CPU, XLA's loop emitters compile the second-order trainer step about 1.5x faster than its
-# fusion emitters (paper MLP: 13 s -> 9 s) at the same step time (benchmarks/apts_profile.py).
+# fusion emitters (paper MLP: 13 s -> 9 s) at the same step time (benchmarks/cost/apts_profile.py).
 CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 

@@ -21,6 +21,8 @@ import re
 
 import numpy as np
 
+from aptsjax.tools.hlo import closing
+
 _IOTA = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 _MESH_AXIS = re.compile(r"'?([^'=,\s]+)'?=(\d+)")
 _GROUP_AXIS = re.compile(r"'?([^':,\s]+)'?(?::\((\d+)\)(\d+))?")
@@ -28,21 +30,20 @@ _LIST = re.compile(r"\{([\d,\s]*)\}")
 
 
 def _ints(text: str) -> list[int]:
+  """The integers of a comma-separated list."""
   return [int(t) for t in text.replace(" ", "").split(",") if t]
 
 
-def _closing(text: str, start: int, pair: str = "()") -> int:
-  """The index of the bracket closing the one at ``text[start]``."""
-  depth = 0
-  for i in range(start, len(text)):
-    depth += {pair[0]: 1, pair[1]: -1}.get(text[i], 0)
-    if depth == 0:
-      return i
-  raise ValueError(f"unbalanced {pair} in HLO text: {text[start:start + 120]!r}")
-
-
 def iota_ids(reshape: list[int], perm: list[int] | None) -> np.ndarray:
-  """``iota(prod(reshape)).reshape(reshape).transpose(perm)``, flattened."""
+  """The device ids of an iota list: ``iota(prod(reshape)).reshape(reshape).transpose(perm)``.
+
+  Args:
+    reshape: the dims the ids are laid out in.
+    perm: the transposition ``T(...)``, or None.
+
+  Returns:
+    The ids, flattened.
+  """
   ids = np.arange(int(np.prod(reshape))).reshape(reshape)
   return (ids.transpose(perm) if perm else ids).reshape(-1)
 
@@ -64,7 +65,7 @@ def _device_ids(text: str, count: int) -> np.ndarray:
 
 def _mesh_groups(text: str) -> list[list[int]]:
   """Groups of a ``mesh[...]...{axes}`` replica group list (``text`` starts at ``mesh[``)."""
-  close = _closing(text, text.index("["), "[]")
+  close = closing(text, text.index("["), "[]")
   axes = [(name, int(size)) for name, size in _MESH_AXIS.findall(text[text.index("[") + 1:close])]
   names = [a for a, _ in axes]
   shape = [s for _, s in axes]
@@ -73,12 +74,12 @@ def _mesh_groups(text: str) -> list[list[int]]:
   found = re.match(r"\s*,\s*device_ids=", rest)
   if found:
     open_at = found.end()
-    end = _closing(rest, open_at)
+    end = closing(rest, open_at)
     ids_text, rest = rest[open_at + 1:end], rest[end + 1:]
   ids = _device_ids(ids_text, int(np.prod(shape))).reshape(shape)
   brace = rest.index("{")
   grouped: dict[int, tuple[int, int] | None] = {}
-  for name, pre, size in _GROUP_AXIS.findall(rest[brace + 1:_closing(rest, brace, "{}")]):
+  for name, pre, size in _GROUP_AXIS.findall(rest[brace + 1:closing(rest, brace, "{}")]):
     if name not in names:
       raise ValueError(f"HLO replica groups name axis {name!r}, not one of the mesh's {names}.")
     grouped[names.index(name)] = (int(pre), int(size)) if pre else None
@@ -111,7 +112,7 @@ def replica_groups(line: str, num_devices: int | None = None) -> list[list[int]]
   """
   pairs = re.search(r"source_target_pairs=\{", line)
   if pairs:
-    body = line[pairs.end() - 1:_closing(line, pairs.end() - 1, "{}") + 1]
+    body = line[pairs.end() - 1:closing(line, pairs.end() - 1, "{}") + 1]
     return [_ints(g) for g in _LIST.findall(body[1:-1])]
   found = re.search(r"replica_groups=", line)
   if not found:
@@ -120,7 +121,7 @@ def replica_groups(line: str, num_devices: int | None = None) -> list[list[int]]
   if text.startswith("mesh["):
     return _mesh_groups(text)
   if text.startswith("{"):
-    body = text[1:_closing(text, 0, "{}")]
+    body = text[1:closing(text, 0, "{}")]
     groups = [_ints(g) for g in _LIST.findall(body)]
     if groups:
       return groups
@@ -145,6 +146,9 @@ def spanned_axes(groups: list[list[int]], shape: tuple[int, ...],
     shape: the mesh shape.
     names: its axis names.
 
+  Returns:
+    The names of the axes along which some group's devices differ.
+
   Raises:
     ValueError: an id outside the mesh.
   """
@@ -157,48 +161,3 @@ def spanned_axes(groups: list[list[int]], shape: tuple[int, ...],
     coords = np.asarray(np.unravel_index(np.asarray(group, int), shape)).T
     varies |= np.any(coords != coords[:1], axis=0)
   return tuple(n for n, v in zip(names, varies) if v)
-
-
-def stack_frames(text: str) -> dict[int, list[str]]:
-  """Source locations (``file:line``, innermost first) of each ``stack_frame_id`` of a module.
-
-  Read from the module's ``FileNames``, ``FileLocations`` and ``StackFrames`` tables (JAX
-  records the user frames of the call stack that built each operation).
-  """
-  sections: dict[str, dict[int, str]] = {}
-  current = None
-  for line in text.splitlines():
-    head = line.strip()
-    if head in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
-      current = head
-      sections[current] = {}
-    elif not head or head.startswith(("%", "ENTRY", "HloModule")):
-      current = None
-    elif current is not None:
-      number, _, value = head.partition(" ")
-      if number.isdigit():
-        sections[current][int(number)] = value
-  files = {k: v.strip('"') for k, v in sections.get("FileNames", {}).items()}
-  locations = {}
-  for k, v in sections.get("FileLocations", {}).items():
-    f = re.search(r"file_name_id=(\d+)", v)
-    ln = re.search(r"\bline=(\d+)", v)
-    if f and ln:
-      locations[k] = f"{files.get(int(f.group(1)), '?')}:{ln.group(1)}"
-  frames = {}
-  for k, v in sections.get("StackFrames", {}).items():
-    loc = re.search(r"file_location_id=(\d+)", v)
-    parent = re.search(r"parent_frame_id=(\d+)", v)
-    # XLA prints a frame's parent as the parent's id + 1 (1: no parent).
-    frames[k] = (int(loc.group(1)) if loc else 0, int(parent.group(1)) - 1 if parent else 0)
-  out = {}
-  for k in frames:
-    chain, seen, frame = [], set(), k
-    while frame in frames and frame not in seen:
-      seen.add(frame)
-      where = locations.get(frames[frame][0])
-      if where and (not chain or chain[-1] != where):
-        chain.append(where)
-      frame = frames[frame][1]
-    out[k] = chain
-  return out

@@ -1,4 +1,4 @@
-"""Per-piece profile of one APTS iteration and compile times, for `benchmarks.core_cost`.
+"""Per-piece profile of one APTS iteration and compile times, for `benchmarks.cost.core_cost`.
 
 Profile of the paper's method (``aptsjax.Hyperparams.paper()``: local TR, the sum of the local
 steps; the paper MLP, N subdomains, nu local steps, memory k, both orders): the trainer of
@@ -37,8 +37,9 @@ import optax
 
 import aptsjax
 from aptsjax import data, lsr1, obs, parallel
-from benchmarks import datasets, models
-from benchmarks.timing import Row, compile_jitted, time_compiled, time_jitted
+from benchmarks.common import datasets, models
+from benchmarks.common.output import Row, table_head
+from benchmarks.cost.timing import compile_jitted, time_compiled, time_jitted
 
 # The modules: the package attributes ``aptsjax.apts`` and ``aptsjax.trust_region`` are the
 # optax transformations of the same names.
@@ -132,10 +133,16 @@ def piece_functions(loss_fn: Callable[..., jax.Array], num: int) -> dict[str, Ca
   }
 
 
-# What a trainer compiles its step with by default (``apts_trainer``'s compiler_options). The
-# profile's trainers are built with ``compiler_options={}`` (a nested jit may not have options)
-# and their steps compiled by the profile's own ``jax.jit`` with these.
-TRAINER_OPTIONS = parallel.CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}
+def trainer_options() -> dict[str, Any]:
+  """What a trainer compiles its step with by default (``apts_trainer``'s compiler_options).
+
+  The profile's trainers are built with ``compiler_options={}`` (a nested jit may not have
+  options) and their steps compiled by the profile's own ``jax.jit`` with these.
+
+  Returns:
+    ``parallel.CPU_COMPILER_OPTIONS`` on the CPU backend, else no options.
+  """
+  return parallel.CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}
 
 
 def undonated(trainer: parallel.Trainer) -> Callable[..., Any]:
@@ -143,7 +150,7 @@ def undonated(trainer: parallel.Trainer) -> Callable[..., Any]:
 
   A new function (not ``trainer.step`` itself, whose ``lower`` attribute ``jax.jit`` would carry
   over) calling the step inside the caller's ``jax.jit``, where the inner donation has no effect.
-  Compile it with ``TRAINER_OPTIONS``.
+  Compile it with ``trainer_options()``.
   """
   return lambda params, state, batch: trainer.step(params, state, batch)
 
@@ -172,7 +179,7 @@ def profile_order(second_order: bool, warmup: int, budget_s: float, config: dict
                                   compiler_options={}, base=tr.Hyperparams.paper())
   state, batch = trainer.init(params), trainer.shard_batch(batch)
   step, compile_s = compile_jitted(undonated(trainer), (params, state, batch),
-                                   compiler_options=TRAINER_OPTIONS)
+                                   compiler_options=trainer_options())
   for _ in range(warmup):
     params, state = step(params, state, batch)
   whole, (_, after) = time_compiled(step, (params, state, batch), budget_s, PIECE_REPEATS)
@@ -263,7 +270,7 @@ def compile_table(problem: tuple[Any, ...], budget_s: float, memory: int, num: i
                                     base=tr.Hyperparams.paper())
     out.append(compile_row(f"APTS trainer step, {order}, tiny 2-16-2", undonated(trainer),
                            (tiny_params, trainer.init(tiny_params), tiny_batch), budget_s,
-                           TRAINER_OPTIONS))
+                           trainer_options()))
   tx = optax.with_extra_args_support(optax.adam(1e-3))
   out.append(compile_row("optax.adam step, tiny 2-16-2", user_step(tiny_loss, tx),
                          (tiny_params, tx.init(tiny_params), tiny_batch), budget_s))
@@ -309,15 +316,15 @@ def markdown(pieces: list[Row], compiles: list[Row], info: Row) -> str:
            f"next to each order's pieces) = {info['grad_ms first order']:.2f} ms (o1), "
            f"{info['grad_ms second order']:.2f} ms (o2). Columns: calls per iteration, ms per "
            "iteration, gradient evaluations per iteration.", "",
-           "| piece | o1 calls | o1 ms | o1 grads | o2 calls | o2 ms | o2 grads |",
-           "|---|---|---|---|---|---|---|"]
+           *table_head(["piece", "o1 calls", "o1 ms", "o1 grads", "o2 calls", "o2 ms",
+                        "o2 grads"])]
   lines += [f"| {name} | {cell(first, name)} | {cell(second, name)} |" for name in names]
   for _, order in ORDERS:
     whole = by_order[order][-1]
     lines.append(f"\nOne {order} APTS iteration = {whole['grad_evals']:.1f} gradient "
                  f"evaluations ({whole['ms']:.1f} ms).")
-  lines += ["", "| compile (default XLA flags) | compile s | first call s | steady ms |",
-            "|---|---|---|---|"]
+  lines += ["", *table_head(["compile (default XLA flags)", "compile s", "first call s",
+                             "steady ms"])]
   lines += [f"| {r['what']} | {r['compile_s']:.2f} | {r['first_s']:.3f} | {r['ms']:.2f} |"
             for r in compiles]
   return "\n".join(lines)

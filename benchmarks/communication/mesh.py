@@ -7,7 +7,7 @@ with N = D subdomains on a D x M mesh (``aptsjax.parallel.apts_trainer(model_dev
 1. Per-device bytes of the parameters and the optimizer state (the shards of device 0, the
    largest over devices) for M = 1, 2, 4: about 1/M of the replicated figure.
 2. Collectives per iteration per mesh axis, read off the compiled step
-   (``aptsjax.comm.collective_stats``; nothing is run): floats all-reduced over the data axis
+   (``aptsjax.tools.comm.collective_stats``; nothing is run): floats all-reduced over the data axis
    (4 n/M per device + O(1)), and over the model axis split into the model's own (matched
    against a plain jitted ``value_and_grad`` of the same loss on the same mesh) and the
    optimizer's rest (inner products: O(k^2) per call, never n-sized). All-gathers and
@@ -17,40 +17,37 @@ with N = D subdomains on a D x M mesh (``aptsjax.parallel.apts_trainer(model_dev
 3. A latency-bandwidth model of the communication time per iteration, with an inter-node
    bandwidth for the data axis and an intra-node one (NVLink) for the model axis.
 
-Run from the repository root: ``python -m benchmarks.mesh [--quick] [--out DIR]``.
+Run from the repository root: ``python -m benchmarks.communication.mesh [--quick] [--out DIR]``
+(8 simulated host devices on a CPU unless ``XLA_FLAGS`` sets a count).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip()
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import argparse  # noqa: E402  (after XLA_FLAGS on purpose)
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, NamedTuple  # noqa: E402
+from aptsjax import parallel
+from aptsjax.tools import comm
+from benchmarks.common import models
+from benchmarks.common.devices import simulate_host_devices
+from benchmarks.common.output import Row, log, markdown_table, write_csv
+from benchmarks.communication.communication import ALPHA_S, GBPS, HOST_DEVICES
+from benchmarks.communication.mesh_report import (COMM_COLS, FLAG_COLS, MEMORY_COLS, latency_cols,
+                                                  latency_row, plot_memory)
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from aptsjax import comm, parallel  # noqa: E402
-from benchmarks import models  # noqa: E402
-from benchmarks.communication import ALPHA_S, GBPS, log, markdown, write_csv  # noqa: E402
-from benchmarks.mesh_report import (COMM_COLS, FLAG_COLS, MEMORY_COLS,  # noqa: E402
-                                    latency_cols, latency_row, plot_memory)
-
-ROWS = 660            # rows of the batch (one minibatch of benchmarks.communication)
+ROWS = 660            # rows of the batch (one minibatch of benchmarks.communication.communication)
 MEMORY = 10           # L-SR1 memory k of the second-order runs
 LOCAL_STEPS = 5       # aptsjax.apts default: the local loop runs at most this often
 MODEL_GBYTES_S = 900  # model-axis (intra-node, NVLink-class) bandwidth, GB/s
 LARGE = 16 * MEMORY ** 2   # an all-gather / all-to-all above this many elements is listed
 FLAG_KEYS = ("variant", "order", "M", "kind", "elements", "trips", "from", "op_name", "source")
-Row = dict[str, Any]
 
 
 class Setup(NamedTuple):
@@ -241,6 +238,7 @@ def setups(quick: bool, devices: int) -> tuple[list[Setup], list[Setup]]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[Row]]:
   """Runs the benchmark; returns its tables (lists of rows) by name."""
+  simulate_host_devices(HOST_DEVICES)
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="small model, TP, first order")
   parser.add_argument("--out", default="benchmarks/results/mesh", help="output directory")
@@ -279,15 +277,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Row]]:
   if not flagged:   # a header only: no large gathers found
     (out / "flagged.csv").write_text(",".join(FLAG_KEYS) + "\n")
   plot_memory(memory, out / "memory_vs_M.png")
-  text = ["## Per-device bytes of parameters + optimizer state", markdown(memory, MEMORY_COLS),
+  text = ["## Per-device bytes of parameters + optimizer state",
+          markdown_table(memory, MEMORY_COLS),
           "", "## Collectives per iteration per axis (compiled HLO; local loop at "
           f"{LOCAL_STEPS} steps where a count says 'per local step')",
-          markdown(rows, COMM_COLS), "",
+          markdown_table(rows, COMM_COLS), "",
           f"## All-gathers / all-to-alls above {LARGE} elements (16 k^2, k = {MEMORY})",
-          markdown(flagged, FLAG_COLS) if flagged else "none", "",
+          markdown_table(flagged, FLAG_COLS) if flagged else "none", "",
           f"## Latency-bandwidth model per iteration (alpha = {ALPHA_S * 1e6:.0f} us per call; "
           f"data axis {', '.join(f'{g} Gb/s' for g in GBPS)}; model axis "
-          f"{args.model_gbytes:g} GB/s)", markdown(latency, latency_cols())]
+          f"{args.model_gbytes:g} GB/s)", markdown_table(latency, latency_cols())]
   log("\n" + "\n".join(text))
   log(f"\nWrote {out}/{{{','.join(tables)}}}.csv and memory_vs_M.png")
   return tables

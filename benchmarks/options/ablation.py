@@ -2,11 +2,11 @@
 
 Run from the repository root::
 
-    python -m benchmarks.ablation                  # 6 settings x 9 variants, 3 seeds, 30 epochs
-    python -m benchmarks.ablation --epochs 12      # the run that chose the defaults (about 30 min)
-    python -m benchmarks.ablation --quick          # smoke run: 2 settings, 2 variants (21 s)
-    python -m benchmarks.ablation --dataset mnist1d --epochs 12 --variants paper mean mean+adam-local
-    python -m benchmarks.ablation --settings "SAPTS N=2 o1" --variants paper boundary rms+split
+    python -m benchmarks.options                   # 6 settings x 9 variants, 3 seeds, 30 epochs
+    python -m benchmarks.options --epochs 12       # the run that chose the defaults (about 30 min)
+    python -m benchmarks.options --quick           # smoke run: 2 settings, 2 variants (21 s)
+    python -m benchmarks.options --dataset mnist1d --epochs 12 --variants paper mean mean+adam-local
+    python -m benchmarks.options --settings "SAPTS N=2 o1" --variants paper boundary rms+split
 
 Time on a 2-core CPU (measured): ``--quick`` about 21 s when the CPU is otherwise idle;
 ``--epochs 12`` with the default variants about 30 minutes (26 min for eight of them), so the
@@ -14,13 +14,13 @@ Time on a 2-core CPU (measured): ``--quick`` about 21 s when the CPU is otherwis
 
 Protocol:
 
-* Data: MNIST-5k (``benchmarks.datasets``; ``--dataset mnist1d``: MNIST-1D, generated, with
+* Data: MNIST-5k (``benchmarks.common.datasets``; ``--dataset mnist1d``: MNIST-1D, generated, with
   its 40-100-100-10 MLP, to check a choice on a second problem). Every run trains on the
   first 3,500 of its 4,000 training rows; the last 500 training rows are the validation split
   (the split on which ``benchmarks.paper`` chooses Adam's learning rate); the 1,000 test rows
   are evaluated after
   every epoch, reported, and never used to choose anything.
-* Settings (``benchmarks.paper_methods.Method``): SAPTS N=2 and N=4 (660-row minibatches, 5%
+* Settings (``benchmarks.paper.methods.Method``): SAPTS N=2 and N=4 (660-row minibatches, 5%
   overlap) and full-batch APTS N=2, each with first-order (o1) and L-SR1 (o2) models.
 * Variants: changes to the paper's table ``aptsjax.Hyperparams.paper()``, which every variant
   passes as ``base=`` so that the library defaults never enter. The single options (``OPTIONS``)
@@ -42,7 +42,7 @@ test accuracy, train loss (the 3,500 training rows), local steps per iteration (
 subdomains), the fraction of accepted APTS steps, the global radius (mean over the epoch's
 iterations and after its last one), and cumulative iterations, forward/backward passes per
 training row, training wall seconds (evaluation and compilation excluded) and all-reduced floats
-and bytes (float32: 4 bytes each; conventions in ``benchmarks.paper_methods``). ``summary.md``
+and bytes (float32: 4 bytes each; conventions in ``benchmarks.paper.methods``). ``summary.md``
 (also printed) gives per setting each variant's final and best test accuracy, epochs and bytes
 to 93.47% test accuracy (over the seeds that reach it) and the chosen variant;
 ``val_accuracy.png`` and ``radius.png`` show the mean curves per setting.
@@ -62,9 +62,12 @@ import numpy as np
 import optax
 
 import aptsjax
-from benchmarks import ablation_report, datasets, models, paper
-from benchmarks import paper_methods as pm
-from benchmarks.progress import Progress, compile_weight, epoch_weight, log
+from benchmarks.common import datasets, models
+from benchmarks.common.output import log, write_csv
+from benchmarks.common.progress import Progress
+from benchmarks.options import report
+from benchmarks.paper import methods as pm
+from benchmarks.paper.eta import compile_weight, epoch_weight
 
 SETTINGS = tuple(pm.Method("apts", n, order, minibatch)
                  for minibatch, n in ((True, 2), (True, 4), (False, 2)) for order in (False, True))
@@ -291,7 +294,7 @@ def run_all(args: argparse.Namespace, csv_path: Path) -> tuple[list[Row], int]:
         f"(first step, untimed, {runner.devices} device(s))")
     for seed in range(args.seeds):
       rows += train(runner, evaluate, name, seed, lr, args.epochs, num_rows, bars)
-    paper.write_csv(csv_path, rows)
+    write_csv(rows, csv_path)
   bars.close()
   return rows, num_rows
 
@@ -303,11 +306,10 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
   out.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   rows, num_rows = run_all(args, out / "ablation.csv")
-  ablation_report.plot(rows, out)
-  text = ablation_report.summarize(rows, args.target, time.perf_counter() - start,
-                                   f"{NAMES[args.dataset]}: {args.epochs} epochs, "
-                                   f"{args.seeds} seed(s), "
-                                   f"{num_rows:,} training rows")
+  report.plot(rows, out)
+  text = report.summarize(rows, args.target, time.perf_counter() - start,
+                          f"{NAMES[args.dataset]}: {args.epochs} epochs, {args.seeds} seed(s), "
+                          f"{num_rows:,} training rows")
   (out / "summary.md").write_text(text + "\n")
   print(text, flush=True)
   return rows

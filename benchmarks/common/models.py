@@ -68,7 +68,7 @@ _MODELS: dict[str, Callable[[], MLP]] = {
 
 
 def for_dataset(name: str) -> MLP:
-  """Returns the network used for a data set name of `benchmarks.datasets`.
+  """Returns the network used for a data set name of `benchmarks.common.datasets`.
 
   Args:
     name: "mnist5k", "mnist", "cifar10" or "mnist1d".

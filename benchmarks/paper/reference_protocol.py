@@ -1,6 +1,6 @@
 """Side by side with the authors' PyTorch APTS on the same CPU: accuracy and time to accuracy.
 
-The runs in ``benchmarks/reference/`` were recorded with the authors' code (ML_APTS, commit
+The runs in ``benchmarks/paper/reference/`` were recorded with the authors' code (ML_APTS, commit
 92d8443, ``APTS_D`` with its own defaults, 2 gloo ranks of 1 thread each) on the 2-core CPU
 this project benchmarks on. This script runs aptsjax under the same protocol:
 
@@ -20,7 +20,7 @@ for X = the authors' final accuracy of that order.
 
 Outputs: ``reference_protocol.csv`` (per epoch and run), ``reference_protocol.md`` (the table)
 and ``reference_protocol.png`` (test accuracy against step time).
-Run from the repository root: ``python -m benchmarks.reference_protocol [--seeds 0 1 2]``.
+Run from the repository root: ``python -m benchmarks.paper.reference_protocol [--seeds 0 1 2]``.
 Measured here: about 4 minutes for the default 3 seeds and both orders.
 """
 
@@ -37,7 +37,8 @@ import numpy as np
 
 import aptsjax
 from aptsjax import parallel
-from benchmarks import datasets, models
+from benchmarks.common import datasets, models
+from benchmarks.common.output import table_head, write_csv
 
 REFERENCE = Path(__file__).parent / "reference"
 ORDERS = {"o1": False, "o2": True}
@@ -95,9 +96,9 @@ def run(order: str, seed: int, ds: datasets.Dataset, epochs: int) -> tuple[list[
 
 def summarize(results: dict[str, list[tuple[list[dict], float]]], epochs: int) -> str:
   """The Markdown table: aptsjax (mean over seeds) next to the authors' recorded run."""
-  head = ("| order | test acc at epoch {e} | authors' | s / iteration | authors' | target | "
-          "time to target (s) | authors' (s) | speed-up | compile (s) |").format(e=epochs)
-  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  lines = table_head(["order", f"test acc at epoch {epochs}", "authors'", "s / iteration",
+                      "authors'", "target", "time to target (s)", "authors' (s)", "speed-up",
+                      "compile (s)"])
   iters = epochs * 4_000 // BATCH
   for order, runs in results.items():
     ref = reference_run(order)
@@ -158,10 +159,7 @@ def main() -> None:
       print(f"{order} seed {seed}: {curve[-1]['test_acc']:.2f}% after {args.epochs} epochs, "
             f"{curve[-1]['step_s']:.1f} s of steps, compile {compile_s:.1f} s "
             f"({time.perf_counter() - start:.0f} s in all)", flush=True)
-  with open(args.out / "reference_protocol.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  write_csv(rows, args.out / "reference_protocol.csv")
   table = summarize(results, args.epochs)
   (args.out / "reference_protocol.md").write_text(table + "\n")
   plot(results, args.out / "reference_protocol.png")

@@ -1,6 +1,6 @@
 """Communication of data-parallel APTS vs data-parallel Adam/SGD, read off compiled HLO.
 
-1. HLO table: all-reduced floats per iteration (``aptsjax.comm.allreduce_stats`` of the compiled
+1. HLO table: all-reduced floats per iteration (``aptsjax.tools.comm.allreduce_stats`` of the compiled
    step; nothing is run) for the MNIST and CIFAR MLPs, APTS on D = N devices (first and second
    order) and data-parallel Adam/SGD under ``jax.shard_map`` on the same mesh, one 660-row
    minibatch per iteration; per epoch = per iteration x minibatches per epoch (or x 1, full batch).
@@ -10,33 +10,30 @@
    best test accuracy - 0.5 points; SAPTS with 660-row minibatches and the paper's 5% overlaps.
 4. A latency-bandwidth model of the communication time per epoch on N GPUs (ring all-reduce).
 
-Run from the repository root: ``python -m benchmarks.communication [--quick] [--out DIR]``.
+Run from the repository root: ``python -m benchmarks.communication [--quick] [--out DIR]``
+(8 simulated host devices on a CPU unless ``XLA_FLAGS`` sets a count).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip()
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import argparse  # noqa: E402  (after XLA_FLAGS on purpose)
-import csv  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, NamedTuple  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from aptsjax import comm, data, parallel  # noqa: E402
-from benchmarks import datasets, models  # noqa: E402
+import aptsjax
+from aptsjax import data, parallel
+from aptsjax.tools import comm
+from benchmarks.common import datasets, models
+from benchmarks.common.devices import simulate_host_devices
+from benchmarks.common.output import Row, log, markdown_table, write_csv
 
 BATCH = 660            # rows per minibatch (all methods)
 OVERLAP = 0.05         # SAPTS: subdomain overlap and overlap between consecutive minibatches
@@ -46,8 +43,8 @@ ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # reduced sweep; 1e-2 as 3e-3 was bes
 ALPHA_S = 10e-6        # latency per all-reduce call
 GBPS = (10, 100)       # link bandwidths, Gb/s
 TARGET_DROP = 0.005    # target = Adam's best test accuracy - 0.5 points
-Row = dict[str, Any]
-_IS_ALLREDUCE = re.compile(r"\ball-reduce(?:-start)?\(")
+HOST_DEVICES = 8       # simulated host devices when XLA_FLAGS sets no count
+NOT_REACHED = {"epoch": "not reached", "bytes": "not reached"}   # cells of a missed target
 
 
 class Spec(NamedTuple):
@@ -68,11 +65,6 @@ class Program(NamedTuple):
   stats: Row
 
 
-def log(msg: str) -> None:
-  """Prints a progress line at once."""
-  print(msg, flush=True)
-
-
 def specs(quick: bool) -> list[Spec]:
   """MNIST-5k MLP (4,000 training rows), then CIFAR-10 MLP (50,000) unless quick."""
   out = [Spec("mnist", models.mnist_mlp(), 784, 4_000)]
@@ -88,7 +80,7 @@ def abstract(tree: Any, shardings: Any) -> Any:
 def hlo_stats(compiled: Any, n: int) -> Row:
   """All-reduced floats and calls of one compiled step, with those inside loops.
 
-  ``aptsjax.comm`` counts each all-reduce's runs per call (``trips``). APTS has two loops: the
+  ``aptsjax.tools.comm`` counts each all-reduce's runs per call (``trips``). APTS has two loops: the
   local iterations, whose trip count depends on the data (must communicate nothing: an
   all-reduce there has ``trips`` None), and the global phase, a loop of 1 + ``global_steps``
   known trips (the APTS step and the global steps), whose all-reduces count once per trip.
@@ -112,7 +104,7 @@ def apts_program(spec: Spec, devices: int, second_order: bool) -> Program:
   params = jax.eval_shape(lambda: models.init_params(spec.module, spec.input_dim))
   state = jax.eval_shape(trainer.init, params)
   state_sh = jax.tree.map(lambda s: NamedSharding(trainer.mesh, s),
-                          parallel.state_specs(state, "data"))
+                          aptsjax.state_specs(state, "data"))
   rows = len(data.overlap_layout(BATCH, devices, OVERLAP))
   batch = (jax.ShapeDtypeStruct((rows, spec.input_dim), np.float32,
                                 sharding=NamedSharding(trainer.mesh, P("data"))),
@@ -301,29 +293,6 @@ def model_table(hlo: list[Row], targets: list[Row], adam_run: str) -> list[Row]:
   return out
 
 
-def fmt(x: Any, spec: str = ",.0f") -> str:
-  """Formats a table cell ('n/a' for None)."""
-  return "n/a" if x is None else format(x, spec)
-
-
-def markdown(rows: list[Row], cols: Sequence[tuple[str, str, str]]) -> str:
-  """A Markdown table of ``rows`` with (header, key, format) columns."""
-  lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
-  for r in rows:
-    cells = ["not reached" if r[k] is None and k in ("epoch", "bytes") else
-             fmt(r[k], f) if f else str(r[k]) for _, k, f in cols]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def write_csv(rows: list[Row], path: Path) -> None:
-  """Writes rows (dicts with the same keys) as CSV."""
-  with path.open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-
-
 def plot(rows: list[Row], target: float, path: Path) -> None:
   """Test accuracy vs cumulative all-reduced bytes (log x), one line per run."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -374,13 +343,13 @@ def report(hlo: list[Row], train: list[Row], skipped: list[str], out: Path) -> s
   lat_cols += tuple((f"total s @{g} Gb/s", f"total_s_{g}G", ".2f") for g in GBPS)
   apts = [t for t in targets if t["run"].startswith("apts")]
   met = [t["run"] for t in apts if t["adam_over_this"] and t["adam_over_this"] >= 3]
-  lines = ["## All-reduced floats per iteration (compiled HLO)", markdown(hlo, HLO_COLS),
+  lines = ["## All-reduced floats per iteration (compiled HLO)", markdown_table(hlo, HLO_COLS),
            "", f"## Bytes to target on MNIST-5k (target {100 * target:.2f}% = best Adam "
            f"({ref['run']}, {100 * ref['best_acc']:.2f}%) - 0.5 points)",
-           markdown(targets, TARGET_COLS), "",
+           markdown_table(targets, TARGET_COLS, NOT_REACHED), "",
            f"## Latency-bandwidth model (ring all-reduce, alpha = {ALPHA_S * 1e6:.0f} us per "
            "call; CPU compute = measured here, all N simulated devices on 2 cores)",
-           markdown(lat, lat_cols), "",
+           markdown_table(lat, lat_cols), "",
            "Goal (APTS >= 3x fewer bytes than Adam at its best learning rate): "
            + (f"MET by {', '.join(met)}." if met else "NOT MET by any APTS run.")]
   if skipped:
@@ -390,6 +359,7 @@ def report(hlo: list[Row], train: list[Row], skipped: list[str], out: Path) -> s
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
   """Runs the benchmark; returns the per-epoch training rows."""
+  simulate_host_devices(HOST_DEVICES)
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny smoke version")
   parser.add_argument("--out", default="results/communication", help="output directory")

@@ -1,4 +1,4 @@
-"""Timing helpers of the benchmarks: compile, time a jitted call, memory statistics, CSV.
+"""Timing helpers of the cost benchmarks: compile, time a jitted call, memory statistics.
 
 ``time_donated`` times a state update as it runs in use: jitted with the state donated, each
 call fed the previous call's output, so that XLA can update the state's buffers in place.
@@ -6,16 +6,15 @@ call fed the previous call's output, so that XLA can update the state's buffers 
 
 from __future__ import annotations
 
-import csv
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 
-Row = dict[str, Any]
+from benchmarks.common.output import Row
+
 MEMORY_KEYS = ("argument", "output", "alias", "temp", "peak", "xla_peak")
 
 
@@ -91,7 +90,6 @@ def time_compiled(compiled: Any, args: Sequence[Any], budget_s: float,
     args: its arguments.
     budget_s: rough time budget for the timed repeats.
     max_repeats: the most repeats; at least 3 are always run.
-    compiler_options: passed to ``jax.jit``.
 
   Returns:
     A dict with ``ms`` (median), ``first_s`` (the warm-up call) and ``repeats``, and the output
@@ -150,11 +148,3 @@ def time_donated(fn: Callable[..., Any], args: Sequence[Any], budget_s: float,
 
   timing, out = _repeat(call, budget_s, max_repeats)
   return {**timing, "compile_s": compile_s, **memory_stats(compiled)}, compiled, out
-
-
-def write_csv(rows: list[Row], path: Path) -> None:
-  """Writes rows (dicts with the same keys) as CSV."""
-  with path.open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)

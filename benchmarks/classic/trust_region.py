@@ -1,8 +1,8 @@
 """Trust-region benchmark on classic unconstrained problems (float64).
 
-    python -m benchmarks.trust_region_bench [--quick] [--out DIR]
+    python -m benchmarks.classic [--quick] [--out DIR]
 
-Every problem of ``benchmarks.problems`` at n in {2, 10, 100, 1000} where it is defined (Beale
+Every problem of ``benchmarks.common.problems`` at n in {2, 10, 100, 1000} where it is defined (Beale
 at n = 2, Powell singular at n = 4 in place of 2 and skipped at 10), solved from its standard
 starting point to gradient norm |g|_2 <= 1e-6 by
 
@@ -44,28 +44,25 @@ Errors: |x - x*| (for the saddle problem: to the nearest of its global minimiser
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import inspect
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.optimize
 
-jax.config.update("jax_enable_x64", True)
-
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import dataclasses  # noqa: E402
-import inspect  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from typing import Any, NamedTuple  # noqa: E402
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import scipy.optimize  # noqa: E402
-
-import aptsjax  # noqa: E402
-from benchmarks import problems as problems_lib  # noqa: E402
+import aptsjax
+from benchmarks.common import problems as problems_lib
+from benchmarks.common.output import table_head, write_csv
 
 TOL = 1e-6
 SIZES = (2, 10, 100, 1000)
@@ -318,23 +315,14 @@ def run_one(problem: problems_lib.Problem, method: str, caps: Caps,
 
 def markdown_table(rows: Sequence[Row]) -> str:
   """The rows as a Markdown table."""
-  head = ("| problem | n | method | iterations | f-evals | g-evals | final \\|g\\| | "
-          "\\|x - x*\\| | f - f* | time/iter ms | status |")
-  lines = [head, "|" + "---|" * 11]
+  lines = table_head(["problem", "n", "method", "iterations", "f-evals", "g-evals",
+                      "final \\|g\\|", "\\|x - x*\\|", "f - f*", "time/iter ms", "status"])
   for r in rows:
     iters = f"{r.iterations}" if r.converged else f"{r.iterations} (not converged)"
     lines.append(f"| {r.problem} | {r.n} | {r.method} | {iters} | {r.fevals} | {r.gevals} | "
                  f"{r.grad_norm:.1e} | {r.x_error:.1e} | {r.f_error:.1e} | "
                  f"{r.ms_per_iter:.3f} | {r.status} |")
   return "\n".join(lines)
-
-
-def write_csv(rows: Sequence[Row], path: str) -> None:
-  """Writes the rows with a header line."""
-  with open(path, "w", newline="") as handle:
-    writer = csv.writer(handle)
-    writer.writerow(Row._fields)
-    writer.writerows(rows)
 
 
 def compare_iterations(ours: Row, theirs: Row) -> str:
@@ -389,7 +377,8 @@ def machine_load() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
-  """Command-line entry point."""
+  """Command-line entry point: float64 on, every problem and method, the table and verdict."""
+  jax.config.update("jax_enable_x64", True)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="n in {2, 10} and smaller caps (about a minute)")

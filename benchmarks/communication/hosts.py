@@ -1,6 +1,6 @@
 """Communication of data-parallel APTS vs data-parallel Adam across processes (multi-host).
 
-The multi-process version of ``benchmarks.communication``, on one global mesh over every
+The multi-process version of ``benchmarks.communication.communication``, on one global mesh over every
 process's devices (D = ``jax.device_count()``, N = D subdomains):
 
 1. HLO: all-reduced floats and calls per iteration of the compiled APTS step (first and second
@@ -11,7 +11,7 @@ process's devices (D = ``jax.device_count()``, N = D subdomains):
    from (2), and the break-even number of Adam steps one APTS iteration must be worth.
 
     python -m aptsjax.parallel.launch --num-processes 2 --devices-per-process 2 -- \\
-        python -m benchmarks.communication_hosts [--quick] [--out results/communication_hosts]
+        python -m benchmarks.communication.hosts [--quick] [--out results/communication_hosts]
 
 It also runs as one process (processes = 1). Only process 0 prints and writes files.
 """
@@ -19,51 +19,33 @@ It also runs as one process (processes = 1). Only process 0 prints and writes fi
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from benchmarks import communication as cb  # sets XLA_FLAGS (8 host devices) when unset
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
-import jax  # noqa: E402  (after XLA_FLAGS on purpose)
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-
-from aptsjax import data, distributed  # noqa: E402
-from benchmarks import datasets, models  # noqa: E402
+from aptsjax import data, distributed
+from aptsjax.tools import comm
+from benchmarks.common import datasets, models
+from benchmarks.common.devices import simulate_host_devices
+from benchmarks.common.output import Row, log, markdown_table, write_csv
+from benchmarks.communication import communication as cb
 
 HOSTS = (2, 8, 64)
-Row = cb.Row
-_GROUPS = re.compile(r"replica_groups=(\{\{[\d,{}]*\}\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)")
 
 
-def log(msg: str) -> None:
-  """Prints a progress line at once, on process 0 only."""
-  if distributed.is_main_process():
-    print(msg, flush=True)
-
-
-def _group_ids(text: str) -> list[list[int]]:
-  """Replica groups of one HLO attribute: explicit ``{{0,1},..}`` or iota ``[G,S]<=[d..]T(..)``."""
-  if text.startswith("{"):
-    return [[int(i) for i in g.split(",") if i] for g in re.findall(r"\{([\d,]*)\}", text[1:-1])]
-  shape, dims, perm = re.match(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text).groups()
-  ids = np.arange(np.prod([int(d) for d in dims.split(",")])).reshape(
-      [int(d) for d in dims.split(",")])
-  if perm:
-    ids = ids.transpose([int(p) for p in perm.split(",")])
-  return ids.reshape([int(s) for s in shape.split(",")]).tolist()
-
-
-def replica_groups(compiled: cb.Any) -> Row:
+def replica_groups(compiled: Any) -> Row:
   """Which processes every all-reduce group spans (ids index the mesh's devices, in order)."""
   mesh = next(s.mesh for s in jax.tree.leaves(compiled.input_shardings)
               if isinstance(s, NamedSharding))
   devices = list(mesh.devices.flat)
-  groups = [g for line in compiled.as_text().splitlines() if cb._IS_ALLREDUCE.search(line)
-            for m in _GROUPS.findall(line) for g in _group_ids(m)]
+  groups = [g for per_call in comm.device_groups(compiled, ("all-reduce",), len(devices))
+            for g in per_call]
   procs = sorted({devices[i].process_index for g in groups for i in g})
   full = bool(groups) and all(sorted(g) == list(range(len(devices))) for g in groups)
   return {"replica_groups": " ".join(sorted({str(g).replace(" ", "") for g in groups})),
@@ -93,7 +75,7 @@ def hlo_section(quick: bool, topo: Row) -> tuple[list[Row], dict[str, cb.Program
   return rows, keep
 
 
-def minibatches(ds: datasets.Dataset, overlap: float) -> Iterator[cb.Any]:
+def minibatches(ds: datasets.Dataset, overlap: float) -> Iterator[Any]:
   """Endless SAPTS minibatches of the training set, epoch after epoch."""
   epoch = 0
   while True:
@@ -102,7 +84,7 @@ def minibatches(ds: datasets.Dataset, overlap: float) -> Iterator[cb.Any]:
     epoch += 1
 
 
-def gather(x: cb.Any) -> np.ndarray:
+def gather(x: Any) -> np.ndarray:
   """Every process's values (host arrays) or the global value (sharded arrays), flattened."""
   return np.asarray(multihost_utils.process_allgather(x, tiled=True)).reshape(-1)
 
@@ -261,13 +243,13 @@ def summary(topo: Row, hlo: list[Row], measured: list[Row], model: list[Row]) ->
       f"{topo['local_devices']} devices = {topo['devices']} devices, {topo['platform']}, "
       f"jax {jax.__version__})", "",
       "## All-reduces per iteration (compiled HLO, global mesh, N = D subdomains)",
-      cb.markdown(hlo, HLO_COLS), "",
+      markdown_table(hlo, HLO_COLS), "",
       f"Every process contributes and receives the full vector: bytes/iter/process = 4 x floats. "
       f"All-reduce replica groups {'contain all' if spans else 'do NOT all contain all'} "
       f"{topo['devices']} mesh devices and span processes {', '.join(procs)}.", "",
       f"## Measured on MNIST-5k ({cb.BATCH}-row minibatches, after one warm-up step, all "
       "processes' iterations pooled; on localhost this is mostly compute)",
-      cb.markdown(ms, MEAS_COLS), "",
+      markdown_table(ms, MEAS_COLS), "",
       f"## Latency-bandwidth model per epoch (ring all-reduce across H hosts: per call "
       f"2(H-1) alpha + 2(H-1)/H bytes / bandwidth, alpha = {cb.ALPHA_S * 1e6:.0f} us)",
       f"Assumption: compute per iteration at H hosts = measured time per iteration at "
@@ -275,11 +257,12 @@ def summary(topo: Row, hlo: list[Row], measured: list[Row], model: list[Row]) ->
       "minibatch); where nothing was measured (CIFAR) totals and break-even are communication "
       "only. Break-even = APTS time per iteration / Adam time per iteration = the Adam steps one "
       "APTS iteration must be worth to win at equal time. Volumes: " + "; ".join(sources) + ".",
-      cb.markdown(model, MODEL_COLS), "", verdict(model, measured)])
+      markdown_table(model, MODEL_COLS), "", verdict(model, measured)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the benchmark on every process; process 0 writes the CSVs and summary.md."""
+  simulate_host_devices(cb.HOST_DEVICES)
   distributed.initialize()
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="MNIST, first order + Adam, 3 iters")
@@ -302,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("hlo", hlo), ("measured", measured), ("model", model)):
-      cb.write_csv(rows, out / f"{name}.csv")
+      write_csv(rows, out / f"{name}.csv")
     (out / "summary.md").write_text(text + "\n")
     log("\n" + text + f"\n\nWrote {out}/{{hlo,measured,model}}.csv and summary.md "
         f"in {time.perf_counter() - start:.0f} s")

@@ -30,7 +30,7 @@ seed on the whole training set. APTS runs full batch without overlap; SAPTS, Ada
 minibatches of 1/6 of the training rows rounded down to a multiple of 12 (660 rows on MNIST-5k;
 SAPTS with 5% overlap between subdomains and between consecutive minibatches). An epoch is one pass over the training rows. Train loss (plain training set) and
 test accuracy are measured after every epoch outside the timed region. Forward and backward
-passes are samples processed / training rows (conventions in ``benchmarks.paper_methods``).
+passes are samples processed / training rows (conventions in ``benchmarks.paper.methods``).
 
 Outputs under ``--out``: ``results.csv`` (per method, seed, epoch), ``lr_search.csv``,
 ``figure_full.png`` and ``figure_minibatch.png`` (loss and accuracy vs epoch, mean and min-max
@@ -42,7 +42,6 @@ Adam's final backward passes and wall time.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,9 +52,11 @@ import numpy as np
 
 import aptsjax
 from aptsjax import distributed
-from benchmarks import datasets, models
-from benchmarks import paper_methods as pm
-from benchmarks.progress import Progress, compile_weight, epoch_weight, log
+from benchmarks.common import datasets, models
+from benchmarks.common.output import log, table_head, write_csv
+from benchmarks.common.progress import Progress
+from benchmarks.paper import methods as pm
+from benchmarks.paper.eta import compile_weight, epoch_weight
 
 LRS = tuple(float(x) for x in np.logspace(-5, -1, 13))
 QUICK_LRS = {"adam": (1e-3, 1e-2), "sgd": (1e-2, 1e-1)}
@@ -218,16 +219,6 @@ def run_all(args: argparse.Namespace) -> tuple[list[Row], list[Row], datasets.Da
   return results, lr_rows, ds
 
 
-def write_csv(path: Path, rows: list[Row]) -> None:
-  """Writes dict rows with the first row's keys as header."""
-  if not rows:
-    return
-  with path.open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-
-
 def by_method(rows: list[Row]) -> dict[str, dict[int, list[Row]]]:
   """Groups rows as method -> seed -> rows in epoch order."""
   out: dict[str, dict[int, list[Row]]] = {}
@@ -287,8 +278,8 @@ def summarize(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
   devices = sorted({r["devices"] for r in rows})
   lines = [f"## {args.dataset}: {args.epochs} epochs, {args.trials} trial(s), "
            f"{jax.process_count()} process(es), {'/'.join(map(str, devices))} device(s)", "",
-           "| method | lr | test acc (%) | train loss | epochs | fwd passes | bwd passes "
-           "| wall (s) | all-reduced floats |", "|---|---|---|---|---|---|---|---|---|"]
+           *table_head(["method", "lr", "test acc (%)", "train loss", "epochs", "fwd passes",
+                        "bwd passes", "wall (s)", "all-reduced floats"])]
   final: dict[str, np.ndarray] = {}
   for name, runs in by_method(rows).items():
     last = [r[-1] for r in runs.values()]
@@ -338,7 +329,7 @@ def equal_work(rows: list[Row]) -> list[str]:
   out = ["At equal work (APTS/SAPTS mean test accuracy at the last epoch within Adam's final "
          "budget; Adam's own final accuracy "
          f"{100 * curves(adam, 'test_acc').mean(0)[-1]:.2f}%):", "",
-         "| method | at Adam's backward passes | at Adam's wall time |", "|---|---|---|"]
+         *table_head(["method", "at Adam's backward passes", "at Adam's wall time"])]
   for name, runs in groups.items():
     if "APTS" not in name:
       continue
@@ -361,8 +352,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
   if not distributed.is_main_process():
     return rows
   out.mkdir(parents=True, exist_ok=True)
-  write_csv(out / "results.csv", rows)
-  write_csv(out / "lr_search.csv", lr_rows)
+  write_csv(rows, out / "results.csv")
+  write_csv(lr_rows, out / "lr_search.csv")
   for batching in ("full", "minibatch"):
     plot(rows, batching, out / f"figure_{batching}.png",
          f"{args.dataset}, {'full-batch APTS' if batching == 'full' else 'SAPTS (minibatches)'}"

@@ -1,8 +1,8 @@
-"""Markdown tables, verdicts and the figure of `benchmarks.core_cost`.
+"""Markdown tables, verdicts and the figure of `benchmarks.cost.core_cost`.
 
-Pass columns (see `benchmarks.core_cost`): ``passes`` is a time in units of the floor (one read
+Pass columns (see `benchmarks.cost.core_cost`): ``passes`` is a time in units of the floor (one read
 of the stored pairs); ``HLO passes`` counts the full reads and writes of the stacks in the
-optimized HLO (`benchmarks.hlo_traffic`); ``XLA bytes passes`` is XLA's ``bytes accessed``
+optimized HLO (`aptsjax.tools.traffic`); ``XLA bytes passes`` is XLA's ``bytes accessed``
 over the stored bytes (every operand, n-vectors included). The update is timed donated; the
 ``not donated`` column lets XLA copy both stacks on each call.
 """
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import jax
 
-from benchmarks.timing import Row
+from benchmarks.common import output
+from benchmarks.common.output import Row, table_head
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
-  """Formats a number for a Markdown table ('n/a' for None)."""
-  return "n/a" if x is None else f"{x:.{digits}f}"
+  """Formats a number for a Markdown table ('n/a' for None) with ``digits`` decimals."""
+  return output.fmt(x, f".{digits}f")
 
 
 def _pair(r: Row, key: str, digits: int = 1) -> str:
@@ -26,7 +27,8 @@ def _pair(r: Row, key: str, digits: int = 1) -> str:
 
 
 def _table(head: list[str], lines: list[str]) -> list[str]:
-  return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + lines
+  """A Markdown table from its headers and its row lines."""
+  return table_head(head) + lines
 
 
 def markdown(rows: list[Row], refs: list[Row]) -> str:

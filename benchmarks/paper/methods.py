@@ -35,8 +35,9 @@ import numpy as np
 import optax
 
 import aptsjax
-from aptsjax import comm, data, parallel
-from benchmarks import datasets, models
+from aptsjax import data, parallel
+from aptsjax.tools import comm
+from benchmarks.common import datasets, models
 
 BATCH_FRACTION = 6   # minibatch = 1/6 of the training rows (the paper: 10,000 of 60,000) ...
 BATCH_MULTIPLE = 12  # ... rounded down to a multiple of 12 so that N = 2, 4, 6 divide it

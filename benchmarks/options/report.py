@@ -1,4 +1,4 @@
-"""Selection, summary and figures of the APTS ablation (``benchmarks.ablation``).
+"""Selection, summary and figures of the APTS ablation (``benchmarks.options.ablation``).
 
 The selection reads validation accuracy and all-reduced bytes only: test accuracy appears in
 the tables and figures but never in ``ranking``, ``choose`` or ``overall_choice``.
@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.paper import curves
+from benchmarks.common.output import table_head
+from benchmarks.paper.paper import curves
 
 Row = dict[str, Any]
 Runs = dict[Any, list[Row]]  # seed -> that run's rows in epoch order
@@ -96,9 +97,9 @@ def _num(x: float, fmt: str) -> str:
   return "-" if not np.isfinite(x) else format(x, fmt)
 
 
-HEADER = ("| variant | val acc (%) | test acc (%) | best test (%) | train loss | local steps/iter "
-          "| APTS accepted | final radius | passes/row | wall (s) | epochs to {t}% "
-          "| bytes to {t}% |")
+COLUMNS = ("variant", "val acc (%)", "test acc (%)", "best test (%)", "train loss",
+           "local steps/iter", "APTS accepted", "final radius", "passes/row", "wall (s)",
+           "epochs to {t}%", "bytes to {t}%")
 
 
 def table_row(name: str, runs: Runs, target: float, chosen: bool = False) -> str:
@@ -119,7 +120,7 @@ def table_row(name: str, runs: Runs, target: float, chosen: bool = False) -> str
 def summarize(rows: list[Row], target: float, seconds: float, header: str) -> str:
   """The Markdown summary: one table per setting, the choices, then Adam and SGD."""
   groups, chosen, ranks = group(rows), choose(rows), ranking(rows)
-  head = [HEADER.format(t=target), "|" + "---|" * (HEADER.count("|") - 1)]
+  head = table_head([c.format(t=target) for c in COLUMNS])
   lines = [f"## APTS ablation on {header}", "",
            "Selection on the validation split only (final-epoch validation accuracy, mean over "
            "seeds; ties: fewer all-reduced bytes, then the variant run first). Test accuracy is "

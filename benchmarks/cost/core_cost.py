@@ -18,7 +18,7 @@ use), then, jitted, with compile time reported apart from the median of timed re
 
 * ``passes``: the time in units of the floor (what it costs here, timing noise included);
 * ``HLO passes``: the full reads and full-size writes of S and Y in the optimized HLO of the
-  executable, over two (`benchmarks.hlo_traffic`; a deterministic count: the update reads
+  executable, over two (`aptsjax.tools.traffic`; a deterministic count: the update reads
   the pairs twice, the solve three times), with ``update_copies_stack`` True where the donated
   update writes a full copy of a stack instead of updating its ring slot in place;
 * ``XLA bytes passes``: XLA's ``cost_analysis()["bytes accessed"]`` over the stored bytes
@@ -30,7 +30,7 @@ References: one jitted forward+backward (`jax.value_and_grad` of the loss) of th
 k = 10, obs.solve <= 10 passes (stretch goal: 5) and < 10% of the CIFAR fwd+bwd (stretch: MNIST).
 Outside ``--quick``, a breakdown times the passes update and solve are built of (`pair_dots` of
 1 and 2 vectors, `pair_combine` of 1 and 2 columns) against the floor.
-Outputs: core_cost.csv, reference.csv, core_cost.png (tables: `benchmarks.core_cost_report`).
+Outputs: core_cost.csv, reference.csv, core_cost.png (tables: `benchmarks.cost.report`).
 
 Vmapped (``--parts stacked``): ``jax.vmap`` of `lsr1.update` and `obs.solve` over N stacked
 full memories (N independent problems, built under ``jax.vmap``: the layout ``aptsjax.apts``
@@ -39,12 +39,12 @@ keeps its subdomains' memories in), N in {1, 2, 6}, n in {535,818 (the paper's M
 the same process. Output: core_cost_stacked.csv, and a verdict on update and solve <= 3 HLO
 passes with no copy of a stack.
 
-Profile (``--parts profile``, `benchmarks.apts_profile`): the pieces of one APTS iteration of
+Profile (``--parts profile``, `benchmarks.cost.apts_profile`): the pieces of one APTS iteration of
 the paper MLP (N = 2, nu = 5, 1,000 rows, memory 10) for both orders, in ms and in gradient
 evaluations, and compile times at the XLA flags of the process (this module sets none).
 Outputs: apts_profile.csv, compile_times.csv and, with the vmapped part, core_cost_apts.png.
 
-Run from the repository root: ``python -m benchmarks.core_cost [--quick] [--out DIR]
+Run from the repository root: ``python -m benchmarks.cost [--quick] [--out DIR]
 [--parts table stacked profile] [--ns N ...] [--memories K ...] [--subdomains N ...]``.
 """
 
@@ -62,15 +62,18 @@ import numpy as np
 from tqdm import tqdm
 
 from aptsjax import lsr1, obs
-from benchmarks import apts_profile, hlo_traffic, models
-from benchmarks import core_cost_report as report
-from benchmarks.timing import (MEMORY_KEYS, Row, bytes_accessed, compile_jitted, memory_stats,
-                              time_compiled, time_donated, time_jitted, write_csv)
+from aptsjax.tools import traffic
+from benchmarks.common import models
+from benchmarks.common.output import Row, write_csv
+from benchmarks.cost import apts_profile
+from benchmarks.cost import report
+from benchmarks.cost.timing import (MEMORY_KEYS, bytes_accessed, compile_jitted, memory_stats,
+                                    time_compiled, time_donated, time_jitted)
 
 FULL_NS = (10_000, 100_000, 535_818, 1_800_000)
 FULL_MEMORIES = (1, 5, 10, 20)
 QUICK_NS = (1_000,)
-QUICK_MEMORIES = (3,)  # not 1 or 2: see hlo_traffic
+QUICK_MEMORIES = (3,)  # not 1 or 2: see aptsjax.tools.traffic
 STACKED_NS = (535_818, 1_800_000)  # 535,818: the paper's MNIST MLP
 STACKED_MEMORIES = (5, 10, 20)
 STACKED_SUBDOMAINS = (1, 2, 6)
@@ -134,7 +137,7 @@ def time_core(problem: tuple[Any, ...], batched: bool, budget_s: float, max_repe
   a training loop carries it, so the ring insert is in place), and, as an extra column, without
   donation (XLA then copies both stacks). The passes are the time over the floor's, XLA's
   ``bytes accessed`` over the stored bytes, and the full reads and writes of the stacks in the
-  optimized HLO (``hlo_traffic``); ``update_copies_stack`` is True where the donated update's
+  optimized HLO (``aptsjax.tools.traffic``); ``update_copies_stack`` is True where the donated update's
   HLO writes a full-size array from a stack other than in place.
 
   Args:
@@ -161,9 +164,9 @@ def time_core(problem: tuple[Any, ...], batched: bool, budget_s: float, max_repe
   # With the state donated, XLA's CPU fusion emitters were seen to hang in the vmapped update at
   # N = 6, memory 20 (jax 0.10.2): it is compiled with the options the trainer uses on CPU.
   upd, upd_c, _ = time_donated(wrap(lsr1.update), (state, s_new, y_new), budget_s, max_repeats,
-                               apts_profile.TRAINER_OPTIONS)
-  upd_hlo = hlo_traffic.stack_traffic(upd_c.as_text(), shape)
-  sol_hlo = hlo_traffic.stack_traffic(solve_c.as_text(), shape)
+                               apts_profile.trainer_options())
+  upd_hlo = traffic.stack_traffic(upd_c, shape)
+  sol_hlo = traffic.stack_traffic(solve_c, shape)
   per_stored = lambda b: None if b is None else b / stored
   sol.update(compile_s=solve_compile_s, **memory_stats(solve_c))
   return {
@@ -253,7 +256,7 @@ def breakdown(n: int, memory: int, budget_s: float) -> list[tuple[str, float]]:
             ("floor: sum(S) + sum(Y)", floor_sum, (state.s, state.y)))
   times = [(name, time_jitted(fn, args, budget_s, 10)[0]["ms"]) for name, fn, args in pieces]
   update, _, _ = time_donated(lsr1.update, (state, s_new, y_new), budget_s, 10,
-                              apts_profile.TRAINER_OPTIONS)  # consumes state
+                              apts_profile.trainer_options())  # consumes state
   return [("lsr1.update, donated (reads the pairs twice)", update["ms"])] + times
 
 

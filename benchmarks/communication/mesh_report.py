@@ -1,16 +1,15 @@
-"""Tables, the latency-bandwidth model and the plot of ``benchmarks.mesh``."""
+"""Tables, the latency-bandwidth model and the plot of ``benchmarks.communication.mesh``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from aptsjax import comm
-from benchmarks.communication import ALPHA_S, GBPS
+from aptsjax.tools import comm
+from benchmarks.common.output import Row
+from benchmarks.communication.communication import ALPHA_S, GBPS
 
-Row = dict[str, Any]
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
              "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 

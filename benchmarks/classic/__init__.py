@@ -1,0 +1,1 @@
+"""The trust-region method on classic problems vs scipy and optax (``python -m benchmarks.classic``)."""

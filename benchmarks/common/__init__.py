@@ -1,0 +1,1 @@
+"""What the benchmark groups share: data sets, models, test problems, output and progress."""

@@ -1,0 +1,4 @@
+"""``python -m benchmarks.paper``: the paper benchmark (``benchmarks.paper.paper``)."""
+from benchmarks.paper import paper
+
+paper.main()
