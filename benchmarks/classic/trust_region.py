@@ -144,7 +144,7 @@ def tr_options(wanted: dict[str, float] = WANTED_TR_OPTIONS) -> dict[str, float]
   parameters = inspect.signature(aptsjax.trust_region).parameters
   named = {k for k, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
   if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-    hyperparams = getattr(aptsjax, "Hyperparams", None)
+    hyperparams = getattr(aptsjax, "TrustRegionConfig", None)
     named |= set(getattr(hyperparams, "_fields", ()))
   return {k: v for k, v in wanted.items() if k in named}
 

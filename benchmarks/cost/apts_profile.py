@@ -1,6 +1,6 @@
 """Per-piece profile of one APTS iteration and compile times, for `benchmarks.cost.core_cost`.
 
-Profile of the paper's method (``aptsjax.Hyperparams.paper()``: local TR, the sum of the local
+Profile of the paper's method (``aptsjax.APTSConfig.paper()``: local TR, the sum of the local
 steps; the paper MLP, N subdomains, nu local steps, memory k, both orders): the trainer of
 ``aptsjax.parallel.apts_trainer`` (one device) is run for a few warm-up iterations so that the
 memories and radius are those of training, then at that point each piece is jitted and timed
@@ -100,7 +100,7 @@ def over_subdomains(fn: Callable[..., Any], in_axes: tuple[int | None, ...]) -> 
 
 def piece_functions(loss_fn: Callable[..., jax.Array], num: int) -> dict[str, Callable[..., Any]]:
   """The jittable pieces of one APTS iteration (one device, N = ``num`` subdomains)."""
-  hp = tr.make_hyperparams(tr.Hyperparams.paper())
+  hp = aptsjax.APTSConfig.paper().trust_region
   hp_local = hp.scaled(num)
 
   def block_vg(params, blocks):
@@ -176,7 +176,7 @@ def profile_order(second_order: bool, warmup: int, budget_s: float, config: dict
   num, order = config["num"], "second order" if second_order else "first order"
   trainer = parallel.apts_trainer(loss_fn, num, num_devices=1, local_steps=config["local_steps"],
                                   second_order=second_order, memory=config["memory"],
-                                  compiler_options={}, base=tr.Hyperparams.paper())
+                                  compiler_options={}, base=aptsjax.APTSConfig.paper())
   state, batch = trainer.init(params), trainer.shard_batch(batch)
   step, compile_s = compile_jitted(undonated(trainer), (params, state, batch),
                                    compiler_options=trainer_options())
@@ -267,7 +267,7 @@ def compile_table(problem: tuple[Any, ...], budget_s: float, memory: int, num: i
   for second_order, order in ORDERS:
     trainer = parallel.apts_trainer(tiny_loss, num, num_devices=1, second_order=second_order,
                                     memory=memory, compiler_options={},
-                                    base=tr.Hyperparams.paper())
+                                    base=aptsjax.APTSConfig.paper())
     out.append(compile_row(f"APTS trainer step, {order}, tiny 2-16-2", undonated(trainer),
                            (tiny_params, trainer.init(tiny_params), tiny_batch), budget_s,
                            trainer_options()))

@@ -22,7 +22,7 @@ Protocol:
   every epoch, reported, and never used to choose anything.
 * Settings (``benchmarks.paper.methods.Method``): SAPTS N=2 and N=4 (660-row minibatches, 5%
   overlap) and full-batch APTS N=2, each with first-order (o1) and L-SR1 (o2) models.
-* Variants: changes to the paper's table ``aptsjax.Hyperparams.paper()``, which every variant
+* Variants: changes to the paper's method ``aptsjax.APTSConfig.paper()``, which every variant
   passes as ``base=`` so that the library defaults never enter. The single options (``OPTIONS``)
   are ``boundary`` (radius_growth="boundary": grow the radius only after a step that reached the
   boundary), ``split`` (local_radius="split": local radius from Delta / (N nu)), ``rms``
@@ -84,7 +84,8 @@ class Variant(NamedTuple):
 
   Attributes:
     name: "paper" or single options joined by "+", e.g. "boundary+rms".
-    overrides: ``aptsjax.Hyperparams`` fields changed from ``Hyperparams.paper()``.
+    overrides: ``aptsjax.APTSConfig`` options (or its region's fields) changed from
+      ``APTSConfig.paper()``.
     local_solver: a key of ``LOCAL_SOLVERS``, or None for the trust-region local solver.
   """
   name: str
@@ -138,12 +139,13 @@ def variant(name: str) -> Variant:
 def check_available(v: Variant) -> None:
   """Raises ValueError naming what ``v`` needs and the installed aptsjax lacks."""
   missing = []
-  if not hasattr(aptsjax.Hyperparams, "paper"):
-    missing.append("aptsjax.Hyperparams.paper()")
+  if not hasattr(aptsjax, "APTSConfig"):
+    missing.append("aptsjax.APTSConfig")
   if "base" not in inspect.signature(aptsjax.apts).parameters:
     missing.append("the base= keyword of aptsjax.apts")
-  missing += [f"the aptsjax.Hyperparams field {k!r}" for k in v.overrides
-              if k not in aptsjax.Hyperparams._fields]
+  if hasattr(aptsjax, "APTSConfig"):
+    known = set(aptsjax.APTSConfig._fields) | set(aptsjax.TrustRegionConfig._fields)
+    missing += [f"the aptsjax.APTSConfig option {k!r}" for k in v.overrides if k not in known]
   if v.local_solver is not None and not hasattr(aptsjax, "optax_local_solver"):
     missing.append("aptsjax.optax_local_solver")
   if missing:
@@ -155,7 +157,7 @@ def check_available(v: Variant) -> None:
 def apts_options(v: Variant) -> dict[str, Any]:
   """The keywords of ``aptsjax.apts`` for ``v``: the paper's table as base, then the changes."""
   check_available(v)
-  options = {"base": aptsjax.Hyperparams.paper(), **v.overrides}
+  options = {"base": aptsjax.APTSConfig.paper(), **v.overrides}
   if v.local_solver is not None:
     options["local_solver"] = LOCAL_SOLVERS[v.local_solver]()
   return options

@@ -227,12 +227,14 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
 
 
 def tr_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
-              batch_size: int, base: aptsjax.Hyperparams | None = None) -> Runner:
-  """Plain trust region on the full batch (min_radius 1e-3, the paper's; ``base``: the table)."""
+              batch_size: int, base: aptsjax.APTSConfig | None = None) -> Runner:
+  """Plain trust region on the full batch: ``TrustRegionConfig(min_radius=1e-3)`` (the paper's
+  floor), or the global region of the preset ``base`` (``APTSConfig.paper().trust_region`` is
+  the paper's TR)."""
   del batch_size  # full batch only
   loss_fn = models.cross_entropy_loss(module)
-  tx = aptsjax.trust_region(loss_fn, second_order=method.second_order, base=base,
-                            min_radius=1e-3)
+  region = aptsjax.TrustRegionConfig(min_radius=1e-3) if base is None else base.trust_region
+  tx = aptsjax.trust_region(loss_fn, second_order=method.second_order, base=region)
   value_and_grad = aptsjax.value_and_grad_from_state(loss_fn)
   train = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
   rows = len(ds.y_train)
@@ -301,7 +303,7 @@ def build(method: Method, module: Any, ds: datasets.Dataset, batch_size: int | N
   ``batch_size``: minibatch rows; default ``minibatch_size`` of ``ds``'s training rows (pass the
   full training set's size when training on a validation split, so the batches stay the same).
   ``apts_options``: further keywords of ``aptsjax.apts`` (APTS / SAPTS; for TR only ``base``,
-  the ``aptsjax.Hyperparams`` table; ValueError else).
+  an ``aptsjax.APTSConfig`` whose global region TR uses; ValueError else).
   """
   batch_size = batch_size or minibatch_size(len(ds.y_train))
   nparams = models.count_params(jax.eval_shape(

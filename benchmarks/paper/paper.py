@@ -8,7 +8,7 @@ Run from the repository root::
     python -m benchmarks.paper --dataset mnist --data-dir ~/data/mnist
     python -m benchmarks.paper --methods "APTS N=2 o2" Adam
     python -m benchmarks.paper --methods "APTS N=2 x layers o1" "APTS N=2 o1" Adam  # param blocks
-    python -m benchmarks.paper --preset paper  # the paper's method (aptsjax.Hyperparams.paper())
+    python -m benchmarks.paper --preset paper  # the paper's method (aptsjax.APTSConfig.paper())
     python -m aptsjax.parallel.launch --num-processes 2 --devices-per-process 2 -- python -m benchmarks.paper
     srun python -m benchmarks.paper --distributed      # one process per host/GPU under SLURM
 
@@ -86,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="join a multi-process run that JAX detects (SLURM, Open MPI, TPU pods)")
   p.add_argument("--preset", choices=("defaults", "paper"), default="defaults",
                  help="APTS/SAPTS/TR table: the library's defaults, or the paper's method "
-                 "exactly (aptsjax.Hyperparams.paper())")
+                 "exactly (aptsjax.APTSConfig.paper())")
   p.add_argument("--methods", nargs="+", default=None,
                  help='subset by name, e.g. "APTS N=2 o2" "SAPTS N=4 o1" "TR o2" Adam SGD')
   args = p.parse_args(argv)
@@ -203,7 +203,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[Row], list[Row], datasets.Da
       lr, rows = tune_lr(tuner, val_ds, module, lrs, args.epochs, bars)
       lr_rows += rows
       log(f"[lr] {method.name}: chosen {lr:.3g} on the validation split")
-    preset = {"base": aptsjax.Hyperparams.paper()} if args.preset == "paper" else {}
+    preset = {"base": aptsjax.APTSConfig.paper()} if args.preset == "paper" else {}
     runner = pm.build(method, module, ds, **(preset if method.kind in ("apts", "tr") else {}))
     compile_s = time.perf_counter()
     runner.warmup()

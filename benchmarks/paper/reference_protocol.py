@@ -10,7 +10,7 @@ this project benchmarks on. This script runs aptsjax under the same protocol:
   cross-entropy;
 * N = 2 subdomains, minibatches of 1,000 rows reshuffled every epoch (4 iterations per epoch),
   20 epochs, first and second order;
-* aptsjax's ``parallel.apts_trainer`` with the paper's method, ``aptsjax.Hyperparams.paper()`` (nu = 5, memory 10, the paper's radii)
+* aptsjax's ``parallel.apts_trainer`` with the paper's method, ``aptsjax.APTSConfig.paper()`` (nu = 5, memory 10, the paper's radii)
   on one process, both subdomains on one device (XLA uses both cores).
 
 Step time is the wall time of the training steps only (evaluation excluded), as in the
@@ -68,7 +68,7 @@ def run(order: str, seed: int, ds: datasets.Dataset, epochs: int) -> tuple[list[
   model = models.mnist_mlp()
   loss_fn = models.cross_entropy_loss(model)
   trainer = parallel.apts_trainer(loss_fn, NUM_SUBDOMAINS, num_devices=1,
-                                  second_order=ORDERS[order], base=aptsjax.Hyperparams.paper())
+                                  second_order=ORDERS[order], base=aptsjax.APTSConfig.paper())
   params = models.init_params(model, ds.num_features, seed=seed)
   state = trainer.init(params)
   rng = np.random.default_rng(seed)
