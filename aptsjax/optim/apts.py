@@ -91,8 +91,10 @@ class APTSState(NamedTuple):
       parameter blocks, 1 without ``param_blocks``; problem i * J + j).
     local_state: per-problem local solver states, leaves with a leading axis N J.
     global_memory: the L-SR1 memory of the global steps (None for first order).
-    scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.numerics.scaling``), None otherwise;
-      with it, every L-SR1 memory holds its pairs in the variables u = D theta.
+    scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.numerics.scaling``), None
+      otherwise; with it, every L-SR1 memory holds its pairs in the variables u = D theta.
+    aux: with ``has_aux``, each subdomain's auxiliary output at the parameters after the
+      update (leaves with a leading axis N); None after ``init`` and without it.
   """
   radius: jax.Array
   value: jax.Array
@@ -108,8 +110,9 @@ class APTSState(NamedTuple):
   local_state: PyTree
   global_memory: lsr1.LSR1State | None
   scaling: ScaleState | None = None
+  aux: PyTree = None
 
-  PER_SUBDOMAIN = ("local_steps", "local_state")
+  PER_SUBDOMAIN = ("local_steps", "local_state", "aux")
 
 
 def _device_count(axis_name: str | None) -> int:
@@ -221,7 +224,7 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
   start = stages.GlobalCarry(
       params=u_start, value=ev.value, grad=coords.grad_to_u(begin.grad), radius=state.radius,
       memory=guard.rescale_memory(state.global_memory, begin.ratio), stalled=false,
-      changed=false, apts_accepted=false, apts_actual=jnp.zeros((), sub.dtype))
+      changed=false, apts_accepted=false, apts_actual=jnp.zeros((), sub.dtype), aux=ev.aux)
   end = stages.global_phase(coords.value_and_grad(sub.global_value_and_grad), start, combined,
                             params, cfg.trust_region, cfg.global_steps, begin.ok)
   ok = begin.ok
@@ -232,13 +235,14 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
   new_state = APTSState(
       **shared, apts_accepted=ok & end.apts_accepted,
       local_steps=jnp.where(ok, phase.outcome.num_steps, 0).astype(jnp.int32),
-      local_state=phase.outcome.state, global_memory=end.memory, scaling=begin.scaling)
+      local_state=phase.outcome.state, global_memory=end.memory, scaling=begin.scaling,
+      aux=None if ev.aux is None else guard.keep(ok, end.aux, ev.aux))
   return guard.updates_if(ok, coords.to_theta(optax.tree.sub(end.params, u_start))), new_state
 
 
 def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False,
          axis_name: str | None = None, memory: int = 10, param_blocks: Any = None,
-         base: APTSConfig | None = None, **options: Any
+         base: APTSConfig | None = None, has_aux: bool = False, **options: Any
          ) -> optax.GradientTransformationExtraArgs:
   """APTS: additively preconditioned trust-region training, one iteration per ``update``.
 
@@ -283,6 +287,9 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
       pytree (``aptsjax.optim.blocks``): J parameter blocks, N x J local problems (see above).
     base: the ``APTSConfig`` the options apply to, used as it is: ``APTSConfig()`` (the
       library's defaults) when None, ``APTSConfig.paper()`` for the paper's method exactly.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; each subdomain's aux at the parameters after
+      the update is kept in ``state.aux`` (leading axis N, sharded like the other
+      per-subdomain fields; None after ``init``: the first update adds it).
     **options: overrides of ``APTSConfig`` fields (``local_steps`` nu = 5, ``global_steps`` 1,
       ``combine``, ``local_solver``, ``local_lr``, ``local_radius``, ``block_bound``) and of
       its ``trust_region``'s (``init_radius`` 0.01, ``min_radius`` 1e-3, ``max_radius`` 4,
@@ -323,7 +330,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
     _check_state(state, n_local, method.blocks(params)[1])
     sub = stages.Subdomains(loss_fn=loss_fn, blocks=data.split_subdomains(batch, n_local),
                             num_subdomains=num_subdomains, axis_name=axis_name,
-                            dtype=state.radius.dtype)
+                            dtype=state.radius.dtype, has_aux=has_aux)
     return _update(method, sub, grads, state, params, n_local)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

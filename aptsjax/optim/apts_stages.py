@@ -28,6 +28,7 @@ from aptsjax.numerics import lsr1
 from aptsjax.numerics import scaling
 from aptsjax.numerics import tree as tree_lib
 from aptsjax.optim import local
+from aptsjax.optim import objective
 from aptsjax.optim import trust_region as tr
 from aptsjax.optim.config import TrustRegionConfig
 from aptsjax.optim.radius import reaches_boundary
@@ -50,17 +51,17 @@ def to_varying(tree: PyTree, axis_name: str | None) -> PyTree:
   return jax.tree.map(cast, tree)
 
 
-def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree
-                    ) -> Callable[[PyTree], jax.Array]:
+def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree,
+                    has_aux: bool = False) -> Callable[[PyTree], jax.Array]:
   """The local objective (3)-(4): f_i(theta) = f(theta; D_i) + <r_i, theta - theta^k>.
 
   With r_i = g^k - grad f(theta^k; D_i), grad f_i(theta^k) = g^k (first-order consistency): the
   term is part of the function that is differentiated, not added after the backward pass as in
   the authors' reference code (docs/method.md, "Departures from the reference code"). r_i is
-  constant, so it cancels in L-SR1 pairs.
+  constant, so it cancels in L-SR1 pairs. With ``has_aux`` the loss's aux is dropped here.
   """
   def f_i(theta):
-    loss = tr.scalar_loss(loss_fn, theta, block)
+    loss = objective.scalar_loss(loss_fn, theta, block, has_aux)
     return (loss + tree_lib.vdot(r, optax.tree.sub(theta, theta_k))).astype(loss.dtype)
   return f_i
 
@@ -74,12 +75,14 @@ class Subdomains(NamedTuple):
     num_subdomains: N, over all devices.
     axis_name: the device axis (None on one device).
     dtype: the parameters' dtype (losses are cast to it).
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux is kept per subdomain.
   """
   loss_fn: LossFn
   blocks: Any
   num_subdomains: int
   axis_name: str | None
   dtype: Any
+  has_aux: bool = False
 
   def total(self, x: jax.Array) -> jax.Array:
     """The sum over this device's subdomains (leading axis), then over the devices."""
@@ -90,25 +93,31 @@ class Subdomains(NamedTuple):
     """The mean over all N subdomains of per-subdomain leaves."""
     return jax.tree.map(lambda g: self.total(g) / self.num_subdomains, tree)
 
-  def block_value_and_grad(self, params: PyTree) -> tuple[jax.Array, PyTree]:
-    """Every subdomain's loss and gradient at ``params`` (vmapped; no communication)."""
+  def block_value_and_grad(self, params: PyTree) -> tuple[jax.Array, PyTree, PyTree]:
+    """Every subdomain's loss, aux (None without ``has_aux``) and gradient at ``params``
+    (vmapped; no communication)."""
     def one(blk):
-      vg = jax.value_and_grad(lambda q: tr.scalar_loss(self.loss_fn, q, blk))
-      return vg(to_varying(params, self.axis_name))
-    return jax.vmap(one)(self.blocks)
+      value, grad = objective.value_and_grad(self.loss_fn, blk, self.has_aux)(
+          to_varying(params, self.axis_name))
+      return objective.split(value, self.has_aux), grad
+    (losses, aux), grads = jax.vmap(one)(self.blocks)
+    return losses, aux, grads
 
-  def global_value_and_grad(self, params: PyTree) -> tuple[jax.Array, PyTree]:
-    """f and its gradient at ``params``: the means of the subdomain ones (one all-reduce)."""
-    losses, grads = self.block_value_and_grad(params)
-    return (self.total(losses) / self.num_subdomains).astype(self.dtype), self.mean(grads)
+  def global_value_and_grad(self, params: PyTree) -> tuple[Any, PyTree]:
+    """f and its gradient at ``params``: the means of the subdomain ones (one all-reduce);
+    with ``has_aux`` the value is ``(f, aux per subdomain)``."""
+    losses, aux, grads = self.block_value_and_grad(params)
+    value = (self.total(losses) / self.num_subdomains).astype(self.dtype)
+    return ((value, aux) if self.has_aux else value), self.mean(grads)
 
 
 class Evaluation(NamedTuple):
-  """Stage 1: the objective at theta^k (``losses`` and ``block_grads`` per subdomain)."""
+  """Stage 1: the objective at theta^k (``losses``, ``aux`` and ``block_grads`` per subdomain)."""
   losses: jax.Array
   block_grads: PyTree
   value: jax.Array
   grad: PyTree
+  aux: PyTree = None
 
 
 def evaluate(sub: Subdomains, params: PyTree, grads: PyTree | None) -> Evaluation:
@@ -116,10 +125,10 @@ def evaluate(sub: Subdomains, params: PyTree, grads: PyTree | None) -> Evaluatio
 
   ``grads=None`` forms g^k as the mean of the g_i (one all-reduce, no extra pass).
   """
-  losses, block_grads = sub.block_value_and_grad(params)
+  losses, aux, block_grads = sub.block_value_and_grad(params)
   value = (sub.total(losses) / sub.num_subdomains).astype(sub.dtype)
   grad = sub.mean(block_grads) if grads is None else grads
-  return Evaluation(losses=losses, block_grads=block_grads, value=value, grad=grad)
+  return Evaluation(losses=losses, block_grads=block_grads, value=value, grad=grad, aux=aux)
 
 
 class LocalPlan(NamedTuple):
@@ -169,7 +178,7 @@ def local_phase(sub: Subdomains, ev: Evaluation, params: PyTree, coords: scaling
 
   def local_value_and_grad(inp, u):
     blk, r_i = pick(inp)
-    f_i = jax.value_and_grad(local_objective(sub.loss_fn, blk, theta_k, r_i))
+    f_i = jax.value_and_grad(local_objective(sub.loss_fn, blk, theta_k, r_i, sub.has_aux))
     return coords.value_and_grad(f_i)(u)
 
   losses = ev.losses if plan.repeat == 1 else jnp.repeat(ev.losses, plan.repeat)
@@ -227,6 +236,7 @@ class GlobalCarry(NamedTuple):
     changed: whether any trip moved the point.
     apts_accepted: whether trip 0 accepted s~.
     apts_actual: f(theta^k) - f(theta^k + s~).
+    aux: with ``has_aux``, the aux per subdomain at ``params``; None otherwise.
   """
   params: PyTree
   value: jax.Array
@@ -237,15 +247,17 @@ class GlobalCarry(NamedTuple):
   changed: jax.Array
   apts_accepted: jax.Array
   apts_actual: jax.Array
+  aux: PyTree = None
 
 
-def global_phase(objective: Callable[[PyTree], tuple[jax.Array, PyTree]], start: GlobalCarry,
+def global_phase(value_and_grad: Callable[[PyTree], tuple[Any, PyTree]], start: GlobalCarry,
                  combined: Combined, dtypes: PyTree, cfg: TrustRegionConfig, global_steps: int,
                  store_pair: jax.Array) -> GlobalCarry:
   """Stage 4: 1 + ``global_steps`` trips; trip 0 proposes s~, the others the model minimiser.
 
   Args:
-    objective: u -> (f, grad f) of the global objective (one all-reduce each).
+    value_and_grad: u -> (f, grad f) of the global objective (one all-reduce each); ``(f, aux)``
+      in place of f when ``start.aux`` is not None.
     start: the carry at theta^k.
     combined: stage 3.
     dtypes: a pytree like the parameters whose leaves give the step dtypes.
@@ -264,13 +276,15 @@ def global_phase(objective: Callable[[PyTree], tuple[jax.Array, PyTree]], start:
 
     step, pred, edge = jax.lax.cond(
         first, lambda: (cast(combined.step), combined.predicted, combined.on_boundary), model)
-    trial_loss, trial_grad = objective(optax.apply_updates(c.params, step))
+    value, trial_grad = value_and_grad(optax.apply_updates(c.params, step))
+    trial_loss, trial_aux = value if c.aux is not None else (value, None)
     out = tr.commit(c.params, c.value, c.grad, c.radius, c.memory,
-                    tr.Trial(step, pred, trial_loss, trial_grad, edge), cfg, store_pair=store_pair)
+                    tr.Trial(step, pred, trial_loss, trial_grad, edge, trial_aux), cfg,
+                    store_pair=store_pair, aux=c.aux)
     return GlobalCarry(
         params=out.params, value=out.loss, grad=out.grad, radius=out.radius, memory=out.memory,
         stalled=~first & out.stalled, changed=c.changed | out.accepted,
         apts_accepted=jnp.where(first, out.accepted, c.apts_accepted),
-        apts_actual=jnp.where(first, out.actual, c.apts_actual))
+        apts_actual=jnp.where(first, out.actual, c.apts_actual), aux=out.aux)
 
   return jax.lax.fori_loop(0, 1 + global_steps, trip, start)

@@ -36,6 +36,8 @@ from aptsjax.numerics import obs
 from aptsjax.numerics import scaling
 from aptsjax.numerics.scaling import ScaleState
 from aptsjax.optim import guard
+from aptsjax.optim import objective
+from aptsjax.optim.objective import scalar_loss  # re-exported  # pylint: disable=unused-import
 from aptsjax.optim.config import TrustRegionConfig
 from aptsjax.optim.config import configure_trust_region
 from aptsjax.optim.radius import ratio_test
@@ -64,24 +66,27 @@ class Iterate(NamedTuple):
   step: PyTree
   predicted: jax.Array
   actual: jax.Array
+  aux: PyTree = None
 
 
 class Trial(NamedTuple):
   """A trial step and the objective evaluated at ``params + step`` (the input of ``commit``).
 
   ``on_boundary`` says whether the step reached the boundary of its region (read by
-  ``radius_growth="boundary"`` only).
+  ``radius_growth="boundary"`` only); ``aux`` is the loss's auxiliary output there (None
+  without ``has_aux``).
   """
   step: PyTree
   predicted: jax.Array
   loss: jax.Array
   grad: PyTree
   on_boundary: jax.Array | bool = True
+  aux: PyTree = None
 
 
 def commit(params: PyTree, loss: jax.Array, grad: PyTree, radius: jax.Array,
            memory: lsr1.LSR1State | None, trial: Trial, cfg: TrustRegionConfig,
-           store_pair: jax.Array | bool = True) -> Iterate:
+           store_pair: jax.Array | bool = True, aux: PyTree = None) -> Iterate:
   """The end of one TR iteration: ratio test, radius update (7), memory update, choice.
 
   Whatever proposed ``trial.step`` (the model minimiser of ``iterate``, or APTS's summed local
@@ -98,9 +103,10 @@ def commit(params: PyTree, loss: jax.Array, grad: PyTree, radius: jax.Array,
     trial: the step, its predicted reduction and the loss and gradient at ``params + step``.
     cfg: the constants and options.
     store_pair: False keeps the L-SR1 memory as it is (the caller will discard the iteration).
+    aux: the auxiliary output at ``params`` (with ``trial.aux``; None without ``has_aux``).
 
   Returns:
-    An ``Iterate`` (see ``iterate``).
+    An ``Iterate`` (see ``iterate``); its ``aux`` is the trial's when accepted.
   """
   actual = loss - trial.loss
   finite_grad = _stack.all_finite(trial.grad)
@@ -115,13 +121,14 @@ def commit(params: PyTree, loss: jax.Array, grad: PyTree, radius: jax.Array,
       loss=jnp.where(accept, trial.loss, loss), grad=optax.tree.where(accept, trial.grad, grad),
       radius=update_radius(radius, shrink, grow, cfg), memory=memory, accepted=accept,
       stalled=~accept & (radius <= cfg.min_radius), step=trial.step, predicted=trial.predicted,
-      actual=actual)
+      actual=actual, aux=None if trial.aux is None else optax.tree.where(accept, trial.aux, aux))
 
 
 def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params: PyTree,
             loss: jax.Array, grad: PyTree, radius: jax.Array, memory: lsr1.LSR1State | None,
             cfg: TrustRegionConfig, step_cap: jax.Array | None = None,
-            store_pair: jax.Array | bool = True) -> Iterate:
+            store_pair: jax.Array | bool = True, has_aux: bool = False,
+            aux: PyTree = None) -> Iterate:
   """One TR iteration from ``params`` with known ``loss`` and ``grad`` (one value-and-grad call).
 
   ``model_step``, one evaluation at the trial point, then ``commit``.
@@ -137,6 +144,8 @@ def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params
     step_cap: optional extra bound on the step length (APTS: the room left in the local region);
       the step is solved with radius min(radius, step_cap); the radius update uses ``radius``.
     store_pair: False keeps the L-SR1 memory as it is (the caller will discard the iteration).
+    has_aux: ``value_and_grad`` returns ``((loss, aux), grad)`` (``objective.value_and_grad``).
+    aux: the auxiliary output at ``params`` (read with ``has_aux``).
 
   Returns:
     An ``Iterate``: the new point with its loss and gradient (the trial's when accepted), the
@@ -145,10 +154,11 @@ def iterate(value_and_grad: Callable[[PyTree], tuple[jax.Array, PyTree]], params
   """
   solve_radius = radius if step_cap is None else jnp.minimum(radius, step_cap)
   result = model_step(grad, memory, solve_radius)
-  trial_loss, trial_grad = value_and_grad(optax.apply_updates(params, result.step))
+  value, trial_grad = value_and_grad(optax.apply_updates(params, result.step))
+  trial_loss, trial_aux = objective.split(value, has_aux)
   trial = Trial(step=result.step, predicted=result.predicted_reduction, loss=trial_loss,
-                grad=trial_grad, on_boundary=result.on_boundary)
-  return commit(params, loss, grad, radius, memory, trial, cfg, store_pair)
+                grad=trial_grad, on_boundary=result.on_boundary, aux=trial_aux)
+  return commit(params, loss, grad, radius, memory, trial, cfg, store_pair, aux)
 
 
 class TrustRegionState(NamedTuple):
@@ -171,6 +181,8 @@ class TrustRegionState(NamedTuple):
     memory: the L-SR1 memory (None for the first-order method); with ``norm="rms"`` its pairs
       are in the scaled variables u = D theta of ``scaling.d``.
     scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.scaling``); None otherwise.
+    aux: with ``has_aux``, the loss's auxiliary output at the current parameters (the accepted
+      trial point's, else the one at the parameters); None after ``init`` and without it.
   """
   radius: jax.Array
   value: jax.Array
@@ -184,41 +196,12 @@ class TrustRegionState(NamedTuple):
   actual_reduction: jax.Array
   memory: lsr1.LSR1State | None
   scaling: ScaleState | None = None
-
-
-def scalar_loss(loss_fn: LossFn, params: PyTree, batch: Any) -> jax.Array:
-  """Calls ``loss_fn`` and returns its value cast to the parameters' dtype.
-
-  The cast makes mixed precision consistent: float32 parameters with float64 data (under
-  ``jax_enable_x64``) give a float32 loss, like their float32 gradient.
-
-  Raises:
-    ValueError: (at trace time) unless ``loss_fn`` returns a scalar; when ``batch`` is None and
-      ``loss_fn(params, None)`` fails (``update`` was called without ``batch=``); when the
-      batch is empty (every leaf has 0 rows).
-  """
-  if batch is None:
-    try:
-      value = loss_fn(params, batch)
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      raise ValueError(
-          "update() was called without batch= and loss_fn(params, None) failed "
-          f"({type(e).__name__}: {e}). Pass the batch the gradient was computed on: "
-          "tx.update(grads, state, params, batch=batch), or for nnx.Optimizer "
-          "optimizer.update(model, grads, batch=batch).") from e
-  else:
-    if _checks.empty_batch(batch):
-      raise ValueError("the batch has 0 rows: the loss of an empty batch is not defined; "
-                       "skip empty batches (e.g. the tail of a data loader).")
-    value = loss_fn(params, batch)
-  if jnp.shape(value) != ():
-    raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(value)}.")
-  return jnp.asarray(value).astype(_stack.tree_dtype(params))
+  aux: PyTree = None
 
 
 def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
-                 base: TrustRegionConfig | None = None, **options: float | str
-                 ) -> optax.GradientTransformationExtraArgs:
+                 base: TrustRegionConfig | None = None, has_aux: bool = False,
+                 **options: float | str) -> optax.GradientTransformationExtraArgs:
   """The trust-region method as an optax transformation: one TR iteration per ``update``.
 
   ``update(grads, state, params, batch=None, value=None)`` takes ``grads`` = grad loss_fn at
@@ -258,6 +241,10 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
     base: the ``TrustRegionConfig`` the options apply to, used as it is:
       ``TrustRegionConfig()`` when None (radius floor 1e-10, growth after boundary steps),
       ``TrustRegionConfig.paper()`` for the paper's TR.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux at the parameters an update ends at
+      is kept in ``state.aux`` (None after ``init``: the first update adds it, so a jitted
+      loop traces twice). When ``update`` gets ``value=`` the aux at the current parameters
+      is ``state.aux`` (right for full-batch loops; the first update evaluates it).
     **options: overrides of ``TrustRegionConfig`` fields (``init_radius``, ``min_radius``,
       ``max_radius``, ``eta_accept``, ``eta1``, ``eta2``, ``alpha``, ``beta``,
       ``radius_growth``, ``norm``, ``rms_decay``, ``rms_eps``); an APTS option or an unknown
@@ -289,16 +276,14 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
       raise ValueError("trust_region needs params: call update(grads, state, params, batch=...).")
     _stack.check_like(params, state.grad, "params")
     _stack.check_like(grads, params, "grads")
-    loss = scalar_loss(loss_fn, params, batch) if value is None else jnp.asarray(value)
-    if jnp.shape(loss) != ():
-      raise ValueError(f"value must be a scalar, got shape {jnp.shape(loss)}.")
-    loss = loss.astype(state.radius.dtype)
+    loss, aux = _current(loss_fn, params, batch, value, state, has_aux)
     begin = guard.start(loss, grads, params, state.scaling, cfg)
     coords = begin.coords
-    value_and_grad = jax.value_and_grad(lambda p: scalar_loss(loss_fn, p, batch))
+    value_and_grad = objective.value_and_grad(loss_fn, batch, has_aux)
     out = iterate(coords.value_and_grad(value_and_grad), coords.to_u(params), loss,
                   coords.grad_to_u(begin.grad), state.radius,
-                  guard.rescale_memory(state.memory, begin.ratio), cfg, store_pair=begin.ok)
+                  guard.rescale_memory(state.memory, begin.ratio), cfg, store_pair=begin.ok,
+                  has_aux=has_aux, aux=aux)
     accepted = begin.ok & out.accepted
     shared = guard.finish(begin.ok, guard.Outcome(
         radius=out.radius, value=out.loss, grad=coords.grad_to_theta(out.grad),
@@ -306,13 +291,29 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
         actual_reduction=out.actual), state)
     new_state = TrustRegionState(
         **shared, num_accepted=state.num_accepted + accepted.astype(jnp.int32),
-        memory=out.memory, scaling=begin.scaling)
+        memory=out.memory, scaling=begin.scaling,
+        aux=None if aux is None else guard.keep(begin.ok, out.aux, aux))
     return guard.updates_if(accepted, coords.to_theta(out.step)), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def value_and_grad_from_state(loss_fn: LossFn) -> Callable[..., tuple[jax.Array, PyTree]]:
+def _current(loss_fn: LossFn, params: PyTree, batch: Any, value: jax.Array | None,
+             state: TrustRegionState, has_aux: bool) -> tuple[jax.Array, PyTree]:
+  """The loss (in the state's dtype) and aux at ``params``: evaluated, or ``value`` and
+  ``state.aux`` when the caller passed ``value`` (evaluated anyway before the first aux)."""
+  if value is None or (has_aux and state.aux is None):
+    loss, aux = objective.evaluate(loss_fn, params, batch, has_aux)
+    loss = loss if value is None else jnp.asarray(value)
+  else:
+    loss, aux = jnp.asarray(value), state.aux
+  if jnp.shape(loss) != ():
+    raise ValueError(f"value must be a scalar, got shape {jnp.shape(loss)}.")
+  return loss.astype(state.radius.dtype), aux
+
+
+def value_and_grad_from_state(loss_fn: LossFn, has_aux: bool = False
+                              ) -> Callable[..., tuple[Any, PyTree]]:
   """``optax.value_and_grad_from_state`` with the value and gradient in the state's dtypes.
 
   For full-batch training: after an update, the state's ``value`` and ``grad`` are the loss and
@@ -322,20 +323,29 @@ def value_and_grad_from_state(loss_fn: LossFn) -> Callable[..., tuple[jax.Array,
   ``lax.cond``. The fields are found with ``optax.tree.get``, so ``state`` may be an
   ``optax.chain`` state holding one aptsjax state. Only valid when every update uses the same
   batch. Unlike optax's, the computed branch is cast to the state's dtypes (float32 parameters
-  with float64 data under ``jax_enable_x64``).
+  with float64 data under ``jax_enable_x64``), and ``has_aux=True`` returns
+  ``((value, aux), grad)`` like ``jax.value_and_grad`` (the aux from ``state.aux``).
   """
-  vg = jax.value_and_grad(loss_fn)
+  vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
-  def fn(params: PyTree, batch: Any = None, *, state: Any) -> tuple[jax.Array, PyTree]:
+  def fn(params: PyTree, batch: Any = None, *, state: Any) -> tuple[Any, PyTree]:
     value, grad = optax.tree.get(state, "value"), optax.tree.get(state, "grad")
     if value is None or grad is None:
       raise ValueError("the state holds no 'value' and 'grad' fields: pass the state of "
                        "aptsjax.trust_region or aptsjax.apts (or a chain holding one).")
+    aux = optax.tree.get(state, "aux") if has_aux else None
 
     def compute():
-      loss, g = vg(params, batch)
-      return loss.astype(value.dtype), jax.tree.map(lambda a, r: a.astype(r.dtype), g, grad)
+      out, g = vg(params, batch)
+      loss, new_aux = objective.split(out, has_aux)
+      g = jax.tree.map(lambda a, r: a.astype(r.dtype), g, grad)
+      return (loss.astype(value.dtype), new_aux), g
 
-    return jax.lax.cond(jnp.isfinite(value), lambda: (value, grad), compute)
+    if has_aux and aux is None:   # before the first update there is no aux to reuse
+      (loss, aux), g = compute()
+      return (loss, aux), g
+    reuse = lambda: ((value, aux), grad)
+    (loss, aux), g = jax.lax.cond(jnp.isfinite(value), reuse, compute)
+    return ((loss, aux) if has_aux else loss), g
 
   return fn

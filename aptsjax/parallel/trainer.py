@@ -81,7 +81,8 @@ class Trainer(NamedTuple):
       jitted code on the mesh).
     metrics: ``state -> dict`` of ``METRICS`` fields, replicated on every device of every
       process (``local_steps`` gathered to all N (N J with ``param_blocks``) values), so any
-      process can read them.
+      process can read them; with ``has_aux=True`` also ``"aux"``, each subdomain's aux output
+      (leading axis N).
     model_axis: the model axis name on a 2-D mesh (``model_devices > 1``), else None.
     state_shardings: ``(state, params=None) -> shardings``: the NamedShardings of a state (or
       of its shape structs) on the mesh, e.g. to restore a checkpoint; None on one device.
@@ -111,7 +112,9 @@ METRICS = ("value", "radius", "accepted", "apts_accepted", "stalled", "nonfinite
 
 
 def _metrics(state: NamedTuple) -> dict[str, jax.Array]:
-  return {name: getattr(state, name) for name in METRICS}
+  """The ``METRICS`` fields, and ``aux`` (per subdomain) once an update with ``has_aux`` set it."""
+  aux = getattr(state, "aux", None)
+  return {name: getattr(state, name) for name in METRICS} | ({} if aux is None else {"aux": aux})
 
 
 # On CPU, XLA's loop emitters compile the second-order trainer step about 1.5x faster than its
