@@ -256,7 +256,9 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
   (docs/guides/meshes.md).
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch. On a 2-D mesh
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(loss, aux)`` with ``has_aux=True``
+      among ``apts_kwargs``: ``metrics`` then holds each subdomain's aux), a mean over the rows
+      of batch. On a 2-D mesh
       it is traced with parameters sharded over the model axis; the compiler adds the model's
       collectives (the model axis is ``AxisType.Auto``).
     num_subdomains: N, the total number of subdomains.
@@ -285,7 +287,8 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
     compiler_options: XLA options for compiling ``step`` (``jax.jit``'s); default
       ``CPU_COMPILER_OPTIONS`` on CPU devices, XLA's defaults elsewhere; ``{}`` for XLA's
       (needed to call ``step`` inside another ``jax.jit``: JAX refuses options on a nested jit).
-    **apts_kwargs: passed to ``aptsjax.apts`` (local_steps, second_order, memory, ...).
+    **apts_kwargs: passed to ``aptsjax.apts`` (local_steps, second_order, memory, has_aux,
+      ``base`` and the options of ``aptsjax.APTSConfig``).
 
   Returns:
     A ``Trainer``.
