@@ -34,6 +34,7 @@ from aptsjax.tools import comm
 from benchmarks.common import datasets, models
 from benchmarks.common.devices import simulate_host_devices
 from benchmarks.common.output import Row, log, markdown_table, write_csv
+from benchmarks.common.style import plot_method
 
 BATCH = 660            # rows per minibatch (all methods)
 OVERLAP = 0.05         # SAPTS: subdomain overlap and overlap between consecutive minibatches
@@ -293,16 +294,28 @@ def model_table(hlo: list[Row], targets: list[Row], adam_run: str) -> list[Row]:
   return out
 
 
+def paper_name(row: Row) -> str:
+  """The paper benchmark's name of a run's method (its style in the figures): "Adam", or
+  "SAPTS N=2 o1" for "apts-o1" on 2 devices (minibatches with overlap)."""
+  if row["method"] == "adam":
+    return "Adam"
+  return f"SAPTS N={row['N']} {row['method'].split('-')[-1]}"
+
+
 def plot(rows: list[Row], target: float, path: Path) -> None:
-  """Test accuracy vs cumulative all-reduced bytes (log x), one line per run."""
+  """Test accuracy vs cumulative all-reduced bytes (log x), one line per run, each method in
+  its colour and marker of every benchmark figure (``benchmarks.common.style``)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(8, 5.5))
-  for i, run in enumerate(dict.fromkeys(r["run"] for r in rows)):
+  adam_runs = sorted({r["run"] for r in rows if r["method"] == "adam"})
+  for run in dict.fromkeys(r["run"] for r in rows):
     sel = [r for r in rows if r["run"] == run]
-    ax.plot([r["bytes"] for r in sel], [100 * r["test_acc"] for r in sel],
-            "--" if run.startswith("adam") else "o-", color=f"C{i % 10}", label=run, ms=3)
+    extra = {"linestyle": ("--", ":", "-.", (0, (5, 1)))[adam_runs.index(run) % 4]
+             } if run in adam_runs else {}  # the learning rates of one method, by line style
+    plot_method(ax, [r["bytes"] for r in sel], [100 * r["test_acc"] for r in sel],
+                paper_name(sel[0]), label=run, ms=3, **extra)
   ax.axhline(100 * target, color="k", lw=0.8, ls=":", label=f"target {100 * target:.2f}%")
   ax.set(xscale="log", xlabel="cumulative all-reduced bytes (float32, per device's view)",
          ylabel="test accuracy (%)", title=f"MNIST-5k, {BATCH}-row minibatches")

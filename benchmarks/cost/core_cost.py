@@ -51,7 +51,6 @@ Run from the repository root: ``python -m benchmarks.cost [--quick] [--out DIR]
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,12 +58,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from aptsjax import lsr1, obs
 from aptsjax.tools import traffic
 from benchmarks.common import models
-from benchmarks.common.output import Row, write_csv
+from benchmarks.common.output import Row, log, write_csv
+from benchmarks.common.progress import track
 from benchmarks.cost import apts_profile
 from benchmarks.cost import report
 from benchmarks.cost.timing import (MEMORY_KEYS, bytes_accessed, compile_jitted, memory_stats,
@@ -264,8 +263,8 @@ def run_table(args: argparse.Namespace, out: Path, budget_s: float) -> list[Row]
   """The single-memory table, the references and their outputs (core_cost.csv/png)."""
   ns = args.ns or (QUICK_NS if args.quick else FULL_NS)
   memories = args.memories or (QUICK_MEMORIES if args.quick else FULL_MEMORIES)
-  rows = [measure_config(n, k, budget_s) for n, k in tqdm(
-      [(n, k) for n in ns for k in memories], desc="single memory", file=sys.stdout)]
+  rows = [measure_config(n, k, budget_s) for n, k in track(
+      [(n, k) for n in ns for k in memories], "single memory")]
   refs = measure_references((64, 128, 128) if args.quick else (1_000, 10_000, 10_000), budget_s)
   write_csv(rows, out / "core_cost.csv")
   write_csv(refs, out / "reference.csv")
@@ -283,8 +282,7 @@ def run_stacked(args: argparse.Namespace, out: Path, budget_s: float) -> list[Ro
   configs = [(num, n, k) for n in args.ns or (QUICK_NS if quick else STACKED_NS)
              for k in args.memories or (QUICK_MEMORIES if quick else STACKED_MEMORIES)
              for num in args.subdomains or (QUICK_SUBDOMAINS if quick else STACKED_SUBDOMAINS)]
-  rows = [measure_stacked(*c, budget_s) for c in tqdm(configs, desc="vmapped memories",
-                                                       file=sys.stdout)]
+  rows = [measure_stacked(*c, budget_s) for c in track(configs, "vmapped memories")]
   write_csv(rows, out / "core_cost_stacked.csv")
   print("\nupdate and solve vmapped over N full memories (passes: of the N stacks):\n"
         + report.markdown_stacked(rows) + "\n\n" + report.verdict_stacked(rows), flush=True)
@@ -320,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Row]]:
     config = apts_profile.QUICK_PROFILE if args.quick else apts_profile.PROFILE
     # The pieces are differenced: four times the budget of the other parts.
     pieces, compiles, info = apts_profile.run(4 * budget_s, 2 if args.quick else 10, config,
-                                              progress=tqdm.write)
+                                              progress=log)
     write_csv(pieces, out / "apts_profile.csv")
     write_csv(compiles, out / "compile_times.csv")
     print("\n" + apts_profile.markdown(pieces, compiles, info), flush=True)

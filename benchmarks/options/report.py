@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common.output import table_head
+from benchmarks.common.style import epoch_axis, plot_method
 from benchmarks.paper.paper import curves
 
 Row = dict[str, Any]
@@ -165,17 +166,14 @@ def _panels(settings: list[str]) -> tuple[Any, Any]:
 def plot(rows: list[Row], out: Path) -> list[Path]:
   """``val_accuracy.png`` (Adam and SGD dashed) and ``radius.png`` (the global radius, mean
   over each epoch's iterations; with norm="rms" it bounds |D s|, not |s|): means over seeds,
-  one line per variant, one panel per setting, the chosen variant drawn thicker. Returns the
-  paths."""
+  one line per variant, one panel per setting, the chosen variant drawn thicker; each variant
+  and method in its own colour and marker (``benchmarks.common.style``). Returns the paths."""
   import matplotlib.pyplot as plt
   groups, chosen = group(rows), choose(rows)
   settings = list(chosen)
   if not settings:
     return []
   names = list(dict.fromkeys(n for s, n in groups if s in chosen))
-  palette = plt.get_cmap("tab10").colors + plt.get_cmap("tab20").colors[1::2]
-  color = {n: palette[i % len(palette)] for i, n in enumerate(names)}
-  marker = {n: "os^vD<>px*"[i % 10] for i, n in enumerate(names)}  # tells overlapping lines apart
   reference = [(s, n) for s, n in groups if s not in chosen]
   paths = []
   for key, scale, ylabel, fname in (("val_acc", 100.0, "validation accuracy (%)",
@@ -187,15 +185,14 @@ def plot(rows: list[Row], out: Path) -> list[Path]:
       for name in names:
         if (setting, name) in groups:
           values = scale * curves(groups[setting, name], key).mean(axis=0)
-          ax.plot(np.arange(1, len(values) + 1), values, color=color[name], label=name,
-                  lw=2.5 if name == chosen[setting] else 1.2, marker=marker[name], ms=4,
-                  markevery=max(1, len(values) // 10), fillstyle="none")
+          plot_method(ax, np.arange(1, len(values) + 1), values, name,
+                      lw=2.5 if name == chosen[setting] else 1.2, ms=4, fillstyle="none")
       for s, n in (reference if key == "val_acc" else ()):
         values = scale * curves(groups[s, n], key).mean(axis=0)
-        ax.plot(np.arange(1, len(values) + 1), values, "--", lw=1.2, label=f"{s} {n}",
-                color="black" if s == "Adam" else "gray")
+        plot_method(ax, np.arange(1, len(values) + 1), values, s, label=f"{s} {n}", lw=1.2,
+                    ms=4)
       ax.set_title(setting)
-      ax.set_xlabel("epoch")
+      epoch_axis(ax)
       ax.set_ylabel(ylabel)
       if key == "radius_mean":
         ax.set_yscale("log")

@@ -37,7 +37,10 @@ Outputs under ``--out``: ``results.csv`` (per method, seed, epoch), ``lr_search.
 band over trials, one column per model order) and ``summary.md`` (also printed): the final test
 accuracy per method (mean ± std over trials), the verdict against the target (APTS/SAPTS with
 default parameters >= tuned Adam - 0.5 points at the same epochs), and APTS/SAPTS accuracy at
-Adam's final backward passes and wall time.
+Adam's final backward passes and wall time (one line instead of the table where no APTS/SAPTS
+epoch fits Adam's budget). ``--quick`` judges no target: its summary says what the full run
+measures and ends with a one-line verdict at equal epochs. Each method has one colour and
+marker in every figure (``benchmarks.common.style``); progress bars appear only on a terminal.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from aptsjax import distributed
 from benchmarks.common import datasets, models
 from benchmarks.common.output import log, table_head, write_csv
 from benchmarks.common.progress import Progress
+from benchmarks.common.style import epoch_axis, method_style, plot_method
 from benchmarks.paper import methods as pm
 from benchmarks.paper.eta import compile_weight, epoch_weight
 
@@ -234,7 +238,8 @@ def curves(runs: dict[int, list[Row]], key: str) -> np.ndarray:
 
 def plot(rows: list[Row], batching: str, path: Path, title: str) -> bool:
   """Figure in the style of the paper's Figures 1-2: loss and accuracy vs epoch, one column
-  per model order, mean line and min-max band over trials; Adam/SGD appear in both columns."""
+  per model order, mean line and min-max band over trials; Adam/SGD appear in both columns.
+  Each method keeps its colour and marker in every figure (``benchmarks.common.style``)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -244,8 +249,6 @@ def plot(rows: list[Row], batching: str, path: Path, title: str) -> bool:
            or next(iter(runs.values()))[0]["kind"] in ("adam", "sgd")}
   if not any(next(iter(r.values()))[0]["kind"] in ("apts", "tr") for r in shown.values()):
     return False
-  palette = plt.get_cmap("tab10").colors + plt.get_cmap("tab20").colors[1::2]
-  colors = {name: palette[i % len(palette)] for i, name in enumerate(sorted(shown))}
   fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
   for col, order in enumerate(("o1", "o2")):
     for name, runs in sorted(shown.items()):
@@ -253,17 +256,16 @@ def plot(rows: list[Row], batching: str, path: Path, title: str) -> bool:
       if first["kind"] not in ("adam", "sgd") and first["order"] != order:
         continue
       epochs = np.arange(1, curves(runs, "epoch").shape[1] + 1)
-      style = "--" if first["kind"] in ("adam", "sgd") else "-"
       for row, (key, scale) in enumerate((("train_loss", 1.0), ("test_acc", 100.0))):
         values = curves(runs, key) * scale
-        ax = axes[row, col]
-        ax.plot(epochs, values.mean(0), style, color=colors[name], label=name)
-        ax.fill_between(epochs, values.min(0), values.max(0), color=colors[name], alpha=0.2)
+        plot_method(axes[row, col], epochs, values.mean(0), name)
+        axes[row, col].fill_between(epochs, values.min(0), values.max(0),
+                                    color=method_style(name)["color"], alpha=0.2)
     axes[0, col].set_title(f"{'first' if order == 'o1' else 'second'}-order models")
     axes[0, col].set_yscale("log")
     axes[0, col].set_ylabel("train loss")
     axes[1, col].set_ylabel("test accuracy (%)")
-    axes[1, col].set_xlabel("epoch")
+    epoch_axis(axes[1, col])
     if axes[1, col].get_legend_handles_labels()[0]:
       axes[1, col].legend(fontsize=8)
   fig.suptitle(title)
@@ -274,7 +276,8 @@ def plot(rows: list[Row], batching: str, path: Path, title: str) -> bool:
 
 
 def summarize(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
-  """Markdown table (final epoch, mean ± std over trials) and the verdict vs tuned Adam."""
+  """Markdown table (final epoch, mean ± std over trials) and the verdict vs tuned Adam; under
+  ``--quick``, what the run cannot judge and a one-line verdict at equal epochs instead."""
   devices = sorted({r["devices"] for r in rows})
   lines = [f"## {args.dataset}: {args.epochs} epochs, {args.trials} trial(s), "
            f"{jax.process_count()} process(es), {'/'.join(map(str, devices))} device(s)", "",
@@ -291,9 +294,57 @@ def summarize(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
                  f"{mean('train_loss'):.4f} | {last[0]['epoch']} | {mean('forward_passes'):.1f} | "
                  f"{mean('backward_passes'):.1f} | {mean('wall_s'):.1f} | "
                  f"{mean('allreduce_floats'):.3g} |")
-  lines += ["", *verdict(final), "", *equal_work(rows), "", f"Total run time {seconds:.0f} s (including compilation, "
-            "evaluation and learning-rate search)."]
+  total = (f"Total run time {seconds:.0f} s (including compilation, evaluation and "
+           "learning-rate search).")
+  if args.quick:
+    lines += ["", *quick_notes(rows, args), "", *equal_work(rows), "", total, "",
+              quick_verdict(rows, args)]
+  else:
+    lines += ["", *verdict(final), "", *equal_work(rows), "", total]
   return "\n".join(lines)
+
+
+def finals(rows: list[Row], key: str) -> dict[str, float]:
+  """Each method's final-epoch ``key``, mean over trials."""
+  return {name: float(curves(runs, key).mean(0)[-1]) for name, runs in by_method(rows).items()}
+
+
+def quick_notes(rows: list[Row], args: argparse.Namespace) -> list[str]:
+  """What a ``--quick`` run can and cannot say: its size, the target it does not judge, and
+  the full-batch methods' few iterations."""
+  default = parse_args([])
+  out = [f"Quick run: {args.epochs} epochs on the first {QUICK_ROWS:,} training rows, "
+         f"{args.trials} trial(s), learning rates from two candidates: a smoke test. The target "
+         f"(APTS/SAPTS within {TARGET_POINTS} points of tuned Adam) is judged by the full run "
+         f"(`python -m benchmarks.paper`: {default.epochs} epochs, {default.trials} trials), "
+         "not here."]
+  iters = finals(rows, "iterations")
+  full = [n for n, runs in by_method(rows).items() if next(iter(runs.values()))[0]["batching"]
+          == "full" and next(iter(runs.values()))[0]["kind"] in ("apts", "tr")]
+  if full:
+    most = max(iters.values())
+    out.append("")
+    out.append(f"{', '.join(full)} run full batch, one iteration per epoch: "
+               f"{min(iters[n] for n in full):.0f} iterations here (the most any method made: "
+               f"{most:.0f}); their accuracy after so few steps says little about where they end.")
+  return out
+
+
+def quick_verdict(rows: list[Row], args: argparse.Namespace) -> str:
+  """One line from the numbers: the best test accuracy and train loss at equal epochs, and the
+  best APTS/SAPTS run against Adam, with the run's size as the caveat."""
+  acc, loss = finals(rows, "test_acc"), finals(rows, "train_loss")
+  best, lowest = max(acc, key=acc.get), min(loss, key=loss.get)
+  text = (f"Verdict ({args.epochs} epochs, {args.trials} trial(s), {QUICK_ROWS:,} rows: says "
+          f"little about the full run): at equal epochs {best} had the best test accuracy "
+          f"({100 * acc[best]:.2f}%) and {lowest} the lowest train loss ({loss[lowest]:.4f})")
+  apts = [n for n in acc if "APTS" in n]
+  if apts:
+    top = max(apts, key=acc.get)
+    text += f"; the best APTS/SAPTS run is {top} at {100 * acc[top]:.2f}%"
+    if "Adam" in acc:
+      text += f" ({100 * (acc[top] - acc['Adam']):+.2f} points vs Adam)"
+  return text + "."
 
 
 def verdict(final: dict[str, np.ndarray]) -> list[str]:
@@ -321,23 +372,30 @@ def at_budget(runs: dict[int, list[Row]], key: str, budget: float) -> tuple[floa
 
 
 def equal_work(rows: list[Row]) -> list[str]:
-  """APTS/SAPTS accuracy at tuned Adam's final backward passes and final wall time."""
+  """APTS/SAPTS accuracy at tuned Adam's final backward passes and final wall time; one line
+  saying why instead when no APTS/SAPTS epoch fits Adam's budget."""
   groups = by_method(rows)
   if "Adam" not in groups:
     return []
   adam = groups["Adam"]
+  budget = {key: float(curves(adam, key).mean(0)[-1]) for key in ("backward_passes", "wall_s")}
+  hits = {name: [at_budget(runs, key, budget[key]) for key in budget]
+          for name, runs in groups.items() if "APTS" in name}
+  if hits and not any(h for cells in hits.values() for h in cells):
+    first = {key: min(float(curves(groups[n], key).mean(0)[0]) for n in hits) for key in budget}
+    return ["Equal work: not defined for this run. Adam's whole run "
+            f"({budget['backward_passes']:.1f} backward passes, {budget['wall_s']:.1f} s) "
+            "costs less than the first epoch of "
+            f"every APTS/SAPTS run (at least {first['backward_passes']:.1f} passes and "
+            f"{first['wall_s']:.1f} s); a longer run (the default {parse_args([]).epochs} epochs) "
+            "reports APTS/SAPTS accuracy at Adam's final passes and wall time."]
   out = ["At equal work (APTS/SAPTS mean test accuracy at the last epoch within Adam's final "
          "budget; Adam's own final accuracy "
          f"{100 * curves(adam, 'test_acc').mean(0)[-1]:.2f}%):", "",
          *table_head(["method", "at Adam's backward passes", "at Adam's wall time"])]
-  for name, runs in groups.items():
-    if "APTS" not in name:
-      continue
-    cells = []
-    for key in ("backward_passes", "wall_s"):
-      hit = at_budget(runs, key, float(curves(adam, key).mean(0)[-1]))
-      cells.append("not reached (epoch 1 costs more)" if hit is None
-                   else f"{hit[0]:.2f}% (epoch {hit[1]})")
+  for name, found in hits.items():
+    cells = ["not reached (epoch 1 costs more)" if hit is None
+             else f"{hit[0]:.2f}% (epoch {hit[1]})" for hit in found]
     out.append(f"| {name} | {cells[0]} | {cells[1]} |")
   return out
 

@@ -39,6 +39,7 @@ import aptsjax
 from aptsjax import parallel
 from benchmarks.common import datasets, models
 from benchmarks.common.output import table_head, write_csv
+from benchmarks.common.style import method_style
 
 REFERENCE = Path(__file__).parent / "reference"
 ORDERS = {"o1": False, "o2": True}
@@ -125,7 +126,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for (order, runs), color in zip(results.items(), ("tab:blue", "tab:red")):
+  for order, runs in results.items():
+    color = method_style(f"SAPTS N=2 {order}")["color"]  # 2 subdomains, minibatches
     for i, (curve, _) in enumerate(runs):
       ax.plot([r["step_s"] for r in curve], [r["test_acc"] for r in curve], color=color,
               alpha=0.6, label=f"aptsjax {order}" if i == 0 else None)
