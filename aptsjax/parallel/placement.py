@@ -71,5 +71,7 @@ class Placement:
 
   def step_shardings(self, params: PyTree, state: NamedTuple) -> tuple[PyTree, PyTree]:
     """The train step's output shardings on a 2-D mesh: params and state placed as they came."""
+    data = NamedSharding(self.mesh, P(self.axis_name))
     return (sharding.shardings(self.param_specs(params), self.mesh),
-            self.state_shardings(state, params))
+            sharding.output_specs(state, self.state_shardings(state, params), self.axis_name,
+                                  data))

@@ -147,16 +147,12 @@ def state_specs(state: NamedTuple, axis_name: str = "data", params: PyTree | Non
     specs: their PartitionSpecs; default ``param_specs(params)``.
 
   Returns:
-    A state of PartitionSpecs. A per-subdomain field that holds nothing yet (None: the aux of
-    ``has_aux`` before the first update) gets ``P(axis_name)`` as a prefix of whatever it will
-    hold, so one set of specs serves the step that fills it.
+    A state of PartitionSpecs.
   """
   per = per_subdomain_fields(state)
-  empty = {name for name in per if getattr(state, name) is None}
   if params is None:
     return type(state)(**{
-        name: P(axis_name) if name in empty else
-        jax.tree.map(lambda _, s=P(axis_name) if name in per else P(): s, value)
+        name: jax.tree.map(lambda _, s=P(axis_name) if name in per else P(): s, value)
         for name, value in state._asdict().items()})
   specs = param_specs(params) if specs is None else specs
   treedef = jax.tree.structure(params)
@@ -182,8 +178,25 @@ def state_specs(state: NamedTuple, axis_name: str = "data", params: PyTree | Non
 
     return jax.tree.map(node, value, is_leaf=lambda x: _matches(x, treedef, shapes))
 
-  return type(state)(**{name: P(axis_name) if name in empty else field(name, value)
-                        for name, value in state._asdict().items()})
+  return type(state)(**{name: field(name, value) for name, value in state._asdict().items()})
+
+
+def output_specs(state: NamedTuple, specs: NamedTuple, axis_name: str,
+                 leaf: Any = None) -> NamedTuple:
+  """``specs`` of a state for what an update returns: a per-subdomain field that holds nothing
+  yet (None, e.g. the aux of ``has_aux`` before the first update) gets ``P(axis_name)`` (or
+  ``leaf``) as a prefix of whatever the update puts there.
+
+  Args:
+    state: the state going in.
+    specs: its specs (or shardings), from ``state_specs``.
+    axis_name: the data axis.
+    leaf: what to put for such a field (default ``P(axis_name)``; a NamedSharding for
+      ``jax.jit``'s ``out_shardings``).
+  """
+  empty = {n: P(axis_name) if leaf is None else leaf
+           for n in per_subdomain_fields(state) if getattr(state, n) is None}
+  return specs._replace(**empty)
 
 
 def shardings(specs: PyTree, mesh: jax.sharding.Mesh) -> PyTree:

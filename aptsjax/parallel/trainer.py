@@ -34,6 +34,7 @@ from aptsjax import data
 from aptsjax.numerics.checks import as_int
 from aptsjax.optim.apts import apts
 from aptsjax.parallel import distributed
+from aptsjax.parallel import sharding
 from aptsjax.parallel.layout import BatchLayout
 from aptsjax.parallel.mesh import build_mesh
 from aptsjax.parallel.mesh import default_num_devices
@@ -176,8 +177,9 @@ def _sharded_update(tx: optax.GradientTransformationExtraArgs, mesh: jax.shardin
   """``_update`` under ``jax.shard_map``, manual over the data axis only: the model axis stays
   automatic (see ``build_mesh``)."""
   specs = state_specs(state, axis_name)
+  out = sharding.output_specs(state, specs, axis_name)
   return jax.shard_map(functools.partial(_update, tx), mesh=mesh,
-                       in_specs=(P(), specs, P(axis_name)), out_specs=(P(), specs),
+                       in_specs=(P(), specs, P(axis_name)), out_specs=(P(), out),
                        axis_names={axis_name})(params, state, batch)
 
 
