@@ -7,38 +7,19 @@ lowering of the step for HLO inspection.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aptsjax.optim.guard import nonfinite_message
+from aptsjax.optim.guard import report_nonfinite
+
 PyTree = Any
 
 
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")
-
-
-def _nonfinite_message(iteration: int) -> str:
-  return (f"APTS update {iteration} (state.iteration = {iteration}): the loss or gradient at the "
-          "current parameters is not finite, so the update was skipped: params and state are "
-          "unchanged apart from state.iteration and state.nonfinite. Likely NaN/Inf in the "
-          "batch or in the loss (e.g. a log of 0 or an overflow).")
-
-
-def _warn_nonfinite(iteration: Any) -> None:
-  warnings.warn(_nonfinite_message(int(iteration)), RuntimeWarning, stacklevel=2)
-
-
-def report_nonfinite(state: NamedTuple) -> None:
-  """Inside the jitted step: a host callback issuing the RuntimeWarning, only for a skipped update.
-
-  Outside ``shard_map`` the callback runs once, on the host of the mesh's first device (process
-  0), asynchronously: the step does not wait for the host.
-  """
-  jax.lax.cond(state.nonfinite, lambda i: jax.debug.callback(_warn_nonfinite, i),
-               lambda i: None, state.iteration)
 
 
 def _buffer(x: Any) -> Any:
@@ -115,7 +96,7 @@ class TrainStep:
     params, state = distinct((params, state))
     params, state = self.jitted(params, state)(params, state, batch)
     if self._on_nonfinite == "raise" and bool(np.asarray(state.nonfinite)):  # waits for the step
-      raise FloatingPointError(_nonfinite_message(int(np.asarray(state.iteration))))
+      raise FloatingPointError(nonfinite_message(int(np.asarray(state.iteration))))
     return params, state
 
   def lower(self, params: PyTree, state: NamedTuple, batch: Any) -> jax.stages.Lowered:
