@@ -97,7 +97,7 @@ class _Leaf(NamedTuple):
   """One leaf of a saved or requested tree, as the mismatch check sees it."""
   keys: tuple               # its jax key path
   shape: tuple[int, ...]
-  dtype: np.dtype | None    # None: a Python scalar of ``like`` (any dtype restores into it)
+  dtype: np.dtype | None    # None: not known (a Python scalar of ``like``): not compared
   per_subdomain: bool       # under a field with a leading subdomain axis (``PER_SUBDOMAIN``)
   stack: str | None         # the field of an L-SR1 memory (``LSR1State``) it belongs to
 
@@ -144,7 +144,8 @@ def _leaves(tree: PyTree, roles: list[tuple[bool, str | None]] | None = None
   roles = roles if roles is not None else [(False, None)] * len(flat)
   return {tuple(_key_name(k) for k in keys):
           _Leaf(keys, tuple(np.shape(leaf)),
-                np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else None, per, stack)
+                None if getattr(leaf, "dtype", None) is None else np.dtype(leaf.dtype), per,
+                stack)
           for (keys, leaf), (per, stack) in zip(flat, roles)}
 
 
@@ -195,7 +196,8 @@ def _mismatches(stored: dict[tuple[str, ...], _Leaf], requested: dict[tuple[str,
   lines, fixes = [], {}
   for path, wanted in requested.items():
     saved = stored.get(path)
-    if saved is None or (saved.shape == wanted.shape and wanted.dtype in (None, saved.dtype)):
+    if saved is None or (saved.shape == wanted.shape and
+                         (None in (wanted.dtype, saved.dtype) or wanted.dtype == saved.dtype)):
       continue
     cause = _cause(saved, wanted)
     lines.append(f"  {_written(wanted.keys)}: stored {saved.shape} {saved.dtype}, requested "
