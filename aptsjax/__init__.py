@@ -38,6 +38,7 @@ from aptsjax.optim.local import trust_region_local_solver
 from aptsjax.optim.config import APTSConfig
 from aptsjax.optim.config import GENERAL_MIN_RADIUS
 from aptsjax.optim.config import TrustRegionConfig
+from aptsjax.optim.guard import warn_on_skip
 from aptsjax.optim.trust_region import TrustRegionState
 from aptsjax.optim.trust_region import trust_region
 from aptsjax.optim.trust_region import value_and_grad_from_state
@@ -75,4 +76,5 @@ __all__ = [
     "distributed", "layer_blocks", "leaf_blocks", "local", "lsr1", "mesh", "numerics", "obs",
     "optax_local_solver", "optim", "parallel", "scaling", "shard_blocks", "sharding",
     "state_specs", "trust_region", "trust_region_local_solver", "value_and_grad_from_state",
+    "warn_on_skip",
 ]

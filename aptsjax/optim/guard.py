@@ -6,10 +6,16 @@ update may run (the loss and gradient at the current point are finite), and with
 the same way: when the update could not run, every field of the state keeps its old value (the
 update is a no-op: zero updates, ``nonfinite`` set), otherwise the new values are taken. This
 module is that one path, so that the two methods cannot drift apart.
+
+A skipped update is reported from here too: ``report_nonfinite`` issues a ``RuntimeWarning``
+from a host callback inside a jitted update, used by ``warn_on_skip`` (a user's own loop) and by
+the trainer's ``on_nonfinite="warn"`` (``aptsjax.parallel.step``).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -115,3 +121,80 @@ def finish(ok: jax.Array, new: Outcome, state: NamedTuple) -> dict[str, Any]:
       stalled=ok & new.stalled, nonfinite=~ok, iteration=state.iteration + 1,
       predicted_reduction=jnp.where(ok, new.predicted_reduction, 0.0).astype(dtype),
       actual_reduction=jnp.where(ok, new.actual_reduction, 0.0).astype(dtype))
+
+
+def _has_flags(x: Any) -> bool:
+  return hasattr(x, "_fields") and "nonfinite" in x._fields and "iteration" in x._fields
+
+
+def flagged_state(state: Any) -> NamedTuple:
+  """The aptsjax state inside ``state``: itself, or the one inside an ``optax.chain`` state.
+
+  Raises:
+    ValueError: ``state`` holds no state with ``nonfinite`` and ``iteration`` fields, or
+      several.
+  """
+  found = [x for x in jax.tree.leaves(state, is_leaf=_has_flags) if _has_flags(x)]
+  if len(found) != 1:
+    raise ValueError(f"expected one aptsjax state (with fields 'nonfinite' and 'iteration', "
+                     f"as aptsjax.trust_region and aptsjax.apts keep) in the optimizer state, "
+                     f"found {len(found)}.")
+  return found[0]
+
+
+def nonfinite_message(iteration: int, method: str = "APTS") -> str:
+  """The text of the warning (or error) for a skipped update."""
+  return (f"{method} update {iteration} (state.iteration = {iteration}): the loss or gradient "
+          "at the current parameters is not finite, so the update was skipped: params and state "
+          "are unchanged apart from state.iteration and state.nonfinite. Likely NaN/Inf in the "
+          "batch or in the loss (e.g. a log of 0 or an overflow).")
+
+
+def _warn_nonfinite(iteration: Any, method: str) -> None:
+  warnings.warn(nonfinite_message(int(iteration), method), RuntimeWarning, stacklevel=2)
+
+
+def report_nonfinite(state: Any) -> None:
+  """Inside a jitted update: a host callback issuing the ``RuntimeWarning`` of
+  ``nonfinite_message``, only when the update was skipped (``state.nonfinite``).
+
+  Asynchronous: nothing waits for the host (``jax.effects_barrier()`` does). Outside
+  ``shard_map`` the callback runs once, on the host of the first device (process 0).
+
+  Args:
+    state: the state after the update: an aptsjax state or an ``optax.chain`` state holding
+      one (see ``flagged_state``); the warning names it ("APTS", "TrustRegion").
+  """
+  found = flagged_state(state)
+  warn = functools.partial(_warn_nonfinite, method=type(found).__name__.removesuffix("State"))
+  jax.lax.cond(found.nonfinite, lambda i: jax.debug.callback(warn, i), lambda i: None,
+               found.iteration)
+
+
+def warn_on_skip(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``update`` also warns when it skipped an update, for a user's own jitted loop.
+
+  ``aptsjax.trust_region`` and ``aptsjax.apts`` skip an update whose loss or gradient at the
+  current parameters is not finite and only set ``state.nonfinite``. Wrapped, the update also
+  issues a ``RuntimeWarning`` naming the iteration (``report_nonfinite``: a host callback run
+  only for a skipped update, under ``jax.jit`` too, with no host sync)::
+
+      tx = aptsjax.warn_on_skip(aptsjax.trust_region(loss_fn))
+
+  The state is ``tx``'s own, unchanged; ``tx`` may be an ``optax.chain`` holding one aptsjax
+  transformation. Call ``jax.effects_barrier()`` to wait for pending warnings.
+
+  Args:
+    tx: an aptsjax transformation, or a chain holding one.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with ``tx``'s ``init`` and state.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, state = tx.update(updates, state, params, **extra_args)
+    report_nonfinite(state)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -1,8 +1,9 @@
 """The jitted APTS train step of ``aptsjax.parallel.apts_trainer``: ``TrainStep``.
 
 Reporting an update skipped for a non-finite loss or gradient (``on_nonfinite``), donation of
-the params and state a step is given (their buffers are reused for the results), and the
-lowering of the step for HLO inspection.
+the params and state a step is given (their buffers are reused for the results), a one-time
+warning when a new batch shape compiles the step again, and the lowering of the step for HLO
+inspection.
 """
 
 from __future__ import annotations
@@ -14,31 +15,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aptsjax.optim.guard import nonfinite_message
+from aptsjax.optim.guard import report_nonfinite
+
 PyTree = Any
 
 
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")
 
 
-def _nonfinite_message(iteration: int) -> str:
-  return (f"APTS update {iteration} (state.iteration = {iteration}): the loss or gradient at the "
-          "current parameters is not finite, so the update was skipped: params and state are "
-          "unchanged apart from state.iteration and state.nonfinite. Likely NaN/Inf in the "
-          "batch or in the loss (e.g. a log of 0 or an overflow).")
+def batch_shapes(batch: Any) -> str:
+  """The shapes and dtypes of a batch's leaves, as ``float32[2,256,4]``; what a compiled step
+  is specialised to."""
+  def describe(x):
+    dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+    return f"{np.dtype(dtype).name}[{','.join(str(d) for d in np.shape(x))}]"
 
-
-def _warn_nonfinite(iteration: Any) -> None:
-  warnings.warn(_nonfinite_message(int(iteration)), RuntimeWarning, stacklevel=2)
-
-
-def report_nonfinite(state: NamedTuple) -> None:
-  """Inside the jitted step: a host callback issuing the RuntimeWarning, only for a skipped update.
-
-  Outside ``shard_map`` the callback runs once, on the host of the mesh's first device (process
-  0), asynchronously: the step does not wait for the host.
-  """
-  jax.lax.cond(state.nonfinite, lambda i: jax.debug.callback(_warn_nonfinite, i),
-               lambda i: None, state.iteration)
+  return ", ".join(describe(x) for x in jax.tree.leaves(batch))
 
 
 def _buffer(x: Any) -> Any:
@@ -78,7 +71,9 @@ class TrainStep:
   ``lower``, and kept for every later call. A call places the params (``place``), copies
   buffers shared by two leaves (``distinct``), donates the params and state, and reports a
   skipped update as ``on_nonfinite`` says: ``"warn"`` from a host callback inside the step,
-  ``"raise"`` after it (waiting for the step), ``"ignore"`` not.
+  ``"raise"`` after it (waiting for the step), ``"ignore"`` not. The first call with a batch
+  of other shapes than the first batch's (which compiles the step again, 1-3 s each) issues a
+  ``UserWarning``, once per ``TrainStep``.
   """
 
   def __init__(self, fn: Callable[..., tuple[PyTree, NamedTuple]], on_nonfinite: str = "warn",
@@ -92,6 +87,8 @@ class TrainStep:
     self._place = place
     self._out_shardings = out_shardings
     self._jitted = None if out_shardings is not None else self._jit()
+    self._batch_shapes: str | None = None  # the first batch's
+    self._reshaped = False  # a batch of other shapes was reported
 
   def _run(self, params, state, batch):  # what is jitted: the step with the in-step report
     params, state = self._fn(params, state, batch)
@@ -110,13 +107,30 @@ class TrainStep:
     return self._jitted
 
   def __call__(self, params: PyTree, state: NamedTuple, batch: Any) -> tuple[PyTree, NamedTuple]:
+    self._check_batch(batch)
     if self._place is not None:
       params = self._place(params)
     params, state = distinct((params, state))
     params, state = self.jitted(params, state)(params, state, batch)
     if self._on_nonfinite == "raise" and bool(np.asarray(state.nonfinite)):  # waits for the step
-      raise FloatingPointError(_nonfinite_message(int(np.asarray(state.iteration))))
+      raise FloatingPointError(nonfinite_message(int(np.asarray(state.iteration))))
     return params, state
+
+  def _check_batch(self, batch: Any) -> None:
+    """Warns (once) when ``batch`` has other shapes than the first batch: a new compilation."""
+    if self._reshaped:
+      return
+    shapes = batch_shapes(batch)
+    if self._batch_shapes is None:
+      self._batch_shapes = shapes
+    elif shapes != self._batch_shapes:
+      warnings.warn(
+          f"trainer.step got a batch of shapes ({shapes}) after ({self._batch_shapes}): the "
+          "step is compiled again for every new batch shape (1-3 s each). Give every step "
+          "the same number of rows: pad the last partial batch, or drop it "
+          "(aptsjax.data.iterate_minibatches drops it; aptsjax.data.trim_rows cuts a batch "
+          "to a multiple of a size). Warned once per trainer.", UserWarning, stacklevel=3)
+      self._reshaped = True
 
   def lower(self, params: PyTree, state: NamedTuple, batch: Any) -> jax.stages.Lowered:
     """The step lowered for these arguments (params placed as ``place`` would), for HLO

@@ -22,6 +22,7 @@ mesh; ``BatchLayout`` (``aptsjax.parallel.layout``) lays out and shards the batc
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -154,7 +155,9 @@ def _checked_devices(num_subdomains: Any, num_devices: Any, model_devices: Any, 
   if model_devices > len(devices):
     raise ValueError(f"model_devices={model_devices} but only {len(devices)} devices are "
                      "available.")
-  num_devices = num_devices or default_num_devices(num_subdomains, devices[::model_devices])
+  if num_devices is None:
+    num_devices = default_num_devices(num_subdomains, devices[::model_devices])
+    _warn_idle(num_subdomains, num_devices, model_devices, len(devices[::model_devices]))
   if num_devices * model_devices > len(devices):
     raise ValueError(f"num_devices={num_devices} x model_devices={model_devices} devices are "
                      f"needed but only {len(devices)} are available.")
@@ -162,6 +165,19 @@ def _checked_devices(num_subdomains: Any, num_devices: Any, model_devices: Any, 
     raise ValueError(f"num_subdomains={num_subdomains} is not divisible by "
                      f"num_devices={num_devices}.")
   return num_subdomains, num_devices, model_devices, devices
+
+
+def _warn_idle(num_subdomains: int, num_devices: int, model_devices: int, available: int) -> None:
+  """A ``UserWarning`` when the default ``num_devices`` leaves some of the devices idle."""
+  if num_devices >= available:
+    return
+  unit = "devices" if model_devices == 1 else f"replicas of model_devices={model_devices}"
+  warnings.warn(
+      f"num_subdomains={num_subdomains} on {available} available {unit}: the trainer uses "
+      f"num_devices={num_devices} (the most that divide N) and leaves {available - num_devices} "
+      f"idle. To use all {available}, make num_subdomains a multiple of {available} (e.g. "
+      f"{available * -(-num_subdomains // available)}); to keep this layout, pass "
+      f"num_devices={num_devices}, which also silences this warning.", UserWarning, stacklevel=4)
 
 
 def _update(tx: optax.GradientTransformationExtraArgs, params: PyTree, state: NamedTuple,
@@ -265,7 +281,9 @@ def apts_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], num_subdomains: in
       collectives (the model axis is ``AxisType.Auto``).
     num_subdomains: N, the total number of subdomains.
     num_devices: D, the size of the data axis, dividing N (with P processes, a multiple of P);
-      default: the largest possible with ``model_devices`` devices per replica.
+      default: the largest possible with ``model_devices`` devices per replica, with a
+      ``UserWarning`` when that leaves devices idle (N = 6 on 4 devices uses 3; passing
+      ``num_devices`` silences it).
     overlap: shared rows / own rows of the subdomain layout, in [0, 1) (docs/method.md,
       "Overlap layout").
     axis_name: the data axis name.
