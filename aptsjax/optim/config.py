@@ -37,6 +37,9 @@ LocalMethod = Literal["trust_region", "adam"]
 BlockBound = Literal["equal", "size"]
 
 
+MINIMUM = {"local_steps": 1, "global_steps": 0}  # the integer options and their least values
+
+
 class TrustRegionConfig(NamedTuple):
   """The constants and options of one trust region (the paper's (2) and (7)).
 
@@ -139,8 +142,8 @@ class APTSConfig(NamedTuple):
       raise ValueError("trust_region must be an aptsjax.TrustRegionConfig, got "
                        f"{type(self.trust_region).__name__}.")
     self.trust_region.validate()
-    checks.as_int("local_steps", self.local_steps, 1)
-    checks.as_int("global_steps", self.global_steps, 0)
+    for name, minimum in MINIMUM.items():
+      checks.as_int(name, getattr(self, name), minimum)
     if not self.local_lr > 0.0:
       raise ValueError(f"need local_lr > 0, got {self.local_lr}.")
     if not (self.local_solver in typing.get_args(LocalMethod) or _is_solver(self.local_solver)):
@@ -191,7 +194,7 @@ def _coerce(config_type: type, name: str, value: Any) -> Any:
       raise ValueError(f"{name} must be one of {typing.get_args(hint)}, got {value!r}.")
     return value
   if hint is int:
-    return checks.as_int(name, value, 0)
+    return checks.as_int(name, value, MINIMUM.get(name, 0))
   if hint is float:
     if isinstance(value, (str, bool)) or not isinstance(value, (int, float)):
       raise ValueError(f"{name} must be a number, got {value!r}.")
