@@ -1,7 +1,9 @@
-"""aptsjax.trust_region in Flax loops: NNX (nnx.Optimizer), Linen (TrainState), optax.chain.
+"""aptsjax.flax: aptsjax.trust_region and aptsjax.apts in Flax loops: NNX (nnx.Optimizer, with
+``nnx_loss_fn``), Linen (TrainState, with ``apply_train_state``), optax.chain.
 
-Every run is full batch on two Gaussian blobs (200 rows), so the trust-region loss never
-increases between iterations.
+Every trust-region run is full batch on two Gaussian blobs (200 rows), so the loss never
+increases between iterations. NNX models with partitioned parameters on meshes:
+tests/flax/test_nnx_mesh.py.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from flax import nnx
 from flax.training import train_state
 
 import aptsjax
-from aptsjax.flax import apply_train_state, nnx_loss_fn
+from aptsjax.flax import apply_train_state
+from aptsjax.flax import nnx_loss_fn
+from tests.problems import lsq_problem
 
 STEPS = 30
 
@@ -102,6 +106,31 @@ def test_nnx_loss_fn_takes_pure_and_variable_states():
   nnx.update(model_2, doubled)
   assert float(loss_fn(doubled, batch)) == pytest.approx(float(nnx_loss(model_2, batch)), rel=1e-6)
   assert float(nnx_loss(model, batch)) == expected  # the model is untouched
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_nnx_float32_model_with_float64_data(x64, second_order):
+  """float32 parameters with float64 data under jax_enable_x64, through nnx.Optimizer, with
+  either method: the model and the optimizer state stay float32 and the loss falls."""
+  _, batch = lsq_problem()
+  batch = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), batch)
+  model_loss = lambda m, b: jnp.mean((m(b[0])[:, 0] - b[1]) ** 2)
+
+  @nnx.jit
+  def nnx_step(model, optimizer, batch):
+    loss, grads = nnx.value_and_grad(model_loss)(model, batch)
+    optimizer.update(model, grads, batch=batch)
+    return loss
+
+  for make in (aptsjax.trust_region,
+               lambda f, **kw: aptsjax.apts(f, num_subdomains=2, local_steps=2, **kw)):
+    model = nnx.Linear(5, 1, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+    tx = make(nnx_loss_fn(model, model_loss), second_order=second_order)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    losses = [float(nnx_step(model, optimizer, batch)) for _ in range(4)]
+    assert model.kernel[...].dtype == jnp.float32
+    assert optimizer.opt_state.value[...].dtype == jnp.float32
+    assert float(optimizer.opt_state.value[...]) < losses[0], losses
 
 
 class WithBatchNorm(nnx.Module):

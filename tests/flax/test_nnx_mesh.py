@@ -1,8 +1,10 @@
 """Flax NNX models with partitioned parameters (``nnx.with_partitioning``) and ``nnx.Optimizer``.
 
-The optimizer state inherits the parameters' partitioning metadata with the leading axes it adds
-(L-SR1 stacks, per-subdomain states) prefixed, so ``nnx.get_named_sharding`` shards it as the
-parameters; three jitted updates on a 2 x 2 mesh equal those of an unsharded model (float64, 1e-8).
+With ``aptsjax.flax.partitioned(tx)`` the optimizer state inherits the parameters' partitioning
+metadata with the leading axes it adds (L-SR1 stacks, per-subdomain states) prefixed, so
+``nnx.get_named_sharding`` shards it as the parameters; three jitted updates on a 2 x 2 mesh
+equal those of an unsharded model (float64, 1e-8). ``apts_trainer`` reads the same metadata
+(aptsjax.parallel.sharding).
 """
 
 import jax
@@ -13,7 +15,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import aptsjax
-from aptsjax import flax as flax_utils
+from aptsjax import flax as aptsjax_flax
+from aptsjax import parallel
 
 
 class MLP(nnx.Module):
@@ -42,10 +45,12 @@ def batch(rows=64):
 
 
 def make_tx(kind, model):
-  loss_fn = flax_utils.nnx_loss_fn(model, loss)
+  """The optimizer, its state's metadata extended by ``aptsjax.flax.partitioned``."""
+  loss_fn = aptsjax_flax.nnx_loss_fn(model, loss)
   if kind == "trust_region":
-    return aptsjax.trust_region(loss_fn, memory=3)
-  return aptsjax.apts(loss_fn, num_subdomains=2, second_order=True, memory=3)
+    return aptsjax_flax.partitioned(aptsjax.trust_region(loss_fn, memory=3))
+  return aptsjax_flax.partitioned(aptsjax.apts(loss_fn, num_subdomains=2, second_order=True,
+                                               memory=3))
 
 
 def train(model, kind, data, iters=3):
@@ -115,16 +120,16 @@ def test_nnx_optimizer_with_partitioned_params(x64, kind):
 
 def test_trainer_reads_nnx_partitioning_metadata():
   """``apts_trainer(model_devices=2)`` takes the specs from ``nnx.with_partitioning``."""
-  with jax.set_mesh(aptsjax.mesh.build_mesh(2, 2, jax.devices())):   # the trainer's layout
+  with jax.set_mesh(parallel.mesh.build_mesh(2, 2, jax.devices())):   # the trainer's layout
     model = MLP(nnx.Rngs(0), dtype=jnp.float32)
-  loss_fn = flax_utils.nnx_loss_fn(model, loss)
+  loss_fn = aptsjax_flax.nnx_loss_fn(model, loss)
   params = nnx.state(model, nnx.Param)          # Variables, with their metadata
-  trainer = aptsjax.parallel.apts_trainer(loss_fn, 2, num_devices=2, model_devices=2,
-                                          second_order=True, memory=3)
+  trainer = parallel.apts_trainer(loss_fn, 2, num_devices=2, model_devices=2,
+                                  second_order=True, memory=3)
   state = trainer.init(params)
   assert trainer.replicate(params)["l1"]["kernel"].sharding.spec == P(None, "model")
   assert state.global_memory.s["l1"]["kernel"].sharding.spec == P(None, None, "model")
   assert state.local_state[0].mu["l2"]["kernel"].sharding.spec == P("data", "model", None)
-  everything = aptsjax.parallel.apts_trainer(loss_fn, 2, num_devices=2, model_devices=2,
-                                             param_specs=P())    # a prefix: all replicated
+  everything = parallel.apts_trainer(loss_fn, 2, num_devices=2, model_devices=2,
+                                     param_specs=P())    # a prefix: all replicated
   assert everything.init(params).grad["l1"]["kernel"].sharding.spec == P(None, None)

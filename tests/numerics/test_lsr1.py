@@ -1,4 +1,4 @@
-"""Tests of aptsjax.lsr1 against the dense SR1 recursion (tests/oracles.py).
+"""Tests of aptsjax.numerics.lsr1 against the dense SR1 recursion (tests/oracles.py).
 
 Expected values never come from aptsjax: `dense_pairs` only says WHICH pairs are in use and the
 gamma, and the dense float64 recursion over those pairs is the reference for `matvec`.
@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from aptsjax import lsr1
+from aptsjax.numerics import lsr1
+from tests.oracles import gamma_oracle
 from tests.oracles import sr1_dense
+from tests.problems import flat
+from tests.problems import leaves_like
 
 PyTree = Any
 
@@ -501,3 +504,77 @@ def test_update_writes_the_pair_in_place():
   assert _stack_copies(jax.vmap(lsr1.update), batched, pair, pair) == []
   text = jax.jit(lsr1.update).lower(state, like, like).compile().as_text()
   assert " copy(" in text[text.index("ENTRY"):]
+
+
+# ----------------------------------------------------------------------------
+# lsr1.rescale
+
+
+def random_memory(rng, template, num_pairs: int, memory: int):
+  """An L-SR1 memory fed with pairs (s, A s) of an SPD matrix A, all of them in use."""
+  n = flat(template).size
+  q = rng.normal(size=(n, n))
+  a = q @ q.T / n + np.diag(np.linspace(0.5, 3.0, n))
+  state = lsr1.init(template, memory)
+  for _ in range(num_pairs):
+    s = rng.normal(size=n)
+    state = _update(state, leaves_like(template, s), leaves_like(template, a @ s))
+  assert int(np.sum(np.asarray(state.in_use))) == num_pairs
+  return state
+
+
+def test_lsr1_rescale_matches_dense_oracle(x64):
+  rng = np.random.default_rng(1)
+  template = {"a": jnp.zeros(4), "b": jnp.zeros((3,))}
+  state = random_memory(rng, template, num_pairs=3, memory=4)
+  ratio = rng.uniform(0.3, 3.0, size=7)
+  rescaled = jax.jit(lsr1.rescale)(state, leaves_like(template, ratio))
+  # The stored stacks, every slot: (r s, y / r); s.y is unchanged, so are the stamps.
+  stacked = lambda tree: np.stack([flat(jax.tree.map(lambda b, i=i: b[i], tree)) for i in range(4)])
+  np.testing.assert_allclose(stacked(rescaled.s), stacked(state.s) * ratio, rtol=1e-15)
+  np.testing.assert_allclose(stacked(rescaled.y), stacked(state.y) / ratio, rtol=1e-15)
+  np.testing.assert_array_equal(rescaled.stamp, state.stamp)
+  # The pairs in use, oldest first, and the Gram matrices of the new stacks.
+  S0, Y0, _ = lsr1.dense_pairs(state)
+  S, Y, gamma = lsr1.dense_pairs(rescaled)
+  np.testing.assert_allclose(S, S0 * ratio, rtol=1e-15)
+  np.testing.assert_allclose(Y, Y0 / ratio, rtol=1e-15)
+  order = np.argsort(np.asarray(state.stamp))[-3:]
+  np.testing.assert_allclose(np.asarray(rescaled.ss)[np.ix_(order, order)], S @ S.T, rtol=1e-13)
+  np.testing.assert_allclose(np.asarray(rescaled.yy)[np.ix_(order, order)], Y @ Y.T, rtol=1e-13)
+  # gamma recomputed from the new pairs, and B v the SR1 recursion over them.
+  assert gamma == pytest.approx(gamma_oracle(S, Y), rel=1e-10)
+  assert gamma != pytest.approx(float(state.gamma), rel=1e-3)   # the ratio changed it
+  dense = sr1_dense(S, Y, gamma)
+  for _ in range(3):
+    v = rng.normal(size=7)
+    got = flat(lsr1.matvec(rescaled, leaves_like(template, v)))
+    np.testing.assert_allclose(got, dense @ v, rtol=0,
+                               atol=1e-11 * np.linalg.norm(dense, 2) * np.linalg.norm(v))
+
+
+def test_lsr1_rescale_by_ones_keeps_the_matrix():
+  """float32: ratio 1 recomputes S^T S, gamma and the factorisation from the same pairs.
+
+  Error model: every recomputed quantity is a sum of at most n products or a k-by-k
+  eigendecomposition, each within a few eps of its old value relative to |B|; these errors reach
+  B v amplified at most by the condition number kappa of M^{-1} = D + L + L^T - gamma S^T S. So
+  |B' v - B v| <= C k eps kappa |B| |v| with C = 10.
+  """
+  rng = np.random.default_rng(2)
+  template = {"a": jnp.zeros(4), "b": jnp.zeros((3,))}
+  state = random_memory(rng, template, num_pairs=3, memory=4)
+  same = lsr1.rescale(state, jax.tree.map(jnp.ones_like, template))
+  np.testing.assert_array_equal(same.in_use, state.in_use)
+  S, Y, gamma = lsr1.dense_pairs(state)
+  k = S.shape[0]
+  sy = S @ Y.T
+  newer = np.arange(k)[:, None] >= np.arange(k)[None, :]
+  kappa = np.linalg.cond(np.where(newer, sy, sy.T) - gamma * S @ S.T)
+  b_norm = np.linalg.norm(sr1_dense(S, Y, gamma), 2)
+  eps32 = float(np.finfo(np.float32).eps)
+  for _ in range(3):
+    v = rng.normal(size=7).astype(np.float32)
+    before = flat(lsr1.matvec(state, leaves_like(template, v)))
+    after = flat(lsr1.matvec(same, leaves_like(template, v)))
+    assert np.linalg.norm(after - before) <= 10 * k * eps32 * kappa * b_norm * np.linalg.norm(v)

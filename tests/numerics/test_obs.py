@@ -1,4 +1,4 @@
-"""Tests of aptsjax.obs against the dense More-Sorensen solve (tests/oracles.py).
+"""Tests of aptsjax.numerics.obs against the dense More-Sorensen solve (tests/oracles.py).
 
 B is rebuilt densely (float64) from `lsr1.dense_pairs(state)` with the SR1 recursion, and the
 global minimiser of the trust-region model is found by a full eigendecomposition. What is compared
@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from aptsjax import lsr1
-from aptsjax import obs
+from aptsjax.numerics import lsr1
+from aptsjax.numerics import obs
 from tests.oracles import model_value
 from tests.oracles import sr1_dense
 from tests.oracles import tr_subproblem_dense
@@ -585,28 +585,3 @@ def test_property_feasible_and_optimal(x64, seed, n, num_pairs, kind, log_radius
   scale = np.linalg.norm(g) * radius + np.linalg.norm(B, 2) * radius**2
   assert m <= m_oracle + 1e-8 * abs(m_oracle) + 1e-11 * scale, (m, m_oracle)
   assert abs(pred + m) <= 1e-8 * abs(m) + 1e-11 * scale, (pred, -m)
-
-
-def test_unit_entries_and_add_unit_against_numpy():
-  """The hard-case unit vectors: the first flat entries of the smallest leaves, read and added
-  through one-hot contractions (small leaves) or static slices (larger ones) alike."""
-  from aptsjax import compact  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  tree = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=(5,)), "c": rng.normal(size=(2, 3, 4))}
-  stack = jax.tree.map(lambda x: jnp.asarray(np.stack([x, -2 * x]), jnp.float32), tree)
-  # smallest first: b (5 entries) gives 5 by contraction (5 x 5 <= n = 41), then a gives 5 by
-  # slices (12 x 5 > 41); c gives none. Columns come in leaf order: a's, then b's.
-  got = np.asarray(compact.unit_entries(stack, 10))
-  want = np.concatenate([np.stack([tree["a"].ravel()[:5], -2 * tree["a"].ravel()[:5]]),
-                         np.stack([tree["b"][:5], -2 * tree["b"][:5]])], axis=1)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  values = np.arange(1.0, 11.0)
-  added = compact.add_unit(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree),
-                           jnp.asarray(values))
-  expect = {k: v.copy() for k, v in tree.items()}
-  expect["b"][:5] += values[5:]
-  flat = expect["a"].ravel()
-  flat[:5] += values[:5]
-  expect["a"] = flat.reshape(3, 4)
-  for k in tree:
-    np.testing.assert_allclose(np.asarray(added[k]), expect[k], rtol=1e-6)

@@ -1,7 +1,11 @@
-"""Tests of aptsjax.apts on one device and across 4 host CPU devices (shard_map and pmap)."""
+"""Tests of aptsjax.optim.apts on one device: the algorithm's steps (the consistency term, the
+combination of the local steps, the global ratio test), its options (``combine``, ``norm="rms"``)
+and its guards.
 
-import functools
-
+Expectations are computed by hand or with numpy (float64), never with aptsjax itself. Across
+devices (shard_map, pmap, the trainer): tests/parallel/; the contract shared with trust_region:
+tests/optim/test_contract.py.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,50 +13,19 @@ import optax
 import pytest
 
 import aptsjax
-from aptsjax import comm
-from aptsjax import parallel
-from aptsjax.optim.apts import LocalCarry, LocalSolver, local_objective
+from aptsjax import APTSConfig
+from aptsjax.optim.apts_stages import local_objective
+from aptsjax.optim.local import LocalCarry
+from aptsjax.optim.local import LocalSolver
 from tests import rounding
-
-
-def mlp_loss(params, batch):
-  x, y = batch
-  h = jnp.tanh(x @ params["w1"] + params["b1"])
-  out = h @ params["w2"] + params["b2"]
-  return jnp.mean((out[:, 0] - y) ** 2)
-
-
-def problem(dtype=jnp.float32, rows=64, seed=0):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  params = {"w1": 0.5 * jax.random.normal(k1, (4, 8), dtype), "b1": jnp.zeros(8, dtype),
-            "w2": 0.5 * jax.random.normal(k2, (8, 1), dtype), "b2": jnp.zeros(1, dtype)}
-  x = jax.random.normal(k3, (rows, 4), dtype)
-  y = jnp.sin(x[:, 0]) + 0.5 * x[:, 1] * x[:, 2]
-  return params, (x, y)
-
-
-@functools.lru_cache(maxsize=None)
-def cached_trainer(num_devices, second_order, **kw):
-  """One trainer (one compiled step) per configuration, reused by the rounding probes."""
-  return parallel.apts_trainer(mlp_loss, 4, num_devices=num_devices, second_order=second_order,
-                               **kw)
-
-
-def run_trainer(num_devices, second_order, iters, dtype=jnp.float32, params=None, **kw):
-  # 128 rows per subdomain: with far fewer rows than parameters per block the local curvature is
-  # rank-deficient, and float64 rounding differences grow too fast for a 10-iteration comparison.
-  default_params, batch = problem(dtype, rows=512)
-  params = jax.tree.map(jnp.copy, default_params if params is None else params)  # step donates
-  trainer = cached_trainer(num_devices, second_order, **kw)
-  state, sharded = trainer.init(params), trainer.shard_batch(batch)
-  for _ in range(iters):
-    params, state = trainer.step(params, state, sharded)
-  return parallel.numpy_tree(params), parallel.numpy_tree(state)
-
-
-def assert_close(a, b, rtol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * max(1.0, float(np.abs(y).max())))
+from tests.oracles import rms_oracle
+from tests.problems import apts_updates
+from tests.problems import assert_close
+from tests.problems import flat
+from tests.problems import lsq_loss
+from tests.problems import lsq_problem
+from tests.problems import mlp_loss
+from tests.problems import problem
 
 
 @pytest.mark.parametrize("second_order", [False, True])
@@ -69,152 +42,6 @@ def test_full_batch_loss_never_increases(x64, second_order):
     assert float(state.value) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-12)
   assert np.all(np.diff(losses) <= 1e-14 * losses[0]), losses
   assert losses[-1] < 0.5 * losses[0]
-
-
-@pytest.mark.parametrize("second_order, preset", [(False, "defaults"), (True, "defaults"),
-                                                  (True, "paper")])
-def test_shard_map_matches_one_device_float64(x64, second_order, preset):
-  """4 devices = 1 device over 10 float64 iterations: the defaults (local Adam, mean of the
-  local steps) and the paper's method (local TR with L-SR1 memories, sum)."""
-  iters = 10
-  kw = {"base": aptsjax.Hyperparams.paper()} if preset == "paper" else {}
-  one = run_trainer(1, second_order, iters, jnp.float64, **kw)
-  four = run_trainer(4, second_order, iters, jnp.float64, **kw)
-  assert_close(four[0], one[0], 1e-8)
-  assert_close((four[1].value, four[1].radius), (one[1].value, one[1].radius), 1e-8)
-  local_one, local_four = one[1].local_state, four[1].local_state
-  if preset == "paper":  # the pairs and gamma (the factor's basis is only unique up to rotation)
-    for name in ("s", "y", "gamma"):
-      assert_close(getattr(local_four, name), getattr(local_one, name), 1e-8)
-    np.testing.assert_array_equal(local_four.in_use, local_one.in_use)
-  else:                  # every subdomain's Adam state
-    assert_close(local_four, local_one, 1e-8)
-
-
-def pmap_run(second_order, iters, params, batch):
-  """APTS under jax.pmap with the caller's all-reduced gradient (pmean of shard gradients)."""
-  tx = aptsjax.apts(mlp_loss, num_subdomains=4, second_order=second_order, axis_name="data")
-  state = parallel.pmap_state(
-      aptsjax.apts(mlp_loss, num_subdomains=4, second_order=second_order).init(params), 4)
-
-  def step(p, s, b):
-    g = jax.lax.pmean(jax.grad(mlp_loss)(p, b), "data")
-    u, s = tx.update(g, s, p, batch=b)
-    return optax.apply_updates(p, u), s
-
-  pstep = jax.pmap(step, axis_name="data", in_axes=(None, 0, 0), out_axes=(None, 0))
-  x, y = batch
-  batch = (x.reshape(4, -1, x.shape[-1]), y.reshape(4, -1))
-  for _ in range(iters):
-    params, state = pstep(params, state, batch)
-  state = parallel.unpmap_state(state)
-  return {"params": params, "loss": state.value, "radius": state.radius}
-
-
-def one_device_float32(second_order, iters, params):
-  """The single-device float32 run and its probe spread (tests/rounding.py's error model)."""
-  def one_device(p):
-    p, state = run_trainer(1, second_order, iters, params=p)
-    return {"params": p, "loss": state.value, "radius": state.radius}
-
-  reference = one_device(params)
-  return reference, rounding.probe_spread(one_device, params, reference)
-
-
-@pytest.mark.parametrize("second_order", [False, True])
-def test_shard_map_and_pmap_match_one_device_float32(second_order):
-  """float32: 4 devices (shard_map, pmap) equal 1 device within rounding (tests/rounding.py)."""
-  iters = 3
-  params, batch = problem(rows=512)
-  reference, spread = one_device_float32(second_order, iters, params)
-  four_params, four_state = run_trainer(4, second_order, iters, params=params)
-  rounding.assert_within_rounding(
-      {"params": four_params, "loss": four_state.value, "radius": four_state.radius},
-      reference, spread, "shard_map, 4 devices")
-  rounding.assert_within_rounding(pmap_run(second_order, iters, params, batch), reference,
-                                  spread, "pmap, 4 devices")
-
-
-def test_shard_map_with_callers_gradient_and_check_vma():
-  """The documented recipe: grads = grad of pmean(loss) inside shard_map (check_vma on and off)."""
-  params, batch = problem()
-  ref_tx = aptsjax.apts(mlp_loss, num_subdomains=4, second_order=False)
-  ref_updates, ref_state = ref_tx.update(jax.grad(mlp_loss)(params, batch), ref_tx.init(params),
-                                         params, batch=batch)
-  tx = aptsjax.apts(mlp_loss, num_subdomains=4, second_order=False, axis_name="data")
-  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  state = ref_tx.init(params)
-  specs = aptsjax.state_specs(state, "data")
-  for check_vma in (True, False):
-    def step(p, s, b):
-      if check_vma:
-        g = jax.grad(lambda q: jax.lax.pmean(mlp_loss(q, b), "data"))(p)
-      else:
-        g = jax.lax.pmean(jax.grad(mlp_loss)(p, b), "data")
-      return tx.update(g, s, p, batch=b)
-    f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), specs, P("data")),
-                              out_specs=(P(), specs), check_vma=check_vma))
-    updates, new_state = f(params, state, batch)
-    assert_close(updates, ref_updates, 1e-5)
-    assert_close(new_state.radius, ref_state.radius, 1e-6)
-
-
-P = jax.sharding.PartitionSpec
-
-
-def test_state_specs():
-  params, _ = problem()
-  state = aptsjax.apts(mlp_loss, num_subdomains=4).init(params)
-  specs = aptsjax.state_specs(state, "data")
-  assert specs.radius == P()
-  assert all(s == P("data") for s in jax.tree.leaves(specs.local_state,
-                                                     is_leaf=lambda x: isinstance(x, P)))
-  assert specs.local_steps == P("data")
-  assert all(s == P() for s in jax.tree.leaves(specs.global_memory,
-                                               is_leaf=lambda x: isinstance(x, P)))
-  for leaf in jax.tree.leaves(state.local_state):
-    assert leaf.shape[0] == 4
-  tr_state = aptsjax.trust_region(mlp_loss).init(params)
-  assert all(s == P() for s in jax.tree.leaves(aptsjax.state_specs(tr_state, "data"),
-                                               is_leaf=lambda x: isinstance(x, P)))
-
-
-def test_no_allreduce_in_local_loop_and_fixed_volume():
-  params, batch = problem()
-  n = sum(x.size for x in jax.tree.leaves(params))
-  totals = []
-  for local_steps in (2, 6):
-    trainer = parallel.apts_trainer(mlp_loss, 4, num_devices=4, second_order=False,
-                                    local_steps=local_steps)
-    state = trainer.init(params)
-    compiled = trainer.step.lower(params, state, trainer.shard_batch(batch)).compile()
-    records = comm.allreduce_stats(compiled)
-    assert records, "expected all-reduces in a 4-device update"
-    # The local loop (a while loop whose trip count depends on the data) is there, and
-    # communicates nothing; the global phase is a loop of 1 + global_steps known trips.
-    assert any(" while(" in line and "known_trip_count" not in line
-               for line in compiled.as_text().splitlines())
-    assert not any(r.trips is None for r in records), records
-    assert any(r.in_loop and r.trips == 2 for r in records), records
-    totals.append(sum(r.elements * r.trips for r in records))
-  assert totals[0] == totals[1]
-  # g^k, s~, the gradient at theta^k + s~ and one global step: 4 n floats plus a few scalars.
-  assert 4 * n <= totals[0] <= 4 * n + 16, (totals, n)
-
-
-def test_allreduce_detector_flags_loops():
-  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-  def f(x):
-    def body(c):
-      i, v = c
-      return i + 1, jax.lax.psum(v, "data") * 0.5
-    return jax.lax.while_loop(lambda c: c[0] < x[0, 0].astype(int), body, (0, x))[1]
-
-  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
-                            check_vma=False))
-  records = comm.allreduce_stats(g.lower(jnp.ones((4, 3))).compile())
-  assert records and all(r.in_loop and r.trips is None for r in records)
 
 
 def test_consistency_term_gives_global_gradient():
@@ -258,7 +85,7 @@ def test_single_subdomain_matches_first_order_trust_region():
   params, batch = problem()
   g = jax.grad(mlp_loss)(params, batch)
   a_tx = aptsjax.apts(mlp_loss, num_subdomains=1, local_steps=1, global_steps=0,
-                      second_order=False, base=aptsjax.Hyperparams.paper())
+                      second_order=False, base=APTSConfig.paper())
   t_tx = aptsjax.trust_region(mlp_loss, second_order=False, min_radius=1e-3)
   a_updates, a_state = a_tx.update(g, a_tx.init(params), params, batch=batch)
   t_updates, t_state = t_tx.update(g, t_tx.init(params), params, batch=batch)
@@ -325,47 +152,139 @@ def test_bad_configuration_errors():
   tx = aptsjax.apts(mlp_loss, num_subdomains=4, axis_name="data")
   with pytest.raises(ValueError, match="not bound"):
     tx.update(g, tx.init(params), params, batch=batch)
-  with pytest.raises(ValueError, match="divisible"):
-    parallel.apts_trainer(mlp_loss, 6, num_devices=4)
   tx = aptsjax.apts(mlp_loss, num_subdomains=4)
   with pytest.raises(ValueError, match="grads"):
     tx.update({"w1": g["w1"]}, tx.init(params), params, batch=batch)
 
 
-@pytest.mark.parametrize("num_devices", [1, 4])
-def test_trainer_donates_params_and_state(num_devices):
-  """step reuses the buffers of the params and state it is given; the results do not change."""
-  params, batch = problem(rows=512)
-  trainer = cached_trainer(num_devices, True)
-  sharded = trainer.shard_batch(batch)
-  p, s = trainer.replicate(jax.tree.map(jnp.copy, params)), trainer.init(params)
-  tx = trainer.tx if num_devices == 1 else aptsjax.apts(mlp_loss, 4, second_order=True)
-  updates, want_state = jax.jit(lambda q, t: tx.update(None, t, q, batch=batch))(params,
-                                                                                tx.init(params))
-  got_params, got_state = trainer.step(p, s, sharded)
-  # Every parameter-sized buffer is reused (the flags that the update only writes are not
-  # inputs of the compiled step at all).
-  assert all(x.is_deleted() for x in jax.tree.leaves((p, s.grad, s.local_state, s.global_memory)))
-  assert not any(x.is_deleted() for x in jax.tree.leaves(params))
-  assert_close(parallel.numpy_tree(got_params), optax.apply_updates(params, updates), 1e-5)
-  assert_close(parallel.numpy_tree(got_state.value), want_state.value, 1e-5)
-  # NumPy inputs are copied to the devices (and stay usable); an eagerly built state (one
-  # buffer in several fields) is accepted.
-  host, eager = parallel.numpy_tree(params), trainer.tx.init(params)
-  if trainer.mesh is not None:
-    eager = jax.device_put(eager, jax.tree.map(lambda spec: jax.NamedSharding(trainer.mesh, spec),
-                                               aptsjax.state_specs(eager, "data")))
-  trainer.step(host, eager, sharded)
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host),
-                                                  jax.tree.leaves(parallel.numpy_tree(params))))
+def test_sizes_must_be_integers():
+  for name in ("local_steps", "memory"):
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got 2.5"):
+      aptsjax.apts(lsq_loss, **{name: 2.5})
+  # numpy integers are integers.
+  tx = aptsjax.apts(lsq_loss, num_subdomains=np.int64(2), local_steps=np.int32(2))
+  assert tx.init(lsq_problem()[0]).local_steps.shape == (2,)
 
 
-def test_sapts_minibatches_with_overlap():
-  params, (x, y) = problem(rows=240)
-  trainer = parallel.apts_trainer(mlp_loss, 4, num_devices=1, overlap=0.05, second_order=False)
-  state = trainer.init(params)
-  start = float(mlp_loss(params, (x, y)))
-  for epoch in range(3):
-    for batch in aptsjax.data.iterate_minibatches((x, y), 80, overlap=0.05, seed=0, epoch=epoch):
-      params, state = trainer.step(params, state, trainer.shard_batch(batch))
-  assert float(mlp_loss(params, (x, y))) < 0.7 * start
+def test_missing_or_too_small_batch_is_a_clear_value_error():
+  params, batch = lsq_problem()
+  apts = aptsjax.apts(lsq_loss, num_subdomains=4, second_order=False)
+  state = apts.init(params)
+  with pytest.raises(ValueError, match="apts needs the batch"):
+    apts.update(None, state, params)
+  for rows in (0, 3):
+    small = jax.tree.map(lambda a, k=rows: a[:k], batch)
+    with pytest.raises(ValueError, match=f"has {rows} rows, fewer than its 4 subdomains"):
+      apts.update(None, state, params, batch=small)
+
+
+# ----------------------------------------------------------------------------
+# combine="mean": the mean of the local steps, each within Delta
+
+
+def numpy_loss(params, batch):
+  """``mlp_loss`` in float64 numpy (an independent evaluation)."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  x, y = (np.asarray(a, np.float64) for a in batch)
+  h = np.tanh(x @ p["w1"] + p["b1"])
+  return float(np.mean(((h @ p["w2"] + p["b2"])[:, 0] - y) ** 2))
+
+
+def one_update(tx, params, batch):
+  state = tx.init(params)
+  grads = jax.grad(mlp_loss)(params, batch)
+  updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))(grads, state, params)
+  return updates, state
+
+
+def test_mean_of_first_order_first_steps_is_one_normalised_gradient_step(x64):
+  """combine="mean", first order, nu = 1: s~ = -Delta g / |g|, pred = mean_i local decrease."""
+  params, batch = problem(jnp.float64, rows=64)
+  radius = 0.05
+  tx = aptsjax.apts(mlp_loss, num_subdomains=4, local_steps=1, second_order=False,
+                    global_steps=0, base=APTSConfig.paper(), combine="mean",
+                    init_radius=radius)
+  updates, state = one_update(tx, params, batch)
+  g = jax.grad(mlp_loss)(params, batch)
+  gnorm = np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(g)))
+  expected = {k: -radius * np.asarray(v) / gnorm for k, v in g.items()}
+  assert bool(state.apts_accepted)
+  for k in params:
+    np.testing.assert_allclose(updates[k], expected[k], rtol=1e-10, atol=1e-14)
+  # Each subdomain's decrease f_i(theta^k) - f_i(theta^k + s): the consistency term adds
+  # <g - g_i, s> to the block loss difference.
+  blocks = [(batch[0][i * 16:(i + 1) * 16], batch[1][i * 16:(i + 1) * 16]) for i in range(4)]
+  moved = {k: np.asarray(params[k]) + expected[k] for k in params}
+  decreases = []
+  for blk in blocks:
+    g_i = jax.grad(mlp_loss)(params, blk)
+    r_dot_s = sum(float(np.sum((np.asarray(g[k]) - np.asarray(g_i[k])) * expected[k]))
+                  for k in params)
+    decreases.append(numpy_loss(params, blk) - numpy_loss(moved, blk) - r_dot_s)
+  np.testing.assert_allclose(float(state.predicted_reduction), np.mean(decreases), rtol=1e-9)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("local_solver", ["trust_region", "adam"])
+def test_mean_step_within_radius_and_local_steps_reach_further(second_order, local_solver):
+  """|s~| <= Delta with combine="mean" (the triangle inequality), over several updates."""
+  params, batch = problem(jnp.float32, rows=64)
+  tx = aptsjax.apts(mlp_loss, num_subdomains=2, local_steps=5, second_order=second_order,
+                    global_steps=0, base=APTSConfig.paper(), combine="mean",
+                    local_solver=local_solver, local_radius="split")
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))
+  for _ in range(6):
+    radius = float(state.radius)
+    updates, state = step(jax.grad(mlp_loss)(params, batch), state, params)
+    length = float(jnp.sqrt(sum(jnp.sum(u**2) for u in jax.tree.leaves(updates))))
+    assert length <= radius * (1 + 1e-5), (length, radius)   # float32 rounding of one norm
+    params = optax.apply_updates(params, updates)
+  assert int(np.max(state.local_steps)) > 1
+
+
+# ----------------------------------------------------------------------------
+# apts with norm="rms"
+
+
+def test_apts_first_order_rms_step(x64):
+  """N = 2, one local step, no global step: every subdomain's local step is the first-order
+  step -(Delta / 2) D^{-1} g / |D^{-1} g| in u (grad f_i(theta^k) = g), so the APTS step in theta
+  is -Delta D^{-2} g / |D^{-1} g|."""
+  params, batch = problem(jnp.float64)
+  radius = 0.05
+  tx = aptsjax.apts(mlp_loss, num_subdomains=2, local_steps=1, global_steps=0,
+                    second_order=False, norm="rms", init_radius=radius,
+                    base=APTSConfig.paper())
+  [(_, updates, state)] = apts_updates(tx, params, batch, 1)
+  g = flat(jax.grad(mlp_loss)(params, batch))
+  _, d = rms_oracle([g], 0.999, 1e-8)
+  assert bool(state.apts_accepted)
+  np.testing.assert_allclose(flat(updates), -radius * g / d**2 / np.linalg.norm(g / d),
+                             rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(flat(state.scaling.d), d, rtol=1e-12)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_apts_step_within_scaled_region(second_order):
+  """|D s~| <= Delta for the APTS step s~ (the update, with global_steps=0), in float32.
+
+  Error model: s~ is scaled to |u| <= Delta in float32, then mapped to theta and back (two
+  roundings per element): |D s~| <= Delta (1 + 8 eps32). rms_eps = 0.05, of the size of the
+  gradient's entries, keeps D from being proportional to sqrt|g| (with which the first steps are
+  sign steps whose Euclidean length equals their D-length).
+  """
+  params, batch = problem()
+  tx = aptsjax.apts(mlp_loss, num_subdomains=2, local_steps=3, global_steps=0,
+                    second_order=second_order, norm="rms", rms_eps=0.05, init_radius=0.05,
+                    base=APTSConfig.paper())
+  boundary, euclid = 0, []
+  for radius, updates, state in apts_updates(tx, params, batch, 3):
+    d = flat(state.scaling.d)
+    step = flat(updates)
+    assert np.linalg.norm(d * step) <= radius * (1 + 8 * rounding.EPS32)
+    if bool(state.apts_accepted):
+      boundary += np.linalg.norm(d * step) >= 0.99 * radius
+      euclid.append(np.linalg.norm(step) / radius)
+  assert boundary >= 1
+  assert max(abs(e - 1.0) for e in euclid) > 0.05   # the region is not the Euclidean one

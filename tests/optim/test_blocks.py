@@ -1,4 +1,7 @@
-"""Tests of parameter-block subdomains: aptsjax.blocks and aptsjax.apts(param_blocks=...)."""
+"""Tests of parameter-block subdomains: aptsjax.optim.blocks and aptsjax.apts(param_blocks=...).
+
+Across devices: tests/parallel/test_devices.py.
+"""
 
 import math
 
@@ -10,8 +13,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import aptsjax
-from aptsjax import blocks
-from aptsjax import parallel
+from aptsjax import APTSConfig
+from aptsjax import TrustRegionConfig
+from aptsjax.optim import blocks
 from aptsjax.optim.local import LocalSolver
 
 N_ROWS = 32
@@ -108,7 +112,7 @@ def run(tx, params, batch, iters):
   return params, state
 
 
-@pytest.mark.parametrize("base", [None, aptsjax.Hyperparams.paper()])
+@pytest.mark.parametrize("base", [None, APTSConfig.paper()])
 def test_one_block_equals_no_blocks(base):
   params, batch = problem()
   kw = dict(num_subdomains=2, local_steps=3, base=base)
@@ -138,9 +142,9 @@ def recording(inner: LocalSolver) -> LocalSolver:
 
 SOLVERS = {  # name -> (LocalSolver for N subdomains and J blocks with combine="sum", base)
     "tr-o1": lambda n, j: aptsjax.trust_region_local_solver(
-        aptsjax.Hyperparams.paper().scaled(n * math.sqrt(j)), False, 10, 3),
+        TrustRegionConfig.paper().scaled(n * math.sqrt(j)), False, 10, 3),
     "tr-o2": lambda n, j: aptsjax.trust_region_local_solver(
-        aptsjax.Hyperparams.paper().scaled(n * math.sqrt(j)), True, 10, 3),
+        TrustRegionConfig.paper().scaled(n * math.sqrt(j)), True, 10, 3),
     "adam": lambda n, j: aptsjax.optax_local_solver(optax.adam(0.05)),
 }
 
@@ -152,7 +156,7 @@ def test_block_steps_stay_in_their_blocks(solver, norm):
   params, batch = problem()
   n, j = 2, 4
   tx = aptsjax.apts(mlp_loss, num_subdomains=n, local_steps=3, second_order=solver == "tr-o2",
-                    base=aptsjax.Hyperparams.paper(), norm=norm, global_steps=0,
+                    base=APTSConfig.paper(), norm=norm, global_steps=0,
                     param_blocks=COLUMNS, local_solver=recording(SOLVERS[solver](n, j)),
                     init_radius=0.5)
   state = tx.init(params)
@@ -254,7 +258,7 @@ def test_one_update_matches_numpy_oracle(x64, block_bound):
     actual = f(theta, np.arange(8)) - f(theta + s_tilde, np.arange(8))
 
     params = {"a": jnp.asarray(a0), "b": jnp.asarray(b0)}
-    tx = aptsjax.apts(loss, num_subdomains=n, local_steps=1, base=aptsjax.Hyperparams.paper(),
+    tx = aptsjax.apts(loss, num_subdomains=n, local_steps=1, base=APTSConfig.paper(),
                       combine=combine, global_steps=0, init_radius=radius, param_blocks=labels,
                       block_bound=block_bound)
     updates, state = jax.jit(lambda p, s, b, tx=tx: tx.update(None, s, p, batch=b))(
@@ -272,46 +276,16 @@ def test_one_update_matches_numpy_oracle(x64, block_bound):
     assert pred > 0 and np.count_nonzero(s_tilde) == 5
 
 
-# ------------------------------------------------------------------------ devices
-
-def trainer_run(num_devices, param_blocks, base):
-  params, batch = problem(jnp.float64, rows=64)
-  trainer = parallel.apts_trainer(mlp_loss, 2, num_devices=num_devices, local_steps=3,
-                                  base=base,
-                                  param_blocks=param_blocks)
-  state, sharded = trainer.init(params), trainer.shard_batch(batch)
-  for _ in range(3):
-    params, state = trainer.step(params, state, sharded)
-  return parallel.numpy_tree(params), parallel.numpy_tree(state)
-
-
-@pytest.mark.parametrize("param_blocks, base, backend", [
-    ("layers", None, "cpu"), (COLUMNS, aptsjax.Hyperparams.paper(), "gpu")])
-def test_two_devices_match_one(x64, monkeypatch, param_blocks, base, backend):
-  """apts_trainer over 2 devices (shard_map, each holding N / 2 x J problems) = 1 device: the
-  defaults (Adam local solver) and the paper's local TR; "gpu": the 2-device run takes the
-  vectorized local loop (still on the CPU devices), the 1-device run the sequential one."""
-  one = trainer_run(1, param_blocks, base)
-  monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  two = trainer_run(2, param_blocks, base)
-  assert one[1].local_steps.shape == two[1].local_steps.shape == (2 * 4,)
-  for a, b in zip(jax.tree.leaves(two[0]) + [two[1].value, two[1].radius],
-                  jax.tree.leaves(one[0]) + [one[1].value, one[1].radius]):
-    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-  np.testing.assert_array_equal(two[1].local_steps, one[1].local_steps)
-  assert bool(one[1].accepted)
-
-
 def test_block_bounds_split_the_bound():
   """Both rules give bounds whose squares sum to the data bound's square; "size" by entries."""
   params, _ = problem()
-  spec = aptsjax.blocks.resolve("layers", params)
+  spec = blocks.resolve("layers", params)
   n = sum(x.size for x in jax.tree.leaves(params))
   assert sum(spec.sizes) == n
-  for rule in aptsjax.blocks.BOUNDS:
-    d = aptsjax.blocks.divisors(3, spec, rule)
+  for rule in blocks.BOUNDS:
+    d = blocks.divisors(3, spec, rule)
     np.testing.assert_allclose(np.sum((1.0 / d) ** 2), 1.0 / 9.0, rtol=1e-12)
-  size = aptsjax.blocks.divisors(3, spec, "size")
+  size = blocks.divisors(3, spec, "size")
   np.testing.assert_allclose(3.0 / size, np.sqrt(np.asarray(spec.sizes) / n), rtol=1e-12)
   with pytest.raises(ValueError, match="block_bound"):
     aptsjax.apts(mlp_loss, param_blocks="layers", block_bound="area")

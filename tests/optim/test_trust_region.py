@@ -1,6 +1,9 @@
-"""Unit tests of aptsjax.trust_region: the ratio test, the radius update and the transformation.
+"""Tests of aptsjax.optim.trust_region: the transformation, its radius trajectory, its guards and
+the scaled region ``norm="rms"``.
 
-Expectations are computed by hand or with numpy (float64), never with aptsjax itself.
+Expectations are computed by hand or with numpy (float64, tests/oracles.py), never with aptsjax
+itself. The ratio test and the radius update alone: tests/optim/test_radius.py; the contract
+shared with apts (jit, extra args, dtypes, optax utilities): tests/optim/test_contract.py.
 """
 from __future__ import annotations
 
@@ -10,32 +13,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import aptsjax
-from aptsjax.optim.trust_region import Hyperparams, ratio_test, update_radius
+from aptsjax import TrustRegionConfig
+from tests.oracles import gamma_oracle
+from tests.oracles import rms_oracle
+from tests.oracles import sr1_dense
+from tests.oracles import tr_subproblem_dense
+from tests.problems import A
+from tests.problems import B
+from tests.problems import X0
+from tests.problems import flat
+from tests.problems import leaves_like
+from tests.problems import lsq_loss
+from tests.problems import lsq_problem
+from tests.problems import quadratic
+from tests.problems import rosenbrock
 
-HP = Hyperparams()  # eta_accept 0, eta1 0.25, eta2 0.75, alpha 0.5, beta 2, radii [1e-3, 4]
-NAN, INF = float("nan"), float("inf")
-
-# A fixed convex quadratic f(x) = 0.5 x.Ax - b.x in R^4 (A symmetric positive definite).
-A = np.array([[4.0, 1.0, 0.0, 0.0], [1.0, 3.0, 0.5, 0.0], [0.0, 0.5, 2.0, 0.2],
-              [0.0, 0.0, 0.2, 1.0]])
-B = np.array([1.0, -2.0, 0.5, 3.0])
-X0 = np.array([2.0, -1.0, 1.5, 0.5])
-
-
-def quadratic(x, batch=None):
-  """f(x) = 0.5 x.Ax - b.x (batch unused)."""
-  del batch
-  a = jnp.asarray(A, x.dtype)
-  return 0.5 * x @ (a @ x) - jnp.asarray(B, x.dtype) @ x
-
-
-def rosenbrock(params, batch=None):
-  """Extended Rosenbrock on a dict {'u': odd coordinates, 'v': even coordinates}."""
-  del batch
-  u, v = params["u"], params["v"]
-  return jnp.sum(100.0 * (v - u**2) ** 2 + (1.0 - u) ** 2)
+NAN = float("nan")
 
 
 def rosenbrock_start(dtype=jnp.float32, shift: float = 0.0):
@@ -63,60 +59,6 @@ def run(step, params, state, steps: int):
 
 def assert_trees_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-# ----------------------------------------------------------------------------
-# ratio_test and update_radius
-
-
-@pytest.mark.parametrize("actual, predicted, expected", [
-    (2.0, 1.0, (True, False, True)),      # rho = 2
-    (1.0, 1.0, (True, False, True)),      # rho = 1
-    (0.8, 1.0, (True, False, True)),      # rho = 0.8 > eta2
-    (0.75, 1.0, (True, False, False)),    # rho = eta2 exactly: no growth (strict)
-    (0.5, 1.0, (True, False, False)),     # 0.25 < rho < 0.75: radius kept
-    (0.25, 1.0, (True, False, False)),    # rho = eta1 exactly: no shrink (shrink iff rho < eta1)
-    (0.1, 1.0, (True, True, False)),      # accepted but shrinking
-    (0.0, 1.0, (False, True, False)),     # zero decrease: rejected (strict accept)
-    (-1.0, 1.0, (False, True, False)),    # increase
-    (1.0, 0.0, (False, True, False)),     # predicted = 0
-    (1.0, -1.0, (False, True, False)),    # predicted < 0
-    (-1.0, -1.0, (False, True, False)),   # rho = 1 but predicted < 0
-    (NAN, 1.0, (False, True, False)),     # NaN trial loss
-    (INF, 1.0, (False, True, False)),     # trial loss -inf
-    (-INF, 1.0, (False, True, False)),    # trial loss +inf
-    (1.0, NAN, (False, True, False)),
-    (1.0, INF, (False, True, False)),
-])
-def test_ratio_test(actual, predicted, expected):
-  accept, shrink, grow = ratio_test(jnp.float32(actual), jnp.float32(predicted), HP)
-  assert (bool(accept), bool(shrink), bool(grow)) == expected
-
-
-def test_ratio_test_custom_thresholds():
-  hp = HP._replace(eta_accept=0.1, eta1=0.3, eta2=0.9)
-  cases = {0.1: (False, True, False), 0.2: (True, True, False), 0.3: (True, False, False),
-           0.9: (True, False, False), 0.95: (True, False, True)}
-  for rho, expected in cases.items():
-    accept, shrink, grow = ratio_test(jnp.float32(rho * 8.0), jnp.float32(8.0), hp)
-    assert (bool(accept), bool(shrink), bool(grow)) == expected, rho
-
-
-@pytest.mark.parametrize("radius, shrink, grow, expected", [
-    (1.0, False, False, 1.0),
-    (1.0, True, False, 0.5),
-    (1.0, False, True, 2.0),
-    (3.0, False, True, 4.0),       # clipped at max_radius
-    (4.0, False, True, 4.0),
-    (0.0015, True, False, 0.001),  # clipped at min_radius
-    (0.001, True, False, 0.001),
-    (0.001, False, True, 0.002),
-    (4.0, True, False, 2.0),
-])
-def test_update_radius(radius, shrink, grow, expected):
-  new = update_radius(jnp.float32(radius), jnp.array(shrink), jnp.array(grow), HP)
-  assert new.dtype == jnp.float32
-  assert float(new) == pytest.approx(expected, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------
@@ -327,6 +269,52 @@ def test_bad_configuration_raises_at_construction(kwargs):
     aptsjax.trust_region(rosenbrock, **kwargs)
 
 
+def test_memory_must_be_an_integer():
+  with pytest.raises(ValueError, match="memory must be an integer >= 1, got 2.5"):
+    aptsjax.trust_region(lsq_loss, memory=2.5, second_order=False)
+
+
+def test_missing_or_empty_batch_is_a_clear_value_error():
+  params, batch = lsq_problem()
+  grads = jax.grad(lsq_loss)(params, batch)
+  tx = aptsjax.trust_region(lsq_loss)
+  with pytest.raises(ValueError, match=r"without batch=.*loss_fn\(params, None\) failed") as info:
+    tx.update(grads, tx.init(params), params)
+  assert "tx.update(grads, state, params, batch=batch)" in str(info.value)
+  assert "optimizer.update(model, grads, batch=batch)" in str(info.value)
+  assert isinstance(info.value.__cause__, TypeError)  # the user's own error, chained
+  # A loss without data still runs with batch=None (first order: an eager update is cheap).
+  quad = aptsjax.trust_region(lambda p, _: jnp.sum(p ** 2), second_order=False)
+  x = jnp.ones(3)
+  updates, _ = quad.update(2.0 * x, quad.init(x), x)
+  assert float(jnp.sum((x + updates) ** 2)) < 3.0
+  empty = jax.tree.map(lambda a: a[:0], batch)
+  with pytest.raises(ValueError, match="0 rows"):
+    tx.update(grads, tx.init(params), params, batch=empty)
+
+
+def test_rescaling_chain_consequence_is_documented():
+  """A rescaling chain is documented, not detected: the documented consequence."""
+  for doc in (aptsjax.trust_region.__doc__, aptsjax.apts.__doc__):
+    assert "optax.chain(tx,\n  optax.scale(c))" in doc or "optax.chain(tx, optax.scale(c))" in doc
+    assert "not detected" in doc
+  params, batch = lsq_problem()
+  gaps = {}
+  for name, tx in (("alone", aptsjax.trust_region(lsq_loss, second_order=False)),
+                   ("scaled", optax.chain(aptsjax.trust_region(lsq_loss, second_order=False),
+                                          optax.scale(0.5)))):
+    state = tx.init(params)
+    grads = jax.grad(lsq_loss)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    tr_state = state if name == "alone" else state[0]
+    assert bool(tr_state.accepted)
+    new_params = optax.apply_updates(params, updates)
+    gaps[name] = abs(float(tr_state.value) - float(lsq_loss(new_params, batch)))
+    gaps[name] /= float(lsq_loss(new_params, batch))
+  assert gaps["alone"] < 1e-6, gaps   # state.value is the loss at the new parameters ...
+  assert gaps["scaled"] > 1e-3, gaps  # ... but not after optax.scale(0.5) halved the step.
+
+
 # ----------------------------------------------------------------------------
 # Save / restore, jit, vmap, dtypes (one second-order configuration on extended Rosenbrock)
 
@@ -444,3 +432,156 @@ def test_value_and_grad_from_state_reuses_and_matches():
   # the one at the trial point only, once the state holds the loss and gradient.
   assert calls_a == 2 * steps
   assert calls_b == steps + 1
+
+
+# ----------------------------------------------------------------------------
+# trust_region with radius_growth: the radius trajectory against a numpy re-implementation
+
+
+def radius_rule(radius, rho, step_norm, growth, hp=TrustRegionConfig()):
+  """The radius update (7) in numpy; for "boundary" growth needs |s| = radius.
+
+  Returns None when the step length is too close to the boundary fraction to classify.
+  """
+  on_boundary = step_norm >= (1 - 1e-9) * radius
+  if growth == "boundary" and rho > hp.eta2 and not on_boundary and step_norm > (1 - 2e-3) * radius:
+    return None
+  if rho > hp.eta2 and (growth == "always" or on_boundary):
+    return min(hp.beta * radius, hp.max_radius)
+  if rho < hp.eta1:
+    return max(hp.alpha * radius, hp.min_radius)
+  return radius
+
+
+@pytest.mark.parametrize("growth", ["always", "boundary"])
+def test_trust_region_radius_growth(x64, growth):
+  """Second-order TR on Rosenbrock: every radius update follows the rule of ``growth``; some
+  accepted interior steps with rho > eta2 happen, which grow the radius only for "always"."""
+  tx = aptsjax.trust_region(rosenbrock, memory=3, init_radius=0.1, radius_growth=growth)
+  update = jax.jit(tx.update)
+  x = {"u": jnp.full((2,), -1.2), "v": jnp.full((2,), 1.0)}
+  state = tx.init(x)
+  interior_good = 0
+  for _ in range(14):
+    radius = float(state.radius)
+    updates, state = update(jax.grad(rosenbrock)(x), state, x)
+    rho = float(state.actual_reduction) / float(state.predicted_reduction)
+    step_norm = float(optax.tree.norm(updates))   # 0 for a rejected step (which has rho <= 0)
+    expected = radius_rule(radius, rho, step_norm, growth)
+    assert expected is not None
+    assert float(state.radius) == pytest.approx(expected, rel=1e-12)
+    if bool(state.accepted) and rho > 0.75 and step_norm < (1 - 1e-3) * radius:
+      interior_good += 1
+      assert (float(state.radius) > radius) == (growth == "always")
+    x = optax.apply_updates(x, updates)
+  assert interior_good >= 2
+
+
+# ----------------------------------------------------------------------------
+# trust_region with norm="rms"
+
+_RNG = np.random.default_rng(3)
+_Q = _RNG.normal(size=(6, 6))
+QA = _Q @ _Q.T / 6 + np.diag([20.0, 5.0, 1.0, 0.2, 0.05, 2.0])   # SPD, badly scaled
+QB = _RNG.normal(size=6)
+QX0 = _RNG.normal(size=6)
+QTEMPLATE = {"a": jnp.zeros(2), "b": jnp.zeros(4)}
+
+
+def scaled_quadratic(params, batch=None):
+  """f(x) = 0.5 x.Ax - b.x on a two-leaf pytree (x its ravelled vector)."""
+  del batch
+  x = ravel_pytree(params)[0]
+  return 0.5 * x @ (jnp.asarray(QA, x.dtype) @ x) - jnp.asarray(QB, x.dtype) @ x
+
+
+def quadratic_grad(x: np.ndarray) -> np.ndarray:
+  return QA @ x - QB
+
+
+def test_first_order_rms_step(x64):
+  """s = -Delta D^{-2} g / |D^{-1} g| with D from the first gradient; |D s| = Delta."""
+  radius, decay, eps = 0.3, 0.999, 1e-8
+  tx = aptsjax.trust_region(scaled_quadratic, second_order=False, norm="rms", init_radius=radius)
+  x = leaves_like(QTEMPLATE, QX0)
+  updates, state = jax.jit(tx.update)(jax.grad(scaled_quadratic)(x), tx.init(x), x)
+  g = quadratic_grad(QX0)
+  _, d = rms_oracle([g], decay, eps)
+  assert np.ptp(d) > 0.5                                 # D is far from the identity here
+  step = -radius * g / d**2 / np.linalg.norm(g / d)
+  assert bool(state.accepted)
+  np.testing.assert_allclose(flat(updates), step, rtol=1e-12)
+  assert np.linalg.norm(d * flat(updates)) == pytest.approx(radius, rel=1e-12)
+  np.testing.assert_allclose(flat(state.scaling.d), d, rtol=1e-12)
+  # The state holds the theta-space gradient and the loss at the new point.
+  x1 = QX0 + step
+  np.testing.assert_allclose(flat(state.grad), quadratic_grad(x1), rtol=1e-12, atol=1e-12)
+  assert float(state.value) == pytest.approx(0.5 * x1 @ QA @ x1 - QB @ x1, rel=1e-12)
+  # The predicted reduction is that of the first-order model: -g.s = Delta |D^{-1} g|.
+  assert float(state.predicted_reduction) == pytest.approx(radius * np.linalg.norm(g / d),
+                                                           rel=1e-12)
+
+
+def stored_pairs(memory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Every stored pair (rows, oldest first) and its slot numbers, in the state's variables."""
+  stamp = np.asarray(memory.stamp)
+  slots = [i for i in np.argsort(stamp, kind="stable") if stamp[i] >= 0]
+  row = lambda stack, i: flat(jax.tree.map(lambda b: b[i], stack))
+  return (np.stack([row(memory.s, i) for i in slots]), np.stack([row(memory.y, i) for i in slots]),
+          np.asarray(slots))
+
+
+def sr1_safeguard_passes(S: np.ndarray, Y: np.ndarray, gamma: float, r_tol: float) -> bool:
+  """Whether every pair passes |s.r| > r_tol |s| |r| in the SR1 recursion from gamma I."""
+  B = gamma * np.eye(S.shape[1])
+  for s, y in zip(S, Y):
+    r = y - B @ s
+    if abs(s @ r) <= r_tol * np.linalg.norm(s) * np.linalg.norm(r):
+      return False
+    B = B + np.outer(r, r) / (r @ s)
+  return True
+
+
+def test_second_order_rms_step_matches_dense_oracle(x64):
+  """Each update solves the L-SR1 subproblem in u = D theta with the memory moved to the new D.
+
+  The oracle: D from the gradients so far (numpy); the stored pairs (kept in the previous
+  variables) times D_new / D_old and divided by it; gamma from the pencil; B_u their SR1
+  recursion; u = the dense trust-region solution for g_u = g / d; the step in theta is u / d.
+  """
+  radius0, decay, eps = 0.3, 0.999, 1e-8
+  tx = aptsjax.trust_region(scaled_quadratic, memory=3, norm="rms", init_radius=radius0)
+  update = jax.jit(tx.update)
+  x = leaves_like(QTEMPLATE, QX0)
+  state = tx.init(x)
+  grads, checked, interior = [], 0, 0
+  for it in range(8):
+    xv = flat(x)
+    g = quadratic_grad(xv)
+    grads.append(g)
+    _, d = rms_oracle(grads, decay, eps)
+    radius = float(state.radius)
+    S_old, Y_old, _ = stored_pairs(state.memory) if int(state.memory.count) else (None,) * 3
+    updates, new = update(jax.grad(scaled_quadratic)(x), state, x)
+    np.testing.assert_allclose(flat(new.scaling.d), d, rtol=1e-12)
+    S_new, Y_new, slots = stored_pairs(new.memory)
+    # The memory is kept in u = D theta: every pair is (D s, D^{-1} A s) for a theta-step s.
+    a_u = QA / d[:, None] / d[None, :]
+    np.testing.assert_allclose(Y_new, S_new @ a_u.T, rtol=0,
+                               atol=1e-10 * np.abs(Y_new).max())
+    stored_now = int(new.memory.count) > int(state.memory.count)
+    u_step = S_new[-1] if stored_now else None
+    if stored_now and bool(new.accepted):
+      np.testing.assert_allclose(flat(updates), u_step / d, rtol=1e-12, atol=1e-15)
+    if stored_now and bool(new.accepted) and it >= 1:
+      d_old = flat(state.scaling.d)
+      S_u, Y_u = S_old * (d / d_old), Y_old / (d / d_old)
+      gamma = gamma_oracle(S_u, Y_u)
+      assert sr1_safeguard_passes(S_u, Y_u, gamma, 1e-8)   # every pair in use
+      p, _ = tr_subproblem_dense(g / d, sr1_dense(S_u, Y_u, gamma), radius)
+      np.testing.assert_allclose(u_step, p, rtol=0, atol=1e-8 * np.linalg.norm(p))
+      checked += 1
+      interior += np.linalg.norm(p) < (1 - 1e-3) * radius
+    assert np.linalg.norm(d * flat(updates)) <= radius * (1 + 1e-12)
+    x, state = optax.apply_updates(x, updates), new
+  assert checked >= 3 and interior >= 1, (checked, interior)

@@ -1,8 +1,9 @@
-"""One process of the multi-process tests (tests/test_multiprocess.py); also imported by them.
+"""One process of the multi-process tests (tests/parallel/test_multiprocess.py); also imported by
+them and by tests/parallel/test_checkpoint.py.
 
     python -m aptsjax.parallel.launch --num-processes 2 --devices-per-process 2 -- \\
-        python tests/multiprocess_worker.py [--mismatch] [--out DIR [--ckpt DIR --save-at K
-        [--resume-out DIR]]]
+        python tests/parallel/multiprocess_worker.py [--mismatch]
+        [--out DIR [--ckpt DIR --save-at K [--resume-out DIR]]]
 
 ``--mismatch`` first makes process 1 disagree in N, parameter shapes and batch rows in turn and
 prints each error the start-up checks raise. With ``--out``, the processes then run APTS on a small
@@ -190,5 +191,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  # The repository root (three levels up), so that this checkout's aptsjax is imported.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   sys.exit(main())

@@ -1,16 +1,20 @@
-"""aptsjax.checkpoint in one process: sharded APTS states round-trip bit for bit, errors are clear.
+"""aptsjax.parallel.checkpoint in one process: sharded APTS states round-trip bit for bit (on a
+1-D and a 2-D mesh), errors are clear.
 
-The multi-process resume is tested in tests/test_multiprocess.py.
+The multi-process resume is tested in tests/parallel/test_multiprocess.py.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from aptsjax import checkpoint
 from aptsjax import parallel
-from tests import multiprocess_worker as worker
+from aptsjax.parallel import checkpoint
+from tests.parallel import multiprocess_worker as worker
+from tests.parallel.runs import mesh_trainer
+from tests.problems import problem
 
 
 def equal(a, b) -> bool:
@@ -87,3 +91,22 @@ def test_numpy_tree_of_a_sharded_state(trained):
   host = parallel.numpy_tree(state)
   assert host.local_steps.shape == (worker.NUM_SUBDOMAINS,)
   assert isinstance(host.radius, np.ndarray)
+
+
+def test_checkpoint_restores_the_2d_shardings(tmp_path):
+  """A checkpoint of a 2 x 2 run comes back sharded as ``like`` and continues bitwise."""
+  params, batch = problem(rows=512)
+  params = jax.tree.map(np.asarray, params)
+  trainer = mesh_trainer("tp", 2, 2, True)
+  laid = trainer.shard_batch(batch)
+  p, state = trainer.step(params, trainer.init(params), laid)
+  checkpoint.save(tmp_path, 1, {"params": p, "state": state})
+  want, _ = trainer.step(jax.tree.map(jnp.copy, p), jax.tree.map(jnp.copy, state), laid)
+  like = {"params": trainer.replicate(params), "state": trainer.init(params)}
+  back = checkpoint.restore(tmp_path, like)
+  assert back["state"].global_memory.s["w1"].sharding.spec == P(None, None, "model")
+  assert back["params"]["w1"].sharding.spec == P(None, "model")
+  got, _ = trainer.step(back["params"], back["state"], laid)
+  got, want = parallel.numpy_tree(got), parallel.numpy_tree(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)

@@ -1,8 +1,8 @@
-"""Guards: every misuse gets a clear error or a visible, documented outcome (no silent failure).
+"""Tests of aptsjax.parallel.trainer (``apts_trainer``) and its step wrappers (aptsjax.parallel.step):
+argument checks, donation, SAPTS minibatches, skipped updates, compiler options, what a step
+communicates, and the rows of a process.
 
-One test per case: a missing or empty batch, half-precision and non-floating parameters,
-non-integer sizes, float32 parameters with float64 data, a non-finite loss in the trainer, a
-rescaling chain, and batches whose subdomain layout drops rows.
+Equivalence of D devices with one: tests/parallel/test_devices.py and test_mesh.py.
 """
 from __future__ import annotations
 
@@ -13,91 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import aptsjax
 from aptsjax import data
 from aptsjax import parallel
-from aptsjax.flax import nnx_loss_fn
+from aptsjax.tools import comm
+from tests.parallel import multiprocess_worker as worker
+from tests.parallel.runs import cached_trainer
+from tests.problems import assert_close
+from tests.problems import lsq_loss
+from tests.problems import lsq_problem
+from tests.problems import mlp_loss
+from tests.problems import problem
 
 
-def lsq_loss(params, batch):
-  x, y = batch
-  return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
-
-
-def lsq_problem(rows=64, dtype=np.float32, scale=1.0, seed=0):
-  """Least squares in 5 unknowns; ``scale`` multiplies the features and divides the solution."""
-  rng = np.random.default_rng(seed)
-  x = scale * rng.normal(size=(rows, 5))
-  y = x @ (np.linspace(1.0, 5.0, 5) / scale) + 1.0
-  params = {"w": jnp.zeros(5, dtype), "b": jnp.zeros((), dtype)}
-  return params, (jnp.asarray(x, dtype), jnp.asarray(y, dtype))
-
-
-def run(tx, params, batch, steps):
-  """``steps`` updates (gradients at the current point); returns params, state and the losses."""
-  state = tx.init(params)
-  losses = [float(lsq_loss(params, batch))]
-  for _ in range(steps):
-    grads = jax.grad(lsq_loss)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch)
-    params = optax.apply_updates(params, updates)
-    losses.append(float(lsq_loss(params, batch)))
-  return params, state, losses
-
-
-# 1. A missing, empty or too small batch.
-def test_missing_or_empty_batch_is_a_clear_value_error():
-  params, batch = lsq_problem()
-  grads = jax.grad(lsq_loss)(params, batch)
-  tx = aptsjax.trust_region(lsq_loss)
-  with pytest.raises(ValueError, match=r"without batch=.*loss_fn\(params, None\) failed") as info:
-    tx.update(grads, tx.init(params), params)
-  assert "tx.update(grads, state, params, batch=batch)" in str(info.value)
-  assert "optimizer.update(model, grads, batch=batch)" in str(info.value)
-  assert isinstance(info.value.__cause__, TypeError)  # the user's own error, chained
-  # A loss without data still runs with batch=None.
-  quad = aptsjax.trust_region(lambda p, _: jnp.sum(p ** 2))
-  x = jnp.ones(3)
-  updates, _ = quad.update(2.0 * x, quad.init(x), x)
-  assert float(jnp.sum((x + updates) ** 2)) < 3.0
-  empty = jax.tree.map(lambda a: a[:0], batch)
-  with pytest.raises(ValueError, match="0 rows"):
-    tx.update(grads, tx.init(params), params, batch=empty)
-
-  apts = aptsjax.apts(lsq_loss, num_subdomains=4, second_order=False)
-  state = apts.init(params)
-  with pytest.raises(ValueError, match="apts needs the batch"):
-    apts.update(None, state, params)
-  for rows in (0, 3):
-    small = jax.tree.map(lambda a, k=rows: a[:k], batch)
-    with pytest.raises(ValueError, match=f"has {rows} rows, fewer than its 4 subdomains"):
-      apts.update(None, state, params, batch=small)
-
-
-# 2. Half-precision and non-floating parameters.
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("method", ["trust_region", "apts"])
-def test_half_precision_first_order_trains_and_second_order_is_refused(dtype, method):
-  # Features of size 20: the loss starts near 60 but the squared gradient norm near 4e5
-  # overflows float16 (max 65504) unless the norm accumulates in float32.
-  params, batch = lsq_problem(dtype=dtype, scale=20.0)
-  make = (aptsjax.trust_region if method == "trust_region" else
-          lambda f, **kw: aptsjax.apts(f, num_subdomains=2, local_steps=2, **kw))
-  params, state, losses = run(make(lsq_loss, second_order=False), params, batch, 8)
-  assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(params))
-  assert state.value.dtype == dtype
-  assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
-
-  with pytest.raises(ValueError, match=r"float32 or float64.*second_order=False.*float32"):
-    make(lsq_loss, second_order=True).init(params)
-  int_params = {"w": jnp.zeros(5, jnp.int32), "b": jnp.zeros((), jnp.int32)}
-  with pytest.raises(ValueError, match="floating arrays, got leaves of dtype int32"):
-    make(lsq_loss, second_order=False).init(int_params)
-
-
-# 3. Non-integer sizes, checked before any device is queried.
+# Arguments: non-integer sizes are checked before any device is queried.
 def test_sizes_must_be_integers_and_are_checked_first(monkeypatch):
   def no_device_query(*args, **kwargs):
     raise AssertionError("default_num_devices was called before the arguments were checked")
@@ -116,53 +46,11 @@ def test_sizes_must_be_integers_and_are_checked_first(monkeypatch):
   for name in ("local_steps", "memory"):
     with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got 2.5"):
       parallel.apts_trainer(lsq_loss, 2, num_devices=1, **{name: 2.5})
-    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got 2.5"):
-      aptsjax.apts(lsq_loss, **{name: 2.5})
-  with pytest.raises(ValueError, match="memory must be an integer >= 1, got 2.5"):
-    aptsjax.trust_region(lsq_loss, memory=2.5, second_order=False)
-  # numpy integers are integers.
-  tx = aptsjax.apts(lsq_loss, num_subdomains=np.int64(2), local_steps=np.int32(2))
-  assert tx.init(lsq_problem()[0]).local_steps.shape == (2,)
+  with pytest.raises(ValueError, match="divisible"):
+    parallel.apts_trainer(mlp_loss, 6, num_devices=4)
 
 
-# 4. float32 parameters with float64 data under jax_enable_x64.
-@pytest.mark.parametrize("second_order", [False, True])
-def test_float32_params_with_float64_data(x64, second_order):
-  params, batch = lsq_problem(dtype=np.float32)
-  batch = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), batch)
-  for tx in (aptsjax.trust_region(lsq_loss, second_order=second_order),
-             aptsjax.apts(lsq_loss, num_subdomains=2, local_steps=2, second_order=second_order)):
-    state = tx.init(params)
-    step = jax.jit(lambda p, s, tx=tx: tx.update(jax.grad(lsq_loss)(p, batch), s, p, batch=batch))
-    p = params
-    for _ in range(3):
-      updates, state = step(p, state)
-      p = optax.apply_updates(p, updates)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((p, state.grad)))
-    assert state.value.dtype == jnp.float32 and state.radius.dtype == jnp.float32
-    assert float(state.value) < float(lsq_loss(params, batch))
-
-  # A Flax NNX model through aptsjax.flax_utils and nnx.Optimizer, with either method.
-  model_loss = lambda m, b: jnp.mean((m(b[0])[:, 0] - b[1]) ** 2)
-
-  @nnx.jit
-  def nnx_step(model, optimizer, batch):
-    loss, grads = nnx.value_and_grad(model_loss)(model, batch)
-    optimizer.update(model, grads, batch=batch)
-    return loss
-
-  for make in (aptsjax.trust_region,
-               lambda f, **kw: aptsjax.apts(f, num_subdomains=2, local_steps=2, **kw)):
-    model = nnx.Linear(5, 1, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
-    tx = make(nnx_loss_fn(model, model_loss), second_order=second_order)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    losses = [float(nnx_step(model, optimizer, batch)) for _ in range(4)]
-    assert model.kernel[...].dtype == jnp.float32
-    assert optimizer.opt_state.value[...].dtype == jnp.float32
-    assert float(optimizer.opt_state.value[...]) < losses[0], losses
-
-
-# 5. A non-finite loss at the current point in the trainer.
+# A non-finite loss at the current point.
 @pytest.mark.parametrize("num_devices", [1, 2])
 @pytest.mark.parametrize("mode", ["warn", "raise", "ignore"])
 def test_trainer_reports_a_skipped_update(mode, num_devices):
@@ -209,46 +97,91 @@ def test_trainer_compiles_with_the_given_options(monkeypatch, num_devices):
   assert parallel.CPU_COMPILER_OPTIONS in seen and parallel.CPU_COMPILER_OPTIONS
 
 
-# 6. A rescaling chain is documented, not detected: the documented consequence.
-def test_rescaling_chain_consequence_is_documented():
-  for doc in (aptsjax.trust_region.__doc__, aptsjax.apts.__doc__):
-    assert "optax.chain(tx,\n  optax.scale(c))" in doc or "optax.chain(tx, optax.scale(c))" in doc
-    assert "not detected" in doc
-  params, batch = lsq_problem()
-  gaps = {}
-  for name, tx in (("alone", aptsjax.trust_region(lsq_loss, second_order=False)),
-                   ("scaled", optax.chain(aptsjax.trust_region(lsq_loss, second_order=False),
-                                          optax.scale(0.5)))):
-    state = tx.init(params)
-    grads = jax.grad(lsq_loss)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch)
-    tr_state = state if name == "alone" else state[0]
-    assert bool(tr_state.accepted)
-    new_params = optax.apply_updates(params, updates)
-    gaps[name] = abs(float(tr_state.value) - float(lsq_loss(new_params, batch)))
-    gaps[name] /= float(lsq_loss(new_params, batch))
-  assert gaps["alone"] < 1e-6, gaps   # state.value is the loss at the new parameters ...
-  assert gaps["scaled"] > 1e-3, gaps  # ... but not after optax.scale(0.5) halved the step.
-
-
-# 7. A layout that drops rows warns (or raises, or drops quietly when asked).
+# A layout that drops rows warns (the layout itself: tests/test_data.py).
 @pytest.mark.parametrize("rows, n, overlap, dropped, sizes", [
     (661, 4, 0.0, 1, "660 or 664"), (510, 4, 0.0, 2, "508 or 512"),
     (661, 2, 0.05, 1, "660 or 662")])
-def test_dropped_rows_are_never_silent(rows, n, overlap, dropped, sizes):
+def test_shard_batch_warns_of_dropped_rows(rows, n, overlap, dropped, sizes):
   batch = (np.arange(rows, dtype=np.float32)[:, None], np.zeros(rows, np.int32))
   expected = f"drops {dropped} of the {rows} rows of the batch; batches of {sizes} rows drop none"
-  with pytest.warns(UserWarning, match=expected):
-    out = data.overlapping_subdomains(batch, n, overlap)
-  assert len(np.unique(out[0])) == rows - dropped
-  with pytest.raises(ValueError, match=expected):
-    data.overlapping_subdomains(batch, n, overlap, remainder="raise")
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    data.overlapping_subdomains(batch, n, overlap, remainder="drop")
-    full = jax.tree.map(lambda a: a[:int(sizes.split()[0])], batch)
-    data.overlapping_subdomains(full, n, overlap)  # nothing dropped: no warning
   for num_devices in (1, n):
     trainer = parallel.apts_trainer(lsq_loss, n, num_devices=num_devices, overlap=overlap)
     with pytest.warns(UserWarning, match=expected):
       trainer.shard_batch(batch)
+
+
+# What a step communicates: nothing in the local loop, a volume independent of local_steps.
+def test_no_allreduce_in_local_loop_and_fixed_volume():
+  params, batch = problem()
+  n = sum(x.size for x in jax.tree.leaves(params))
+  totals = []
+  for local_steps in (2, 6):
+    trainer = parallel.apts_trainer(mlp_loss, 4, num_devices=4, second_order=False,
+                                    local_steps=local_steps)
+    state = trainer.init(params)
+    compiled = trainer.step.lower(params, state, trainer.shard_batch(batch)).compile()
+    records = comm.allreduce_stats(compiled)
+    assert records, "expected all-reduces in a 4-device update"
+    # The local loop (a while loop whose trip count depends on the data) is there, and
+    # communicates nothing; the global phase is a loop of 1 + global_steps known trips.
+    assert any(" while(" in line and "known_trip_count" not in line
+               for line in compiled.as_text().splitlines())
+    assert not any(r.trips is None for r in records), records
+    assert any(r.in_loop and r.trips == 2 for r in records), records
+    totals.append(sum(r.elements * r.trips for r in records))
+  assert totals[0] == totals[1]
+  # g^k, s~, the gradient at theta^k + s~ and one global step: 4 n floats plus a few scalars.
+  assert 4 * n <= totals[0] <= 4 * n + 16, (totals, n)
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_trainer_donates_params_and_state(num_devices):
+  """step reuses the buffers of the params and state it is given; the results do not change."""
+  params, batch = problem(rows=512)
+  trainer = cached_trainer(num_devices, True)
+  sharded = trainer.shard_batch(batch)
+  p, s = trainer.replicate(jax.tree.map(jnp.copy, params)), trainer.init(params)
+  tx = trainer.tx if num_devices == 1 else aptsjax.apts(mlp_loss, 4, second_order=True)
+  updates, want_state = jax.jit(lambda q, t: tx.update(None, t, q, batch=batch))(params,
+                                                                                tx.init(params))
+  got_params, got_state = trainer.step(p, s, sharded)
+  # Every parameter-sized buffer is reused (the flags that the update only writes are not
+  # inputs of the compiled step at all).
+  assert all(x.is_deleted() for x in jax.tree.leaves((p, s.grad, s.local_state, s.global_memory)))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+  assert_close(parallel.numpy_tree(got_params), optax.apply_updates(params, updates), 1e-5)
+  assert_close(parallel.numpy_tree(got_state.value), want_state.value, 1e-5)
+  # NumPy inputs are copied to the devices (and stay usable); an eagerly built state (one
+  # buffer in several fields) is accepted.
+  host, eager = parallel.numpy_tree(params), trainer.tx.init(params)
+  if trainer.mesh is not None:
+    eager = jax.device_put(eager, jax.tree.map(lambda spec: jax.NamedSharding(trainer.mesh, spec),
+                                               aptsjax.state_specs(eager, "data")))
+  trainer.step(host, eager, sharded)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host),
+                                                  jax.tree.leaves(parallel.numpy_tree(params))))
+
+
+def test_sapts_minibatches_with_overlap():
+  params, (x, y) = problem(rows=240)
+  trainer = parallel.apts_trainer(mlp_loss, 4, num_devices=1, overlap=0.05, second_order=False)
+  state = trainer.init(params)
+  start = float(mlp_loss(params, (x, y)))
+  for epoch in range(3):
+    for batch in aptsjax.data.iterate_minibatches((x, y), 80, overlap=0.05, seed=0, epoch=epoch):
+      params, state = trainer.step(params, state, trainer.shard_batch(batch))
+  assert float(mlp_loss(params, (x, y))) < 0.7 * start
+
+
+def test_single_process_rows_are_the_whole_layout():
+  for num_devices in (1, 4):
+    trainer = parallel.apts_trainer(worker.mlp_loss, 4, num_devices=num_devices, overlap=0.05)
+    np.testing.assert_array_equal(trainer.process_rows(1000), data.overlap_layout(1000, 4, 0.05))
+  params, (x, y) = worker.problem(rows=1000)
+  rows = trainer.process_rows(1000)
+  local = trainer.shard_local_batch((x[rows], y[rows]), 1000)
+  whole = trainer.shard_batch((x, y))
+  np.testing.assert_array_equal(np.asarray(local[0]), np.asarray(whole[0]))
+  assert local[0].sharding == whole[0].sharding and len(local[0].sharding.device_set) == 4
+  with pytest.raises(ValueError, match="must supply 1036 rows"):
+    trainer.shard_local_batch((x[rows[:-4]], y[rows[:-4]]), 1000)

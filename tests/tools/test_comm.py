@@ -1,4 +1,5 @@
-"""aptsjax.comm.collective_stats: every collective, its size and the mesh axes it spans."""
+"""aptsjax.tools.comm: every collective of a compiled program, its size, its trips and the mesh
+axes it spans (``collective_stats``), and the all-reduces alone (``allreduce_stats``)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +7,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aptsjax import comm
-from aptsjax.tools import replica_groups as _hlo_groups
+from aptsjax.tools import comm
 
 
 @pytest.fixture(scope="module")
@@ -138,27 +138,16 @@ def test_literal_hlo_formats():
   assert [r.elements for r in comm.allreduce_stats(HLO)] == [6, 6, 5]
 
 
-@pytest.mark.parametrize("text, groups", [
-    ("replica_groups={{0,2},{1,3}}, x", [[0, 2], [1, 3]]),
-    ("replica_groups=[2,2]<=[4], x", [[0, 1], [2, 3]]),
-    ("replica_groups=[2,2]<=[2,2]T(1,0), x", [[0, 2], [1, 3]]),
-    ("replica_groups=[1,4]<=[4], x", [[0, 1, 2, 3]]),
-    ("replica_groups=mesh['x'=2,'y'=2] {'x'}, u", [[0, 2], [1, 3]]),
-    ("replica_groups=mesh['x'=2,'y'=2], device_ids=(0,2,1,3) {'y'}, u", [[0, 2], [1, 3]]),
-    ("replica_groups=mesh['x'=4] {'x':(1)2}, u", [[0, 1], [2, 3]]),
-    ("replica_groups=mesh['x'=4] {'x':(2)2}, u", [[0, 2], [1, 3]]),
-    ("source_target_pairs={{0,1},{1,0}}, x", [[0, 1], [1, 0]]),
-])
-def test_replica_group_parsing(text, groups):
-  assert sorted(_hlo_groups.replica_groups(text, 4)) == sorted(groups)
+def test_allreduce_detector_flags_loops():
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
 
+  def f(x):
+    def body(c):
+      i, v = c
+      return i + 1, jax.lax.psum(v, "data") * 0.5
+    return jax.lax.while_loop(lambda c: c[0] < x[0, 0].astype(int), body, (0, x))[1]
 
-def test_spanned_axes_and_errors():
-  shape, names = (2, 2), ("data", "model")
-  assert _hlo_groups.spanned_axes([[0, 2], [1, 3]], shape, names) == ("data",)
-  assert _hlo_groups.spanned_axes([[0, 1], [2, 3]], shape, names) == ("model",)
-  assert _hlo_groups.spanned_axes([[0, 3]], shape, names) == ("data", "model")
-  with pytest.raises(ValueError, match="outside a mesh of 4"):
-    _hlo_groups.spanned_axes([[0, 5]], shape, names)
-  with pytest.raises(ValueError, match="unknown replica_groups"):
-    _hlo_groups.replica_groups("replica_groups=??", 4)
+  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+                            check_vma=False))
+  records = comm.allreduce_stats(g.lower(jnp.ones((4, 3))).compile())
+  assert records and all(r.in_loop and r.trips is None for r in records)
