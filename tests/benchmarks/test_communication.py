@@ -1,8 +1,12 @@
 """Smoke test of benchmarks.communication: the quick mode runs end to end (MNIST, N=2, 1 epoch)."""
 import math
 
+import pytest
+
 from benchmarks import communication
 from tests.helpers import read_csv
+
+pytestmark = pytest.mark.slow
 
 
 def assert_finite(rows: list[dict[str, str]], keys: tuple[str, ...]) -> None:

@@ -2,7 +2,11 @@
 import math
 import sys
 
+import pytest
+
 from tests.helpers import launch, printed, read_csv
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 TIMEOUT = 240.0
 

@@ -1,17 +1,12 @@
 """Smoke test of benchmarks.core_cost: the quick mode runs end to end at tiny sizes."""
-import csv
 import math
 
-import jax
+import pytest
 
-from aptsjax import lsr1
-from benchmarks import core_cost, hlo_traffic
+from benchmarks import core_cost
+from tests.helpers import read_csv
 
-
-def read(path):
-  """The rows of a CSV file as dicts."""
-  with path.open() as f:
-    return list(csv.DictReader(f))
+pytestmark = pytest.mark.slow
 
 
 def positive(rows, keys):
@@ -27,7 +22,7 @@ def test_quick_mode_writes_every_output(tmp_path):
   results = core_cost.main(["--quick", "--ns", "1000", "--memories", "3", "--out", str(tmp_path)])
   assert set(results) == {"table", "stacked", "profile", "compile"}
 
-  written = read(tmp_path / "core_cost.csv")
+  written = read_csv(tmp_path / "core_cost.csv")
   assert len(written) == 1
   timed = ("update_ms", "update_undonated_ms", "solve_ms", "floor_ms", "update_passes",
            "update_undonated_passes", "solve_passes", "update_bytes_passes", "solve_bytes_passes",
@@ -35,9 +30,9 @@ def test_quick_mode_writes_every_output(tmp_path):
   positive(written, timed + ("sum_ms",))
   assert int(written[0]["in_use"]) == 3
   assert written[0]["on_boundary"] == "True"
-  positive(read(tmp_path / "reference.csv"), ("ms",))
+  positive(read_csv(tmp_path / "reference.csv"), ("ms",))
 
-  stacked = read(tmp_path / "core_cost_stacked.csv")
+  stacked = read_csv(tmp_path / "core_cost_stacked.csv")
   assert [int(r["N"]) for r in stacked] == list(core_cost.QUICK_SUBDOMAINS)
   positive(stacked, timed + ("stored_mib",))
   assert all(r["on_boundary"] == "True" for r in stacked)
@@ -47,7 +42,7 @@ def test_quick_mode_writes_every_output(tmp_path):
     assert (float(row["update_hlo_passes"]), float(row["solve_hlo_passes"])) == (2.0, 3.0), row
     assert row["update_copies_stack"] == "False", row
 
-  pieces = read(tmp_path / "apts_profile.csv")
+  pieces = read_csv(tmp_path / "apts_profile.csv")
   for order in ("first order", "second order"):
     mine = {r["piece"]: r for r in pieces if r["order"] == order}
     assert "whole trainer step" in mine and "global TR step" in mine, sorted(mine)
@@ -60,7 +55,7 @@ def test_quick_mode_writes_every_output(tmp_path):
   assert any("L-SR1 update" in r["piece"] for r in pieces if r["order"] == "second order")
   assert not any("L-SR1" in r["piece"] for r in pieces if r["order"] == "first order")
 
-  compiles = read(tmp_path / "compile_times.csv")
+  compiles = read_csv(tmp_path / "compile_times.csv")
   names = [r["what"] for r in compiles]
   for part in ("APTS trainer step, first order", "APTS trainer step, second order",
                "trust_region second order", "lsr1.update alone", "obs.solve alone",
@@ -69,14 +64,3 @@ def test_quick_mode_writes_every_output(tmp_path):
   positive(compiles, ("compile_s", "first_s", "ms"))
   for name in ("core_cost.png", "core_cost_apts.png"):
     assert (tmp_path / name).stat().st_size > 0
-
-
-def test_hlo_traffic_sees_the_copies_of_an_update_without_donation():
-  """The donated update reads each stack twice; without donation XLA also copies both stacks
-  before the insert: 2 copies, 2 more reads."""
-  state, s_new, y_new, _, _ = core_cost.make_problem(300, 3, num=2)
-  shape = state.s.shape
-  text = lambda **kw: jax.jit(jax.vmap(lsr1.update), **kw).lower(state, s_new, y_new).compile(
-      ).as_text()
-  assert hlo_traffic.stack_traffic(text(donate_argnums=0), shape) == (4, 0, 2.0)
-  assert hlo_traffic.stack_traffic(text(), shape) == (6, 2, 4.0)

@@ -1,8 +1,11 @@
 """Smoke test of benchmarks.mesh: the quick mode runs on the 4 test devices end to end."""
 import jax
+import pytest
 
 from benchmarks import mesh
 from tests.helpers import read_csv
+
+pytestmark = pytest.mark.slow
 
 
 def test_quick_mode_memory_falls_with_m_and_counts_per_axis(tmp_path):

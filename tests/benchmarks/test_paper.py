@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("matplotlib")
 pytest.importorskip("mlxtend")
 
@@ -61,8 +63,9 @@ def test_quick_mode_outputs(tmp_path, monkeypatch, capsys):
   assert "Verdict" in summary and "| Adam |" in summary
 
 
+@pytest.mark.multiprocess
 def test_apts_runs_across_two_processes(tmp_path):
-  """Started by aptsjax.launch (2 processes x 2 CPU devices): APTS variants only, one mesh over
+  """Started by aptsjax.parallel.launch (2 processes x 2 CPU devices): APTS variants only, one mesh over
   both processes, process and device counts in the CSV, and only process 0 writes."""
   out = tmp_path / "paper"
   result = launch(sys.executable, "-m", "benchmarks.paper", "--epochs", "1", "--trials", "1",
