@@ -4,11 +4,13 @@
 * ``quadratic`` / ``rosenbrock``: a fixed convex quadratic in R^4 and extended Rosenbrock on a
   two-leaf dict (the trust-region tests' problems; ``batch`` unused).
 * ``lsq_loss`` / ``lsq_problem``: least squares in 5 unknowns (the guards' problem).
-* ``apts_updates``: jitted full-batch APTS updates, recorded.
+* ``apts_updates`` / ``train``: jitted full-batch updates, recorded.
 * ``flat`` / ``leaves_like`` / ``assert_close``: pytrees as float64 vectors and back, and a
   leaf-wise closeness check.
 """
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,3 +97,26 @@ def apts_updates(tx, params, batch, iters: int):
     out.append((radius, updates, state))
     params = optax.apply_updates(params, updates)
   return out
+
+
+class Trained(NamedTuple):
+  """What ``train`` returns: the final parameters, state and updates; the losses at the start
+  and after each update; ``state.value`` after each update."""
+  params: Any
+  state: Any
+  updates: Any
+  losses: list[float]
+  values: list[float]
+
+
+def train(tx, loss_fn, params, batch, steps: int) -> Trained:
+  """``steps`` jitted updates with the gradient at the current point and ``batch=``."""
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p, batch), s, p, batch=batch))
+  losses, values = [float(loss_fn(params, batch))], []
+  for _ in range(steps):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+    losses.append(float(loss_fn(params, batch)))
+    values.append(float(state.value))
+  return Trained(params, state, updates, losses, values)

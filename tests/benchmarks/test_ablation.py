@@ -2,7 +2,8 @@
 tests/benchmarks/test_ablation_rules.py).
 
 Quick mode: MNIST-5k (1,000 of the 3,500 training rows, the 500 validation rows, the 1,000 test
-rows), 2 epochs, 1 seed, SAPTS N=2 o1 and APTS N=2 o1 with three variants, Adam and SGD.
+rows), 2 epochs, 1 seed, SAPTS N=2 o1 and APTS N=2 o1 with three variants, Adam and SGD. A
+subprocess started beside the in-process tests (tests/background.py).
 """
 import math
 
@@ -14,18 +15,23 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("mlxtend")
 
 from benchmarks import ablation  # noqa: E402
-from tests.helpers import read_csv  # noqa: E402
+from tests import background  # noqa: E402
+from tests.helpers import quick_job, read_csv  # noqa: E402
 
 COLUMNS = ["setting", "variant", "kind", "seed", "epoch", "val_acc", "test_acc", "train_loss",
            "local_steps", "apts_accept_rate", "radius_mean", "radius_final", "iterations",
            "passes_per_row", "wall_s", "allreduce_floats", "allreduce_bytes"]
 
 
-def test_quick_mode_outputs(tmp_path, capsys):
+QUICK = quick_job("ablation", "--quick")
+
+
+def test_quick_mode_outputs():
   """CSV columns and configurations, APTS statistics, a chosen variant per setting, figures."""
-  ablation.main(["--quick", "--out", str(tmp_path)])
-  assert "ablation: 100%" in capsys.readouterr().out
-  rows = read_csv(tmp_path / "ablation.csv")
+  run = background.result(QUICK)
+  out = run.out
+  assert "ablation: 100%" in run.result.stdout
+  rows = read_csv(out / "ablation.csv")
   assert list(rows[0]) == COLUMNS
   expected = {(s, v) for s in ablation.QUICK_SETTINGS for v in ablation.QUICK_VARIANTS}
   assert {(r["setting"], r["variant"]) for r in rows} == expected | {("Adam", "lr 0.01"),
@@ -43,10 +49,10 @@ def test_quick_mode_outputs(tmp_path, capsys):
       assert math.isnan(float(r["radius_final"])), r
     if r["epoch"] == "2" and not r["setting"].startswith("APTS"):  # full batch: 2 iterations
       assert float(r["val_acc"]) > 0.2, r  # above chance
-  summary = (tmp_path / "summary.md").read_text()
+  summary = (out / "summary.md").read_text()
   for setting in ablation.QUICK_SETTINGS:
     assert f"### {setting}" in summary
     assert any(f"- {setting}: **{v}**" in summary for v in ablation.QUICK_VARIANTS), setting
   assert "- overall: **" in summary and "(chosen)" in summary
   for name in ("val_accuracy.png", "radius.png"):
-    assert (tmp_path / name).stat().st_size > 10_000, name
+    assert (out / name).stat().st_size > 10_000, name

@@ -1,10 +1,11 @@
-"""Smoke test of benchmarks.communication: the quick mode runs end to end (MNIST, N=2, 1 epoch)."""
+"""Smoke test of benchmarks.communication: the quick mode runs end to end (MNIST, N=2, 1 epoch),
+in a subprocess started beside the in-process tests (tests/background.py)."""
 import math
 
 import pytest
 
-from benchmarks import communication
-from tests.helpers import read_csv
+from tests import background
+from tests.helpers import quick_job, read_csv
 
 pytestmark = pytest.mark.slow
 
@@ -17,12 +18,16 @@ def assert_finite(rows: list[dict[str, str]], keys: tuple[str, ...]) -> None:
       assert math.isfinite(value), (key, row)
 
 
-def test_quick_mode_writes_finite_counts(tmp_path):
+QUICK = quick_job("communication", "--quick")
+
+
+def test_quick_mode_writes_finite_counts():
   """HLO counts (APTS 4 n + O(1), Adam/SGD n), per-epoch training rows, target table, plot."""
-  train = communication.main(["--quick", "--out", str(tmp_path)])
+  run = background.result(QUICK)
+  out, train = run.out, run.record["returned"]
   assert train and all(0.0 <= r["test_acc"] <= 1.0 for r in train)
 
-  hlo = read_csv(tmp_path / "hlo.csv")
+  hlo = read_csv(out / "hlo.csv")
   assert_finite(hlo, ("n", "floats_per_iter", "per_n", "calls_per_iter", "floats_per_epoch"))
   by_method = {r["method"]: r for r in hlo}
   assert set(by_method) == {"apts-o1", "adam", "sgd"}
@@ -35,7 +40,7 @@ def test_quick_mode_writes_finite_counts(tmp_path):
     assert int(by_method[method]["floats_per_iter"]) == n
     assert int(by_method[method]["in_loop"]) == 0
 
-  rows = read_csv(tmp_path / "training.csv")
+  rows = read_csv(out / "training.csv")
   assert_finite(rows, ("floats", "bytes", "test_acc", "passes_mean_local", "epoch_s"))
   assert {r["method"] for r in rows} == {"adam", "apts-o1"}
   for r in rows:
@@ -47,6 +52,6 @@ def test_quick_mode_writes_finite_counts(tmp_path):
     low, high = (4 * iters, 8 * iters) if r["method"] == "apts-o1" else (iters, iters)
     assert low <= float(r["passes_mean_local"]) <= high
 
-  read_csv(tmp_path / "target.csv")
-  assert_finite(read_csv(tmp_path / "latency.csv"), ("comm_ms_10G", "comm_ms_100G"))
-  assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 0
+  read_csv(out / "target.csv")
+  assert_finite(read_csv(out / "latency.csv"), ("comm_ms_10G", "comm_ms_100G"))
+  assert (out / "accuracy_vs_bytes.png").stat().st_size > 0

@@ -1,9 +1,11 @@
-"""Smoke test of benchmarks.communication_hosts: the quick mode across 2 processes x 2 devices."""
+"""Smoke test of benchmarks.communication_hosts: the quick mode across 2 processes x 2 devices,
+launched beside the in-process tests (tests/background.py)."""
 import math
 import sys
 
 import pytest
 
+from tests import background
 from tests.helpers import launch, printed, read_csv
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -11,10 +13,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 TIMEOUT = 240.0
 
 
-def test_quick_mode_across_two_processes(tmp_path):
+@background.job("benchmarks.communication_hosts --quick",
+                "tests/benchmarks/test_communication_hosts.py::")
+def quick_run():
+  out = background.scratch("communication_hosts")
+  return out, launch(sys.executable, "-m", "benchmarks.communication_hosts", "--quick", "--out",
+                     str(out), timeout=TIMEOUT)
+
+
+def test_quick_mode_across_two_processes():
   """HLO (APTS 4n+4 floats, Adam n, nothing in the local loop), timings and the model table."""
-  result = launch(sys.executable, "-m", "benchmarks.communication_hosts", "--quick", "--out",
-                  str(tmp_path), timeout=TIMEOUT)
+  out, result = background.result("benchmarks.communication_hosts --quick")
   output = "\n".join(l for l in result.stdout.splitlines() if "Gloo" not in l)
   assert result.returncode == 0, output[-4000:] + result.stderr[-2000:]
   assert printed(output, 0, "Verdict:")
@@ -22,12 +31,12 @@ def test_quick_mode_across_two_processes(tmp_path):
   chatter = [l for l in output.splitlines()
              if l.startswith("[process 1]") and any(r in l for r in report)]
   assert not chatter, chatter[:5]  # only process 0 prints the report (gloo's C++ log aside)
-  assert {p.name for p in tmp_path.iterdir()} == {"hlo.csv", "measured.csv", "model.csv",
+  assert {p.name for p in out.iterdir()} == {"hlo.csv", "measured.csv", "model.csv",
                                                   "summary.md"}
 
-  hlo = read_csv(tmp_path / "hlo.csv")
-  measured = read_csv(tmp_path / "measured.csv")
-  model = read_csv(tmp_path / "model.csv")
+  hlo = read_csv(out / "hlo.csv")
+  measured = read_csv(out / "measured.csv")
+  model = read_csv(out / "model.csv")
   for row in hlo + measured + model:
     assert (int(row["processes"]), int(row["devices"])) == (2, 4), row
 

@@ -1,10 +1,12 @@
-"""Smoke test of benchmarks.core_cost: the quick mode runs end to end at tiny sizes."""
+"""Smoke test of benchmarks.core_cost: the quick mode runs end to end at tiny sizes, in a
+subprocess started beside the in-process tests (tests/background.py)."""
 import math
 
 import pytest
 
 from benchmarks import core_cost
-from tests.helpers import read_csv
+from tests import background
+from tests.helpers import quick_job, read_csv
 
 pytestmark = pytest.mark.slow
 
@@ -17,12 +19,16 @@ def positive(rows, keys):
       assert math.isfinite(value) and value > 0, (key, value, row)
 
 
-def test_quick_mode_writes_every_output(tmp_path):
+QUICK = quick_job("core_cost", "--quick", "--ns", "1000", "--memories", "3")
+
+
+def test_quick_mode_writes_every_output():
   """The quick run writes the single-memory, vmapped, profile and compile outputs and the plots."""
-  results = core_cost.main(["--quick", "--ns", "1000", "--memories", "3", "--out", str(tmp_path)])
+  run = background.result(QUICK)
+  out, results = run.out, run.record["returned"]
   assert set(results) == {"table", "stacked", "profile", "compile"}
 
-  written = read_csv(tmp_path / "core_cost.csv")
+  written = read_csv(out / "core_cost.csv")
   assert len(written) == 1
   timed = ("update_ms", "update_undonated_ms", "solve_ms", "floor_ms", "update_passes",
            "update_undonated_passes", "solve_passes", "update_bytes_passes", "solve_bytes_passes",
@@ -30,9 +36,9 @@ def test_quick_mode_writes_every_output(tmp_path):
   positive(written, timed + ("sum_ms",))
   assert int(written[0]["in_use"]) == 3
   assert written[0]["on_boundary"] == "True"
-  positive(read_csv(tmp_path / "reference.csv"), ("ms",))
+  positive(read_csv(out / "reference.csv"), ("ms",))
 
-  stacked = read_csv(tmp_path / "core_cost_stacked.csv")
+  stacked = read_csv(out / "core_cost_stacked.csv")
   assert [int(r["N"]) for r in stacked] == list(core_cost.QUICK_SUBDOMAINS)
   positive(stacked, timed + ("stored_mib",))
   assert all(r["on_boundary"] == "True" for r in stacked)
@@ -42,7 +48,7 @@ def test_quick_mode_writes_every_output(tmp_path):
     assert (float(row["update_hlo_passes"]), float(row["solve_hlo_passes"])) == (2.0, 3.0), row
     assert row["update_copies_stack"] == "False", row
 
-  pieces = read_csv(tmp_path / "apts_profile.csv")
+  pieces = read_csv(out / "apts_profile.csv")
   for order in ("first order", "second order"):
     mine = {r["piece"]: r for r in pieces if r["order"] == order}
     assert "whole trainer step" in mine and "global TR step" in mine, sorted(mine)
@@ -55,7 +61,7 @@ def test_quick_mode_writes_every_output(tmp_path):
   assert any("L-SR1 update" in r["piece"] for r in pieces if r["order"] == "second order")
   assert not any("L-SR1" in r["piece"] for r in pieces if r["order"] == "first order")
 
-  compiles = read_csv(tmp_path / "compile_times.csv")
+  compiles = read_csv(out / "compile_times.csv")
   names = [r["what"] for r in compiles]
   for part in ("APTS trainer step, first order", "APTS trainer step, second order",
                "trust_region second order", "lsr1.update alone", "obs.solve alone",
@@ -63,4 +69,4 @@ def test_quick_mode_writes_every_output(tmp_path):
     assert any(part in n for n in names), (part, names)
   positive(compiles, ("compile_s", "first_s", "ms"))
   for name in ("core_cost.png", "core_cost_apts.png"):
-    assert (tmp_path / name).stat().st_size > 0
+    assert (out / name).stat().st_size > 0

@@ -1,10 +1,12 @@
 """benchmarks.hlo_traffic: the parameter-stack traffic it reads off a compiled L-SR1 update."""
 import jax
+import pytest
 
 from aptsjax.numerics import lsr1
 from benchmarks import core_cost, hlo_traffic
 
 
+@pytest.mark.slow
 def test_hlo_traffic_sees_the_copies_of_an_update_without_donation():
   """The donated update reads each stack twice; without donation XLA also copies both stacks
   before the insert: 2 copies, 2 more reads."""

@@ -1,25 +1,32 @@
-"""Smoke test of benchmarks.mesh: the quick mode runs on the 4 test devices end to end."""
+"""Smoke test of benchmarks.mesh: the quick mode runs on the 4 test devices end to end, in a
+subprocess started beside the in-process tests (tests/background.py)."""
 import jax
 import pytest
 
 from benchmarks import mesh
-from tests.helpers import read_csv
+from tests import background
+from tests.helpers import quick_job, read_csv
 
 pytestmark = pytest.mark.slow
 
 
-def test_quick_mode_memory_falls_with_m_and_counts_per_axis(tmp_path):
-  tables = mesh.main(["--quick", "--out", str(tmp_path)])
-  assert len(jax.devices()) == 4  # the tests' device count is kept (no 8-device override)
+QUICK = quick_job("mesh", "--quick")
+
+
+def test_quick_mode_memory_falls_with_m_and_counts_per_axis():
+  run = background.result(QUICK)
+  out, tables = run.out, run.record["returned"]
+  # The tests' device count is kept (no 8-device override), here and in the run.
+  assert len(jax.devices()) == 4 and run.record["devices"] == 4
   assert all(r["D"] * r["M"] <= 4 for r in tables["memory"] + tables["collectives"])
 
-  memory = read_csv(tmp_path / "memory.csv")
+  memory = read_csv(out / "memory.csv")
   by_m = {int(r["M"]): float(r["ratio"]) for r in memory if r["variant"] != "replicated"
           or r["M"] == "1"}
   assert by_m[1] == 1.0 and by_m[4] < by_m[2] < 1.0, by_m
   assert by_m[2] < 0.6 and by_m[4] < 0.35, by_m   # about 1/M plus the replicated head
 
-  rows = {int(r["M"]): r for r in read_csv(tmp_path / "collectives.csv")}
+  rows = {int(r["M"]): r for r in read_csv(out / "collectives.csv")}
   assert set(rows) == {1, 2}
   for r in rows.values():   # the data axis carries 4 n/M (+ a few scalars) per replica
     assert 4.0 <= float(r["data_per_n"]) < 4.01, r
@@ -31,7 +38,7 @@ def test_quick_mode_memory_falls_with_m_and_counts_per_axis(tmp_path):
   assert 0 < int(tp["opt_max_part"]) <= 16 * mesh.MEMORY ** 2
   assert int(tp["large_from_library"]) == 0
 
-  latency = read_csv(tmp_path / "latency.csv")
+  latency = read_csv(out / "latency.csv")
   assert all(float(r["total_ms_10G"]) > 0 for r in latency)
-  assert (tmp_path / "flagged.csv").is_file()
-  assert (tmp_path / "memory_vs_M.png").stat().st_size > 0
+  assert (out / "flagged.csv").is_file()
+  assert (out / "memory_vs_M.png").stat().st_size > 0

@@ -3,7 +3,8 @@
 Quick mode: MNIST-5k (first 2,000 training rows), 3 epochs, 1 trial, APTS N=2 o1 (full batch),
 SAPTS N=2 o1 and o2, plain TR o2, Adam and SGD tuned over two rates. About 40 s on 2 CPU cores
 (the time goal lives in the benchmark, not here). Under tests/conftest.py the host has 4 CPU
-devices, so N = 2 runs under shard_map on 2 devices and its all-reduced floats come from the compiled HLO.
+devices, so N = 2 runs under shard_map on 2 devices and its all-reduced floats come from the
+compiled HLO. Both runs are subprocesses started beside the in-process tests (tests/background.py).
 """
 import math
 import sys
@@ -15,26 +16,34 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("matplotlib")
 pytest.importorskip("mlxtend")
 
-from benchmarks import paper, progress  # noqa: E402
-from tests.helpers import launch, printed, read_csv, show  # noqa: E402
+from benchmarks import paper  # noqa: E402
+from tests import background  # noqa: E402
+from tests.helpers import launch, printed, quick_job, read_csv, show  # noqa: E402
 
 MNIST_PARAMS = 535_818
+HERE = "tests/benchmarks/test_paper.py::"
 
 
-def test_quick_mode_outputs(tmp_path, monkeypatch, capsys):
+QUICK = quick_job("paper", "--quick")
+
+
+@background.job("benchmarks.paper, 2 processes", HERE + "test_apts_runs_across_two_processes")
+def two_process_run():
+  out = background.scratch("paper-processes")
+  return out, launch(sys.executable, "-m", "benchmarks.paper", "--epochs", "1", "--trials", "1",
+                     "--out", str(out), "--methods", "APTS N=2 o1", "SAPTS N=4 o1",
+                     "SAPTS N=6 o1")
+
+
+def test_quick_mode_outputs():
   """CSV, figures and summary exist; losses finite; learning methods above chance; the overall
   progress bar's plan is exactly the work done (its ETA reaches 0 at the end)."""
-  plan, done = [], []
-  real_init, real_advance = progress.Progress.__init__, progress.Progress.advance
-  monkeypatch.setattr(progress.Progress, "__init__",
-                      lambda self, total: (plan.append(total), real_init(self, total))[1])
-  monkeypatch.setattr(progress.Progress, "advance",
-                      lambda self, w: (done.append(w), real_advance(self, w))[1])
-  paper.main(["--quick", "--out", str(tmp_path)])
-  assert len(plan) == 1 and plan[0] > 0 and sum(done) == pytest.approx(plan[0])
-  assert "all methods: 100%" in capsys.readouterr().out
+  run = background.result(QUICK)
+  out, plan = run.out, run.record["plan"]
+  assert len(plan) == 1 and plan[0] > 0 and run.record["done"] == pytest.approx(plan[0])
+  assert "all methods: 100%" in run.result.stdout
 
-  rows = read_csv(tmp_path / "results.csv")
+  rows = read_csv(out / "results.csv")
   methods = {r["method"] for r in rows}
   assert methods == set(paper.QUICK_METHODS)
   for r in rows:
@@ -56,20 +65,18 @@ def test_quick_mode_outputs(tmp_path, monkeypatch, capsys):
   apts_floats = float(final["APTS N=2 o1"]["allreduce_floats"]) / 3
   assert 4 * MNIST_PARAMS <= apts_floats <= 4 * MNIST_PARAMS + 16, apts_floats
 
-  assert {r["method"] for r in read_csv(tmp_path / "lr_search.csv")} == {"Adam", "SGD"}
+  assert {r["method"] for r in read_csv(out / "lr_search.csv")} == {"Adam", "SGD"}
   for name in ("figure_full.png", "figure_minibatch.png"):
-    assert (tmp_path / name).stat().st_size > 10_000, name
-  summary = (tmp_path / "summary.md").read_text()
+    assert (out / name).stat().st_size > 10_000, name
+  summary = (out / "summary.md").read_text()
   assert "Verdict" in summary and "| Adam |" in summary
 
 
 @pytest.mark.multiprocess
-def test_apts_runs_across_two_processes(tmp_path):
-  """Started by aptsjax.parallel.launch (2 processes x 2 CPU devices): APTS variants only, one mesh over
-  both processes, process and device counts in the CSV, and only process 0 writes."""
-  out = tmp_path / "paper"
-  result = launch(sys.executable, "-m", "benchmarks.paper", "--epochs", "1", "--trials", "1",
-                  "--out", str(out), "--methods", "APTS N=2 o1", "SAPTS N=4 o1", "SAPTS N=6 o1")
+def test_apts_runs_across_two_processes():
+  """Started by aptsjax.parallel.launch (2 processes x 2 CPU devices): APTS variants only, one
+  mesh over both processes, process and device counts in the CSV, and only process 0 writes."""
+  out, result = background.result("benchmarks.paper, 2 processes")
   assert result.returncode == 0, show(result)
   rows = read_csv(out / "results.csv")
   # N = 6 needs 3 devices per process or 1: 2 devices in all (one per process).

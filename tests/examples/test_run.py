@@ -3,16 +3,15 @@
 Each script of examples/ runs with ``--quick`` as a user would run it (a subprocess from the
 repository root, inheriting tests/conftest.py's XLA flags: 4 host CPU devices, low optimisation
 level); examples/multiprocess.py runs as 2 processes x 2 devices under ``python -m
-aptsjax.parallel.launch``. The selected runs go two at a time (``quick_runs``).
+aptsjax.parallel.launch``. The runs are started beside the in-process tests (tests/background.py).
 """
 import os
 import subprocess
 import sys
-from concurrent.futures import Future
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests import background
 from tests.examples import EXAMPLES
 from tests.helpers import ROOT, launch, printed, show
 
@@ -37,34 +36,19 @@ def run_quick(name: str) -> subprocess.CompletedProcess:
   command = [sys.executable, f"examples/{name}", "--quick"]
   if name == "multiprocess.py":
     return launch(*command, timeout=TIMEOUT, env=example_env())
-  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
-                        env=example_env())
+  return background.run(command, cwd=ROOT, timeout=TIMEOUT, env=example_env())
 
 
-def selected_examples(items: list[pytest.Item]) -> set[str]:
-  """The examples whose run tests this session will run (all of them unless deselected)."""
-  names = set()
-  for item in items:
-    if getattr(item, "originalname", "") == "test_example_runs":
-      names.add(item.callspec.params["name"])
-    elif getattr(item, "originalname", "") == "test_multiprocess_example_runs":
-      names.add("multiprocess.py")
-  return names
-
-
-@pytest.fixture(scope="module")
-def quick_runs(request: pytest.FixtureRequest) -> dict[str, Future]:
-  """The selected examples' --quick runs, two at a time (compilation is mostly single-threaded)."""
-  wanted = selected_examples(request.session.items)
-  # The slowest first, so that the two workers finish at about the same time.
-  order = sorted(wanted, key=lambda name: (name not in ("multiprocess.py", "pmap.py"), name))
-  with ThreadPoolExecutor(max_workers=2) as pool:
-    yield {name: pool.submit(run_quick, name) for name in order}
+HERE = "tests/examples/test_run.py::"
+for _name in EXAMPLES:   # one background job per script, read by its test
+  background.job(f"examples/{_name} --quick",
+                 HERE + ("test_multiprocess_example_runs" if _name == "multiprocess.py" else
+                         f"test_example_runs[{_name}]"))(lambda name=_name: run_quick(name))
 
 
 @pytest.mark.parametrize("name", sorted(set(EXAMPLES) - {"multiprocess.py"}))
-def test_example_runs(quick_runs, name):
-  result = quick_runs[name].result()
+def test_example_runs(name):
+  result = background.result(f"examples/{name} --quick")
   assert result.returncode == 0, (f"examples/{name} --quick exited with {result.returncode}:\n"
                                   f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
   assert result.stdout.strip(), f"examples/{name} printed nothing"
@@ -78,8 +62,8 @@ def assert_no_library_warning(name: str, output: str) -> None:
 
 
 @pytest.mark.multiprocess
-def test_multiprocess_example_runs(quick_runs):
-  result = quick_runs["multiprocess.py"].result()
+def test_multiprocess_example_runs():
+  result = background.result("examples/multiprocess.py --quick")
   assert result.returncode == 0, show(result)
   assert printed(result.stdout, 0, "SAPTS N=4 on 2 process"), show(result)
   assert "[process 1] SAPTS" not in result.stdout, "only process 0 should print the results"

@@ -108,7 +108,7 @@ def test_nnx_loss_fn_takes_pure_and_variable_states():
   assert float(nnx_loss(model, batch)) == expected  # the model is untouched
 
 
-@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("second_order", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_nnx_float32_model_with_float64_data(x64, second_order):
   """float32 parameters with float64 data under jax_enable_x64, through nnx.Optimizer, with
   either method: the model and the optimizer state stay float32 and the loss falls."""

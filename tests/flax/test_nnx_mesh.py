@@ -79,6 +79,7 @@ def test_trust_region_state_metadata():
   assert specs["grad"]["l2"]["kernel"].get_value() == P("model", None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["apts"])
 def test_nnx_optimizer_with_partitioned_params(x64, kind):
   mesh = jax.make_mesh((2, 2), ("data", "model"),

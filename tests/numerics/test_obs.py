@@ -178,11 +178,16 @@ def dtype(request, x64):
 # Cases against the dense oracle.
 
 
-def test_interior_pd(dtype):
-  rng = np.random.default_rng(0)
+def _spectral_case(seed: int, lams: list[float], dtype):
+  """(rng, template, memory whose B has eigenvalues ``lams`` on a 5-d subspace, dense B)."""
+  rng = np.random.default_rng(seed)
   like = _params(dtype)
-  state = _subspace_state(rng, like, [0.5, 1.0, 2.0, 4.0, 8.0])
-  B = _dense_B(state)
+  state = _subspace_state(rng, like, lams)
+  return rng, like, state, _dense_B(state)
+
+
+def test_interior_pd(dtype):
+  rng, like, state, B = _spectral_case(0, [0.5, 1.0, 2.0, 4.0, 8.0], dtype)
   assert np.linalg.eigvalsh(B).min() > 0, "test set-up: B should be positive definite"
   g = rng.standard_normal(N)
   newton = np.linalg.solve(B, g)
@@ -193,10 +198,7 @@ def test_interior_pd(dtype):
 
 
 def test_boundary_pd(dtype):
-  rng = np.random.default_rng(1)
-  like = _params(dtype)
-  state = _subspace_state(rng, like, [0.5, 1.0, 2.0, 4.0, 8.0])
-  B = _dense_B(state)
+  rng, like, state, B = _spectral_case(1, [0.5, 1.0, 2.0, 4.0, 8.0], dtype)
   assert np.linalg.eigvalsh(B).min() > 0, "test set-up: B should be positive definite"
   g = rng.standard_normal(N)
   for fraction in (0.9, 0.1, 1e-3):
@@ -205,10 +207,7 @@ def test_boundary_pd(dtype):
 
 
 def test_indefinite(dtype):
-  rng = np.random.default_rng(2)
-  like = _params(dtype)
-  state = _subspace_state(rng, like, [-3.0, -0.5, 1.0, 2.0, 4.0])
-  B = _dense_B(state)
+  rng, like, state, B = _spectral_case(2, [-3.0, -0.5, 1.0, 2.0, 4.0], dtype)
   assert np.linalg.eigvalsh(B).min() < 0, "test set-up: B should be indefinite"
   g = rng.standard_normal(N)
   for radius in (1e-2, 1.0, 30.0):
@@ -227,10 +226,7 @@ def test_random_pairs_wrapped(dtype):
 
 
 def test_hard_case(dtype):
-  rng = np.random.default_rng(4)
-  like = _params(dtype)
-  state = _subspace_state(rng, like, [-2.0, 0.5, 1.0, 3.0, 5.0])
-  B = _dense_B(state)
+  rng, like, state, B = _spectral_case(4, [-2.0, 0.5, 1.0, 3.0, 5.0], dtype)
   lam = np.linalg.eigvalsh(B)
   assert lam[0] < 0 and lam[1] - lam[0] > 0.1, "test set-up: simple negative lam_min"
   for radius in (0.1, 2.0):

@@ -26,20 +26,16 @@ from tests.problems import lsq_loss
 from tests.problems import lsq_problem
 from tests.problems import mlp_loss
 from tests.problems import problem
+from tests.problems import train
 
 
 @pytest.mark.parametrize("second_order", [False, True])
 def test_full_batch_loss_never_increases(x64, second_order):
   params, batch = problem(jnp.float64)
   tx = aptsjax.apts(mlp_loss, num_subdomains=4, local_steps=3, second_order=second_order)
-  state = tx.init(params)
-  step = jax.jit(lambda p, s: tx.update(jax.grad(mlp_loss)(p, batch), s, p, batch=batch))
-  losses = [float(mlp_loss(params, batch))]
-  for _ in range(12):
-    updates, state = step(params, state)
-    params = optax.apply_updates(params, updates)
-    losses.append(float(state.value))
-    assert float(state.value) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-12)
+  run = train(tx, mlp_loss, params, batch, 12)
+  np.testing.assert_allclose(run.values, run.losses[1:], rtol=1e-12)   # state.value: the loss
+  losses = run.losses
   assert np.all(np.diff(losses) <= 1e-14 * losses[0]), losses
   assert losses[-1] < 0.5 * losses[0]
 
@@ -69,7 +65,7 @@ def test_consistency_term_gives_global_gradient():
     return carry._replace(state=recorded), jnp.array(True)
 
   tx = aptsjax.apts(mlp_loss, num_subdomains=4, local_solver=LocalSolver(init, start, step))
-  _, state = tx.update(g, tx.init(params), params, batch=(x, y))
+  _, state = jax.jit(lambda p: tx.update(g, tx.init(p), p, batch=(x, y)))(params)
   np.testing.assert_array_equal(state.local_steps, [1, 1, 1, 1])
   for i in range(4):
     assert_close(jax.tree.map(lambda a: a[i], state.local_state), g, 1e-5)
@@ -87,23 +83,23 @@ def test_single_subdomain_matches_first_order_trust_region():
   a_tx = aptsjax.apts(mlp_loss, num_subdomains=1, local_steps=1, global_steps=0,
                       second_order=False, base=APTSConfig.paper())
   t_tx = aptsjax.trust_region(mlp_loss, second_order=False, min_radius=1e-3)
-  a_updates, a_state = a_tx.update(g, a_tx.init(params), params, batch=batch)
-  t_updates, t_state = t_tx.update(g, t_tx.init(params), params, batch=batch)
+  first = lambda tx: jax.jit(lambda p: tx.update(g, tx.init(p), p, batch=batch))(params)
+  (a_updates, a_state), (t_updates, t_state) = first(a_tx), first(t_tx)
   assert bool(t_state.accepted) and bool(a_state.apts_accepted)
   assert_close(a_updates, t_updates, 1e-6)
   assert float(a_state.value) == pytest.approx(float(t_state.value), rel=1e-6)
 
 
-def test_summed_step_within_global_radius():
+@pytest.mark.parametrize("second_order", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_combined_step_within_global_radius(second_order):
   params, batch = problem()
-  for second_order in (False, True):
-    tx = aptsjax.apts(mlp_loss, num_subdomains=4, second_order=second_order, global_steps=0,
-                      init_radius=0.5)
-    g = jax.grad(mlp_loss)(params, batch)
-    updates, state = jax.jit(tx.update)(g, tx.init(params), params, batch=batch)
-    if bool(state.apts_accepted):
-      assert float(optax.tree.norm(updates)) <= 0.5 * (1 + 1e-6)
-    assert float(state.predicted_reduction) > 0
+  tx = aptsjax.apts(mlp_loss, num_subdomains=4, second_order=second_order, global_steps=0,
+                    init_radius=0.5)
+  g = jax.grad(mlp_loss)(params, batch)
+  updates, state = jax.jit(tx.update)(g, tx.init(params), params, batch=batch)
+  if bool(state.apts_accepted):
+    assert float(optax.tree.norm(updates)) <= 0.5 * (1 + 1e-6)
+  assert float(state.predicted_reduction) > 0
 
 
 def test_nonfinite_local_loss_is_contained():
@@ -131,7 +127,7 @@ def test_nonfinite_current_point_is_a_noop():
   tx = aptsjax.apts(mlp_loss, num_subdomains=4, second_order=False)
   state = tx.init(params)
   bad = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), params)
-  updates, new_state = tx.update(bad, state, params, batch=batch)
+  updates, new_state = jax.jit(lambda g, s: tx.update(g, s, params, batch=batch))(bad, state)
   assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
   assert bool(new_state.nonfinite) and float(new_state.radius) == float(state.radius)
 
@@ -224,7 +220,7 @@ def test_mean_of_first_order_first_steps_is_one_normalised_gradient_step(x64):
   np.testing.assert_allclose(float(state.predicted_reduction), np.mean(decreases), rtol=1e-9)
 
 
-@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("second_order", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("local_solver", ["trust_region", "adam"])
 def test_mean_step_within_radius_and_local_steps_reach_further(second_order, local_solver):
   """|s~| <= Delta with combine="mean" (the triangle inequality), over several updates."""
@@ -265,7 +261,7 @@ def test_apts_first_order_rms_step(x64):
   np.testing.assert_allclose(flat(state.scaling.d), d, rtol=1e-12)
 
 
-@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("second_order", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_apts_step_within_scaled_region(second_order):
   """|D s~| <= Delta for the APTS step s~ (the update, with global_steps=0), in float32.
 

@@ -1,8 +1,8 @@
 """The optax contract of both transformations, in the spirit of optax's ``contrib/_common_test.py``.
 
-Parametrised over {trust_region, apts} x {first order, second order}: ``apts`` runs the library's
-defaults in first order (per-subdomain Adam states) and the paper's method in second order
-(per-subdomain L-SR1 memories), so that both kinds of per-subdomain state meet every check.
+Parametrised over {trust_region, apts} x {first order, second order}, with the library's default
+options (apts: per-subdomain Adam states; the paper's per-subdomain L-SR1 memories are the same
+``LSR1State`` as trust_region's second-order memory).
 
 * jit of ``init`` and ``update``; an ``optax.GradientTransformationExtraArgs`` whose ``update``
   takes ``batch=`` and ``value=`` and ignores extra arguments it does not know, also inside
@@ -31,11 +31,11 @@ import optax
 import pytest
 
 import aptsjax
-from aptsjax import APTSConfig
 from tests.problems import lsq_loss
 from tests.problems import lsq_problem
 from tests.problems import mlp_loss
 from tests.problems import problem
+from tests.problems import train
 
 CASES = [("trust_region", False), ("trust_region", True), ("apts", False), ("apts", True)]
 IDS = ["trust_region-o1", "trust_region-o2", "apts-o1", "apts-o2"]
@@ -47,9 +47,8 @@ def make(method: str, second_order: bool, loss_fn=mlp_loss, **options: Any
   """The transformation under test (small memories and few local steps: cheap to compile)."""
   if method == "trust_region":
     return aptsjax.trust_region(loss_fn, memory=3, second_order=second_order, **options)
-  base = APTSConfig.paper() if second_order else None
   return aptsjax.apts(loss_fn, num_subdomains=2, second_order=second_order, memory=3,
-                      local_steps=2, base=base, **options)
+                      local_steps=2, **options)
 
 
 class Contract(NamedTuple):
@@ -189,16 +188,10 @@ def test_float32_params_with_float64_data(x64, method, second_order):
   """float32 parameters with float64 data under jax_enable_x64: everything stays float32."""
   params, batch = lsq_problem(dtype=np.float32)
   batch = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), batch)
-  tx = make(method, second_order, loss_fn=lsq_loss)
-  state = tx.init(params)
-  step = jax.jit(lambda p, s: tx.update(jax.grad(lsq_loss)(p, batch), s, p, batch=batch))
-  p = params
-  for _ in range(3):
-    updates, state = step(p, state)
-    p = optax.apply_updates(p, updates)
-  assert_dtypes(state, updates, jnp.float32)
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(p))
-  assert float(state.value) < float(lsq_loss(params, batch))
+  run = train(make(method, second_order, loss_fn=lsq_loss), lsq_loss, params, batch, 3)
+  assert_dtypes(run.state, run.updates, jnp.float32)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(run.params))
+  assert run.values[-1] < run.losses[0]
 
 
 @pytest.mark.parametrize("method, second_order", CASES, ids=IDS)
@@ -217,14 +210,9 @@ def test_half_precision_first_order_trains_and_second_order_is_refused(method, s
     with pytest.raises(ValueError, match=r"float32 or float64.*second_order=False.*float32"):
       tx.init(params)
     return
-  state = tx.init(params)
-  step = jax.jit(lambda p, s: tx.update(jax.grad(lsq_loss)(p, batch), s, p, batch=batch))
-  losses = [float(lsq_loss(params, batch))]
-  for _ in range(8):
-    updates, state = step(params, state)
-    params = optax.apply_updates(params, updates)
-    losses.append(float(lsq_loss(params, batch)))
-  assert_dtypes(state, updates, dtype)
+  run = train(tx, lsq_loss, params, batch, 8)
+  assert_dtypes(run.state, run.updates, dtype)
+  losses = run.losses
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
 
 

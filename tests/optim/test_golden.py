@@ -1,28 +1,40 @@
 """Float64 trajectories are bitwise those recorded before the package was split into layers.
 
-``tests/golden/record.py`` recorded them on main 59704ee (the flat layout). Here the same explicit
-configurations run through today's API, under the suite's XLA flags (tests/conftest.py, the
-flags of the recording), and every iterate, loss, radius and acceptance must be equal bit for bit.
+``tests/golden/record.py`` recorded them on main 59704ee (the flat layout). Here the same script
+runs the same explicit configurations through today's API, under the XLA flags of the recording
+(``record.FLAGS``), in a subprocess beside the in-process tests (tests/background.py); every
+iterate, loss, radius and acceptance must be equal bit for bit.
 """
-import pathlib
+import os
+import sys
 
-import jax
 import numpy as np
 import pytest
 
+from tests import background
 from tests.golden import record
+from tests.helpers import ROOT
+from tests.helpers import show
 
-GOLDEN = pathlib.Path(record.__file__).with_name("trajectories.npz")
+pytestmark = pytest.mark.slow
+
+GOLDEN = ROOT / "tests" / "golden" / "trajectories.npz"
+
+
+@background.job("tests/golden/record.py", "tests/optim/test_golden.py::")
+def replay():
+  path = background.scratch("golden") / "trajectories.npz"
+  env = dict(os.environ, XLA_FLAGS=" ".join(record.FLAGS))
+  result = background.run([sys.executable, "-m", "tests.golden.record", str(path)], cwd=ROOT,
+                          timeout=600, env=env)
+  assert result.returncode == 0, show(result)
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
 
 
 @pytest.fixture(scope="module")
 def trajectories():
-  previous = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  try:
-    yield record.record()
-  finally:
-    jax.config.update("jax_enable_x64", previous)
+  return background.result("tests/golden/record.py")
 
 
 @pytest.fixture(scope="module")

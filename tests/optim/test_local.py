@@ -72,7 +72,8 @@ def test_custom_solver_through_the_interface(x64):
   tx = aptsjax.apts(mlp_loss, num_subdomains=num, local_steps=nu, global_steps=0,
                     local_solver=projected_gradient_descent(lr), base=APTSConfig.paper())
   state = tx.init(params)
-  updates, state = jax.jit(lambda p, s: tx.update(None, s, p, batch=batch))(params, state)
+  step = jax.jit(lambda p, s: tx.update(None, s, p, batch=batch))
+  updates, state = step(params, state)
   np.testing.assert_array_equal(state.local_steps, [nu] * num)
   np.testing.assert_array_equal(state.local_state, [nu] * num)
   s_sum, decrease = reference_steps(params, batch, num, nu, lr, 0.01 / num)
@@ -81,7 +82,7 @@ def test_custom_solver_through_the_interface(x64):
   assert bool(state.apts_accepted)
   assert_close(updates, s_sum, 1e-10)
   # The persistent state carries over to the next update.
-  _, state = tx.update(None, state, optax.apply_updates(params, updates), batch=batch)
+  _, state = step(optax.apply_updates(params, updates), state)
   np.testing.assert_array_equal(state.local_state, [2 * nu] * num)
 
 

@@ -348,7 +348,7 @@ def tolerance(dtype) -> dict:
   return dict(rtol=1e-4, atol=1e-5) if dtype == jnp.float32 else dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_vmap_matches_separate_runs(dtype, request):
   if dtype == "float64":
     request.getfixturevalue("x64")

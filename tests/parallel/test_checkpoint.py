@@ -23,16 +23,25 @@ def equal(a, b) -> bool:
 
 
 @pytest.fixture(scope="module")
-def trained():
-  params, batch = worker.problem(rows=512)
+def placed():
+  """A 4-device trainer, and its replicated parameters and fresh state (nothing compiled)."""
+  params = worker.problem(rows=512)[0]
   trainer = worker.make_trainer(2, num_devices=4)
-  state, params = trainer.init(params), trainer.replicate(params)
-  sharded = trainer.shard_batch(batch)
+  return trainer, trainer.replicate(params), trainer.init(params)
+
+
+@pytest.fixture(scope="module")
+def trained(placed):
+  """The state after two steps, and the laid-out batch."""
+  trainer, params, state = placed
+  sharded = trainer.shard_batch(worker.problem(rows=512)[1])
+  params, state = jax.tree.map(jnp.copy, (params, state))   # the step donates them
   for _ in range(2):
     params, state = trainer.step(params, state, sharded)
   return trainer, params, state, sharded
 
 
+@pytest.mark.slow
 def test_round_trip_keeps_values_shardings_and_trajectory(trained, tmp_path):
   trainer, params, state, sharded = trained
   checkpoint.save(tmp_path, 2, {"params": params, "state": state})
@@ -51,8 +60,8 @@ def test_round_trip_keeps_values_shardings_and_trajectory(trained, tmp_path):
   assert equal(one, two)
 
 
-def test_latest_and_explicit_steps(trained, tmp_path):
-  _, params, _, _ = trained
+def test_latest_and_explicit_steps(placed, tmp_path):
+  _, params, _ = placed
   assert checkpoint.latest_step(tmp_path / "missing") is None
   for step in (1, 3, 5):
     checkpoint.save(tmp_path, step, {"p": jax.tree.map(lambda x: x * step, params)})
@@ -63,8 +72,8 @@ def test_latest_and_explicit_steps(trained, tmp_path):
     checkpoint.save(tmp_path, 4, {"p": params})
 
 
-def test_errors(trained, tmp_path):
-  _, params, _, _ = trained
+def test_errors(placed, tmp_path):
+  _, params, _ = placed
   with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
     checkpoint.restore(tmp_path / "missing", {"p": params})
   checkpoint.save(tmp_path, 1, {"p": params})
@@ -79,20 +88,21 @@ def test_errors(trained, tmp_path):
     checkpoint.restore(tmp_path, wrong)
 
 
-def test_max_to_keep(trained, tmp_path):
-  _, params, _, _ = trained
+def test_max_to_keep(placed, tmp_path):
+  _, params, _ = placed
   for step in range(4):
     checkpoint.save(tmp_path, step, {"p": params}, max_to_keep=2)
   assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2, 3]
 
 
-def test_numpy_tree_of_a_sharded_state(trained):
-  _, _, state, _ = trained
+def test_numpy_tree_of_a_sharded_state(placed):
+  _, _, state = placed
   host = parallel.numpy_tree(state)
   assert host.local_steps.shape == (worker.NUM_SUBDOMAINS,)
   assert isinstance(host.radius, np.ndarray)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_the_2d_shardings(tmp_path):
   """A checkpoint of a 2 x 2 run comes back sharded as ``like`` and continues bitwise."""
   params, batch = problem(rows=512)

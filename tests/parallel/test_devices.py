@@ -1,26 +1,32 @@
 """APTS across 2 or 4 host CPU devices equals the single-device run.
 
 shard_map (``apts_trainer`` and a caller's own ``shard_map``) and ``jax.pmap``, both loop shapes
-of the local iterations, parameter blocks and the scaled region: float64 runs agree to 1e-8 or
-1e-10, float32 runs within the rounding error model of tests/rounding.py. 2-D (data x model)
-meshes: tests/parallel/test_mesh.py.
+of the local iterations, parameter blocks, the scaled region, and 2-D (data x model) meshes:
+float64 runs agree to 1e-8 or 1e-10, float32 runs within the rounding error model of
+tests/rounding.py.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import aptsjax
 from aptsjax import parallel
+from aptsjax.parallel import sharding
 from tests import rounding
 from tests.parallel.runs import PAPER
+from tests.parallel.runs import SPECS
 from tests.parallel.runs import one_device_float32
+from tests.parallel.runs import run_mesh
 from tests.parallel.runs import run_trainer
 from tests.problems import assert_close
 from tests.problems import mlp_loss
 from tests.problems import problem
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("second_order, preset", [(False, "defaults"), (True, "defaults"),
@@ -168,3 +174,66 @@ def test_rms_trainer_two_devices_matches_one_float32():
   reference = run(1, params)
   spread = rounding.probe_spread(lambda p: run(1, p), params, reference)
   rounding.assert_within_rounding(run(2, params), reference, spread, "norm='rms', 2 devices")
+
+
+# ----------------------------------------------------------------------------
+# 2-D (data x model) meshes: the parameters sharded over the model axis tensor-parallel (first
+# kernel column-sharded, second row-sharded) or FSDP-style (every kernel on its first
+# dimension); the state follows them (tests/parallel/test_sharding.py).
+
+
+# Both layouts on both meshes, both orders; second order also with the paper's local TR steps.
+@pytest.mark.parametrize("layout,data,model,second_order,kw", [
+    ("tp", 2, 2, False, {}), ("tp", 1, 4, True, PAPER), ("fsdp", 2, 2, True, {}),
+    ("fsdp", 1, 4, False, {})],
+    ids=["tp-2x2-o1", "tp-1x4-o2-paper", "fsdp-2x2-o2", "fsdp-1x4-o1"])
+def test_mesh_matches_one_device_float64(x64, layout, data, model, second_order, kw):
+  kw = tuple(kw.items())
+  params, state = run_mesh(layout, data, model, second_order, 10, jnp.float64, **dict(kw))
+  want_params, want_state = run_trainer(1, second_order, 10, jnp.float64, **dict(kw))
+  assert state.iteration == 10 and bool(np.any(np.asarray(state.local_steps) > 0))
+  assert_close(parallel.numpy_tree(params), want_params, 1e-8)
+  for name in ("value", "radius", "predicted_reduction", "actual_reduction"):
+    assert_close(np.asarray(getattr(state, name)), getattr(want_state, name), 1e-8)
+  assert bool(state.accepted) == bool(want_state.accepted)
+
+
+@pytest.mark.parametrize("layout,data,model,second_order", [
+    ("tp", 2, 2, True), ("fsdp", 1, 4, False)])
+def test_mesh_matches_one_device_float32(layout, data, model, second_order):
+  iters = 3
+  params, _ = problem(rows=512)
+  reference, spread = one_device_float32(second_order, iters, params)
+  got, state = run_mesh(layout, data, model, second_order, iters, params=params)
+  rounding.assert_within_rounding(
+      {"params": parallel.numpy_tree(got), "loss": np.asarray(state.value),
+       "radius": np.asarray(state.radius)}, reference, spread, f"{layout} {data}x{model} mesh")
+
+
+def test_apts_in_users_shard_map_over_the_data_axis(x64):
+  """``aptsjax.apts`` in the caller's shard_map, manual over "data" only, equals the trainer."""
+  params, batch = problem(jnp.float64, rows=512)
+  mesh = parallel.mesh.build_mesh(2, 2, jax.devices())
+  specs = SPECS["tp"]
+  tx = aptsjax.apts(mlp_loss, num_subdomains=4, axis_name="data", second_order=True)
+  placed = jax.device_put(params, sharding.shardings(specs, mesh))
+  state = tx.init(placed)
+  state = jax.device_put(state, sharding.shardings(
+      aptsjax.state_specs(state, "data", params, specs), mesh))
+  laid = aptsjax.data.overlapping_subdomains(batch, 4)
+  laid = jax.device_put(laid, NamedSharding(mesh, P("data")))
+  data_specs = aptsjax.state_specs(state, "data")
+
+  @jax.jit
+  def step(p, s, b):
+    def inner(p, s, b):
+      updates, s = tx.update(None, s, p, batch=b)
+      return jax.tree.map(lambda a, u: a + u, p, updates), s
+    return jax.shard_map(inner, mesh=mesh, in_specs=(P(), data_specs, P("data")),
+                         out_specs=(P(), data_specs), axis_names={"data"})(p, s, b)
+
+  for _ in range(3):
+    placed, state = step(placed, state, laid)
+  want, _ = run_trainer(1, True, 3, jnp.float64)
+  assert placed["w1"].sharding.spec == P(None, "model")
+  assert_close(parallel.numpy_tree(placed), want, 1e-8)

@@ -19,6 +19,7 @@ import pytest
 
 from aptsjax.parallel import distributed
 from aptsjax.parallel import launch as launcher
+from tests import background
 from tests import rounding
 from tests.helpers import ROOT, launch, printed, show
 from tests.parallel import multiprocess_worker as worker
@@ -33,14 +34,23 @@ def run_launch(*worker_args: str, timeout: float = 240.0) -> subprocess.Complete
                 *worker_args, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> tuple:
+@background.job("tests/parallel/multiprocess_worker.py, 2 processes",
+                *(f"tests/parallel/test_multiprocess.py::{name}" for name in (
+                    "test_two_processes", "test_resume", "test_only_process_zero",
+                    "test_configuration_mismatch")))
+def launch_worker() -> tuple:
   """One launch: the mismatch checks, 3 iterations per order saving a checkpoint after the first,
   then a resume of each order from that checkpoint (fresh state, restored from disk)."""
-  out = tmp_path_factory.mktemp("mp")
+  out = background.scratch("multiprocess")
   result = run_launch("--mismatch", "--out", str(out), "--iters", str(ITERS), "--ckpt",
                       str(out / "ckpt"), "--save-at", "1", "--resume-out", str(out / "resumed"))
   return out, result
+
+
+@pytest.fixture(scope="module")
+def two_process_run() -> tuple:
+  """The launch's output folder and process (started beside the in-process tests)."""
+  return background.result("tests/parallel/multiprocess_worker.py, 2 processes")
 
 
 def results(two_process_run, directory: str = "") -> dict[str, np.ndarray]:
@@ -93,14 +103,21 @@ def test_configuration_mismatch_is_an_error_at_start_up(two_process_run):
   assert result.returncode == 0, show(result)
 
 
-def test_coordinator_without_peers_stops_within_the_timeout():
+@background.job("a coordinator without peers",
+                "tests/parallel/test_multiprocess.py::test_coordinator_without_peers")
+def coordinator_alone() -> tuple:
+  """A process 0 of 2 that no process 1 joins (timeout 2 s); returns (process, seconds)."""
   code = ("import aptsjax; aptsjax.distributed.initialize("
           f"'127.0.0.1:{launcher.free_port()}', num_processes=2, process_id=0, timeout=2)")
   start = time.monotonic()
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+  result = background.run([sys.executable, "-c", code], cwd=ROOT, timeout=60)
+  return result, time.monotonic() - start
+
+
+def test_coordinator_without_peers_stops_within_the_timeout():
+  result, seconds = background.result("a coordinator without peers")
   assert result.returncode != 0
-  assert time.monotonic() - start < 30.0
+  assert seconds < 30.0
   assert "waiting up to 2 s for all 2 processes" in result.stderr
   assert "DEADLINE_EXCEEDED" in result.stderr
 

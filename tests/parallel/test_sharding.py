@@ -2,6 +2,7 @@
 meshes, and the trainer's placement of the states by them."""
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.sharding import PartitionSpec as P
 
 import aptsjax
@@ -30,6 +31,7 @@ def test_state_specs():
                                                is_leaf=lambda x: isinstance(x, P)))
 
 
+@pytest.mark.slow
 def test_state_sharded_like_the_parameters():
   """Every parameter-shaped state leaf carries the parameter's spec; memory falls with M."""
   params, _ = problem(rows=512)

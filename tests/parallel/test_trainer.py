@@ -51,7 +51,7 @@ def test_sizes_must_be_integers_and_are_checked_first(monkeypatch):
 
 
 # A non-finite loss at the current point.
-@pytest.mark.parametrize("num_devices", [1, 2])
+@pytest.mark.parametrize("num_devices", [1, pytest.param(2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode", ["warn", "raise", "ignore"])
 def test_trainer_reports_a_skipped_update(mode, num_devices):
   params, (x, y) = lsq_problem()
@@ -111,6 +111,7 @@ def test_shard_batch_warns_of_dropped_rows(rows, n, overlap, dropped, sizes):
 
 
 # What a step communicates: nothing in the local loop, a volume independent of local_steps.
+@pytest.mark.slow
 def test_no_allreduce_in_local_loop_and_fixed_volume():
   params, batch = problem()
   n = sum(x.size for x in jax.tree.leaves(params))
@@ -134,7 +135,7 @@ def test_no_allreduce_in_local_loop_and_fixed_volume():
   assert 4 * n <= totals[0] <= 4 * n + 16, (totals, n)
 
 
-@pytest.mark.parametrize("num_devices", [1, 4])
+@pytest.mark.parametrize("num_devices", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_trainer_donates_params_and_state(num_devices):
   """step reuses the buffers of the params and state it is given; the results do not change."""
   params, batch = problem(rows=512)
