@@ -1,6 +1,6 @@
-"""Tests of aptsjax.parallel.trainer (``apts_trainer``) and its step wrappers (aptsjax.parallel.step):
-argument checks, donation, SAPTS minibatches, skipped updates, compiler options, what a step
-communicates, and the rows of a process.
+"""Tests of aptsjax.parallel.trainer (``apts_trainer``) and its step wrappers
+(aptsjax.parallel.step): argument checks, donation, SAPTS minibatches, skipped updates, compiler
+options, what a step communicates, and the rows of a process.
 
 Equivalence of D devices with one: tests/parallel/test_devices.py and test_mesh.py.
 """
