@@ -1,11 +1,16 @@
-"""Shared helpers of the benchmark smoke tests, the multi-process tests and the example tests."""
+"""Shared helpers of the benchmark smoke tests, the multi-process tests and the example tests:
+subprocess runs (through tests/background.py), CSV rows, example sections, launched output."""
 import csv
+import json
 import os
 import re
-import textwrap
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any, NamedTuple
+
+from tests import background
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +34,40 @@ def launch(*command: str, timeout: float = 240.0,
   """
   argv = [sys.executable, "-m", "aptsjax.parallel.launch", "--num-processes", "2",
           "--devices-per-process", "2", "--timeout", str(timeout), "--", *command]
-  return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 30,
+  return background.run(argv, cwd=ROOT, timeout=timeout + 30,
                         env=dict(os.environ if env is None else env))
+
+
+class QuickRun(NamedTuple):
+  """A benchmark run by ``quick_benchmark``: the process, its output folder and quick.json."""
+  result: subprocess.CompletedProcess
+  out: Path
+  record: dict[str, Any]
+
+
+def quick_benchmark(module: str, *args: str, timeout: float = 600.0) -> QuickRun:
+  """Runs ``benchmarks.<module>.main([*args, "--out", OUT])`` in a subprocess from the repository
+  root (tests/benchmarks/quick.py; this environment, so 4 host CPU devices) into a fresh OUT.
+
+  Raises:
+    AssertionError: the run failed (its output's tail in the message).
+  """
+  out = background.scratch(module)
+  argv = [sys.executable, "-m", "tests.benchmarks.quick", module, str(out), *args]
+  result = background.run(argv, cwd=ROOT, timeout=timeout, env=dict(os.environ))
+  assert result.returncode == 0, f"benchmarks.{module} {' '.join(args)} failed:\n" + show(result)
+  return QuickRun(result, out, json.loads((out / "quick.json").read_text()))
+
+
+def quick_job(module: str, *args: str) -> str:
+  """Registers ``quick_benchmark(module, *args)`` as a background job for the quick-mode tests
+  of tests/benchmarks/test_<name>.py (``test_quick_mode...``), ``name`` the last component of
+  ``module`` (``"paper.paper"``: test_paper.py); returns the job's name."""
+  name = " ".join([f"benchmarks.{module}", *args])
+  test = module.rsplit(".", 1)[-1]
+  background.job(name, f"tests/benchmarks/test_{test}.py::test_quick_mode")(
+      lambda: quick_benchmark(module, *args))
+  return name
 
 
 def show(result: subprocess.CompletedProcess, lines: int = 40) -> str:

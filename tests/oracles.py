@@ -1,4 +1,5 @@
-"""Dense float64 numpy oracles for the L-SR1 matrix and the trust-region subproblem.
+"""Dense float64 numpy oracles: the L-SR1 matrix, the trust-region subproblem, the RMS scaling D
+and the L-SR1 gamma.
 
 These never call aptsjax: they build n x n matrices and full eigendecompositions, which is
 fine for the small n used in tests.
@@ -6,6 +7,7 @@ fine for the small n used in tests.
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 import scipy.optimize
 
 
@@ -130,3 +132,30 @@ def tr_subproblem_dense(
   values = [model_value(g, B, p) for p in candidates]
   best = int(np.argmin(values))
   return candidates[best], values[best]
+
+
+def rms_oracle(grads: list[np.ndarray], decay: float, eps: float) -> tuple[np.ndarray, np.ndarray]:
+  """Adam's bias-corrected second moment and D from a sequence of flat gradients (float64).
+
+  Returns ``(nu, d)`` after the last gradient: nu = EMA of g * g, w = sqrt(nu / (1 - decay^t))
+  + eps and D = sqrt(w / mean(w)).
+  """
+  nu = np.zeros_like(grads[0], dtype=np.float64)
+  for g in grads:
+    nu = decay * nu + (1.0 - decay) * np.asarray(g, np.float64) ** 2
+  w = np.sqrt(nu / (1.0 - decay ** len(grads))) + eps
+  return nu, np.sqrt(w / np.mean(w))
+
+
+def gamma_oracle(S: np.ndarray, Y: np.ndarray) -> float:
+  """gamma = mu_min / 2 of the pencil (D + L + L^T, S^T S) over the pairs (rows, oldest first).
+
+  Only for pairs where mu_min > 0 and S has full rank (the caller's test asserts both).
+  """
+  sy = S @ Y.T                          # [i, j] = s_i . y_j
+  k = S.shape[0]
+  newer = np.arange(k)[:, None] >= np.arange(k)[None, :]
+  sym = np.where(newer, sy, sy.T)       # s_newer . y_older
+  mu = scipy.linalg.eigh(sym, S @ S.T, eigvals_only=True)
+  assert mu[0] > 0, mu
+  return 0.5 * float(mu[0])

@@ -1,5 +1,6 @@
 """Tests of aptsjax.data: the overlap layout (docs/method.md) and the SAPTS minibatches."""
 
+import warnings
 from fractions import Fraction
 
 import hypothesis
@@ -235,3 +236,23 @@ def test_minibatches_errors(kwargs):
     data.minibatches(10, size, **args)
   with pytest.raises(ValueError):  # raised at the call, before iterating
     data.iterate_minibatches((np.zeros(10),), size, **args)
+
+
+@pytest.mark.parametrize("rows, n, overlap, dropped, sizes", [
+    (661, 4, 0.0, 1, "660 or 664"), (510, 4, 0.0, 2, "508 or 512"),
+    (661, 2, 0.05, 1, "660 or 662")])
+def test_dropped_rows_are_never_silent(rows, n, overlap, dropped, sizes):
+  """A layout that drops rows warns (or raises, or drops quietly when asked); the trainer's
+  shard_batch passes the warning on (tests/parallel/test_trainer.py)."""
+  batch = (np.arange(rows, dtype=np.float32)[:, None], np.zeros(rows, np.int32))
+  expected = f"drops {dropped} of the {rows} rows of the batch; batches of {sizes} rows drop none"
+  with pytest.warns(UserWarning, match=expected):
+    out = data.overlapping_subdomains(batch, n, overlap)
+  assert len(np.unique(out[0])) == rows - dropped
+  with pytest.raises(ValueError, match=expected):
+    data.overlapping_subdomains(batch, n, overlap, remainder="raise")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    data.overlapping_subdomains(batch, n, overlap, remainder="drop")
+    full = jax.tree.map(lambda a: a[:int(sizes.split()[0])], batch)
+    data.overlapping_subdomains(full, n, overlap)  # nothing dropped: no warning

@@ -1,21 +1,26 @@
-"""Records float64 trajectories of explicit configurations (run once, on the commit named inside).
+"""Records float64 trajectories of explicit configurations.
 
-    python -m tests.golden.record
+    python -m tests.golden.record [PATH]
 
-writes tests/golden/trajectories.npz. ``tests/optim/test_golden.py`` replays the same
-configurations through today's API and asserts the trajectories are bitwise equal. The XLA flags
-are the test suite's (tests/conftest.py), since bitwise equality is only promised under fixed
-flags.
+writes PATH (default: tests/golden/trajectories.npz, the trajectories recorded on main 59704ee,
+before the package was split into layers). ``tests/optim/test_golden.py`` runs this script on
+today's API (in a subprocess, beside the in-process tests) and asserts the trajectories are
+bitwise equal to the recorded ones. The XLA flags are the test suite's (tests/conftest.py), since
+bitwise equality is only promised under fixed flags: run as a script, it adds those the
+environment lacks and enables float64; imported, it changes no setting.
 """
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-                           " --xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+FLAGS = ("--xla_force_host_platform_device_count=4", "--xla_cpu_use_fusion_emitters=false",
+         "--xla_backend_optimization_level=0")
+
+if __name__ == "__main__":
+  _flags = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = " ".join([_flags, *(f for f in FLAGS if f not in _flags)]).strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -146,7 +151,9 @@ def record():
 
 
 if __name__ == "__main__":
-  path = os.path.join(os.path.dirname(__file__), "trajectories.npz")
+  jax.config.update("jax_enable_x64", True)
+  path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__),
+                                                            "trajectories.npz")
   result = record()
   np.savez_compressed(path, **result)
   print(f"wrote {len(result)} arrays to {path}")

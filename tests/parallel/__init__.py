@@ -1,0 +1,1 @@
+"""Tests of aptsjax.parallel: the trainer, meshes, shardings, checkpoints, processes."""

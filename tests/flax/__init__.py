@@ -1,0 +1,1 @@
+"""Tests of aptsjax.flax: the NNX and Linen adapters."""

@@ -1,0 +1,1 @@
+"""Tests of aptsjax.numerics: L-SR1, OBS, the compact form, the RMS scaling."""

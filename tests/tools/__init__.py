@@ -1,0 +1,1 @@
+"""Tests of aptsjax.tools: the readers of compiled programs."""
