@@ -248,6 +248,9 @@ def configure_apts(base: APTSConfig | None = None, **options: Any) -> APTSConfig
   if not isinstance(base, APTSConfig):
     raise ValueError(f"base must be an aptsjax.APTSConfig, got {type(base).__name__} (a "
                      "TrustRegionConfig goes in APTSConfig(trust_region=...)).")
+  if not isinstance(base.trust_region, TrustRegionConfig):
+    raise ValueError("base.trust_region must be an aptsjax.TrustRegionConfig, got "
+                     f"{type(base.trust_region).__name__}.")
   _check_names(options, _fields(APTSConfig) + TrustRegionConfig._fields, "apts", {})
   own = {k: _coerce(APTSConfig, k, v) for k, v in options.items() if k in APTSConfig._fields}
   region = {k: _coerce(TrustRegionConfig, k, v) for k, v in options.items()

@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
   progress = sys.modules.get("benchmarks.common.progress")
   if progress is not None:   # record the overall bar's plan and the work it was told is done
     init, advance = progress.Progress.__init__, progress.Progress.advance
-    progress.Progress.__init__ = lambda self, total: (plan.append(total), init(self, total))[1]
+    progress.Progress.__init__ = lambda self, total, *a, **k: (plan.append(total),
+                                                                init(self, total, *a, **k))[1]
     progress.Progress.advance = lambda self, w: (done.append(w), advance(self, w))[1]
   returned = module.main([*args, "--out", out])
   Path(out).mkdir(parents=True, exist_ok=True)

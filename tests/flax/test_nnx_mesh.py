@@ -72,7 +72,7 @@ def test_trust_region_state_metadata():
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
     model = MLP(nnx.Rngs(0), dtype=jnp.float32)
-    optimizer = nnx.Optimizer(model, flax_utils.partitioned(make_tx("trust_region", model)),
+    optimizer = nnx.Optimizer(model, aptsjax_flax.partitioned(make_tx("trust_region", model)),
                               wrt=nnx.Param)
     specs = nnx.get_partition_spec(nnx.state(optimizer))["opt_state"]
   assert specs["memory"]["s"]["l1"]["kernel"].get_value() == P(None, None, "model")
@@ -88,7 +88,7 @@ def test_nnx_optimizer_with_partitioned_params(x64, kind):
   data = batch()
   with jax.set_mesh(mesh):
     model = MLP(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, flax_utils.partitioned(make_tx(kind, model)), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, aptsjax_flax.partitioned(make_tx(kind, model)), wrt=nnx.Param)
     specs = nnx.get_partition_spec(nnx.state(optimizer))
     memory = specs["opt_state"]["global_memory" if kind == "apts" else "memory"]
     assert memory["s"]["l1"]["kernel"].get_value() == P(None, None, "model")

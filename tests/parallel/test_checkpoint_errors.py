@@ -14,7 +14,7 @@ import pytest
 
 from aptsjax import checkpoint
 from aptsjax import parallel
-from tests import multiprocess_worker as worker
+from tests.parallel import multiprocess_worker as worker
 
 
 def trainer(num_subdomains=2, memory=3, second_order=True):
