@@ -236,7 +236,7 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
       **shared, apts_accepted=ok & end.apts_accepted,
       local_steps=jnp.where(ok, phase.outcome.num_steps, 0).astype(jnp.int32),
       local_state=phase.outcome.state, global_memory=end.memory, scaling=begin.scaling,
-      aux=None if ev.aux is None else guard.keep(ok, end.aux, ev.aux))
+      aux=None if ev.aux is None else guard.keep(ok, end.aux, guard.previous_aux(state, ev.aux)))
   return guard.updates_if(ok, coords.to_theta(optax.tree.sub(end.params, u_start))), new_state
 
 

@@ -88,6 +88,12 @@ def updates_if(flag: jax.Array, updates: PyTree) -> PyTree:
   return optax.tree.where(flag, updates, optax.tree.zeros_like(updates))
 
 
+def previous_aux(state: NamedTuple, aux: PyTree) -> PyTree:
+  """What a skipped update keeps as the aux: the state's (like ``value``), or ``aux`` (at the
+  current parameters) before the first update has set one."""
+  return aux if state.aux is None else state.aux
+
+
 class Outcome(NamedTuple):
   """The fields every optimizer state shares, as an update produced them (before the guard)."""
   radius: jax.Array

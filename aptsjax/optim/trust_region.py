@@ -292,7 +292,7 @@ def trust_region(loss_fn: LossFn, memory: int = 10, second_order: bool = True,
     new_state = TrustRegionState(
         **shared, num_accepted=state.num_accepted + accepted.astype(jnp.int32),
         memory=out.memory, scaling=begin.scaling,
-        aux=None if aux is None else guard.keep(begin.ok, out.aux, aux))
+        aux=None if aux is None else guard.keep(begin.ok, out.aux, guard.previous_aux(state, aux)))
     return guard.updates_if(accepted, coords.to_theta(out.step)), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
