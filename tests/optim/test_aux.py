@@ -48,12 +48,18 @@ def test_value_and_grad_from_state_with_aux():
   tx = aptsjax.trust_region(loss_with_aux, has_aux=True)
   vg = aptsjax.value_and_grad_from_state(loss_with_aux, has_aux=True)
   state = tx.init(params)
-  for _ in range(4):
+
+  @jax.jit
+  def step(params, state):
     (value, aux), grads = vg(params, batch, state=state)
+    updates, state = tx.update(grads, state, params, batch=batch, value=value)
+    return optax.apply_updates(params, updates), state, value, aux
+
+  for _ in range(4):
+    new_params, state, value, aux = step(params, state)
     assert float(value) == pytest.approx(float(mlp_loss(params, batch)), rel=1e-5)
     assert float(aux["mae"]) == pytest.approx(mae(params, batch), rel=1e-5)
-    updates, state = tx.update(grads, state, params, batch=batch, value=value)
-    params = optax.apply_updates(params, updates)
+    params = new_params
   assert float(state.aux["mae"]) == pytest.approx(mae(params, batch), rel=1e-5)
 
 
@@ -78,12 +84,13 @@ def test_apts_keeps_each_subdomains_aux(second_order):
 def test_a_skipped_update_keeps_the_aux_at_the_current_point():
   params, batch = problem()
   tx = aptsjax.trust_region(loss_with_aux, has_aux=True)
+  step = jax.jit(lambda p, s, b: tx.update(jax.grad(mlp_loss)(p, b), s, p, batch=b))
   state = tx.init(params)
-  updates, state = tx.update(jax.grad(mlp_loss)(params, batch), state, params, batch=batch)
+  updates, state = step(params, state, batch)
   params = optax.apply_updates(params, updates)
   x, y = batch
   bad = (x.at[0, 0].set(jnp.nan), y)
-  _, skipped = tx.update(jax.grad(mlp_loss)(params, bad), state, params, batch=bad)
+  _, skipped = step(params, state, bad)
   assert bool(skipped.nonfinite)
   assert float(skipped.aux["mae"]) == float(state.aux["mae"])
 

@@ -11,7 +11,8 @@ from tests.optim.test_aux import loss_with_aux
 from tests.problems import problem
 
 
-@pytest.mark.parametrize("devices, model_devices", [(1, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize("devices, model_devices", [
+    (1, 1), pytest.param(4, 1, marks=pytest.mark.slow), pytest.param(2, 2, marks=pytest.mark.slow)])
 def test_trainer_metrics_hold_each_subdomains_aux(devices, model_devices):
   params, batch = problem()
   trainer = aptsjax.apts_trainer(loss_with_aux, 4, num_devices=devices,
