@@ -236,7 +236,7 @@ def test_no_pairs(dtype, x64):
     assert np.all(_ravel(out) == 0.0)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)])
 def test_nonfinite_pair_leaves_state_unchanged(dtype, x64):
   del x64
   rng = np.random.default_rng(3)
@@ -354,6 +354,7 @@ def test_update_rejects_mismatched_pytrees():
 # Transformations: jit, vmap, shard_map.
 
 
+@pytest.mark.slow
 def test_jit_matches_eager(x64):
   del x64
   rng = np.random.default_rng(5)

@@ -29,7 +29,7 @@ from tests.problems import problem
 from tests.problems import train
 
 
-@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("second_order", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_full_batch_loss_never_increases(x64, second_order):
   params, batch = problem(jnp.float64)
   tx = aptsjax.apts(mlp_loss, num_subdomains=4, local_steps=3, second_order=second_order)

@@ -23,7 +23,7 @@ def mae(params, batch):
   return float(loss_with_aux(params, batch)[1]["mae"])
 
 
-@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("second_order", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_trust_region_keeps_the_aux_of_the_current_point(second_order):
   params, batch = problem()
   tx = aptsjax.trust_region(loss_with_aux, has_aux=True, second_order=second_order,
@@ -63,7 +63,7 @@ def test_value_and_grad_from_state_with_aux():
   assert float(state.aux["mae"]) == pytest.approx(mae(params, batch), rel=1e-5)
 
 
-@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("second_order", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_apts_keeps_each_subdomains_aux(second_order):
   params, batch = problem()
   n = 4

@@ -101,7 +101,7 @@ def assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("vectorize", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_finished_subdomain_keeps_its_memory_exactly(x64, vectorize):
   """Subdomain 0 finishes after one step; the loop goes on for subdomain 1, not touching 0."""
   solver = local.trust_region_local_solver(TrustRegionConfig.paper(), second_order=True, memory=3)

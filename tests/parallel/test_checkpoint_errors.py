@@ -16,6 +16,8 @@ from aptsjax import checkpoint
 from aptsjax import parallel
 from tests.parallel import multiprocess_worker as worker
 
+pytestmark = pytest.mark.slow   # saves and restores on disk (orbax): about 10 s
+
 
 def trainer(num_subdomains=2, memory=3, second_order=True):
   return parallel.apts_trainer(worker.mlp_loss, num_subdomains, num_devices=2,
