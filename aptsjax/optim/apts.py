@@ -328,7 +328,10 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
       tree_lib.check_like(grads, params, "grads")
     n_local = _local_count(axis_name, num_subdomains, batch)
     _check_state(state, n_local, method.blocks(params)[1])
-    sub = stages.Subdomains(loss_fn=loss_fn, blocks=data.split_subdomains(batch, n_local),
+    # As JAX arrays: the local loop indexes a subdomain's rows with a traced index, which a
+    # NumPy batch (closed over in the caller's jit) cannot take.
+    blocks = data.split_subdomains(jax.tree.map(jnp.asarray, batch), n_local)
+    sub = stages.Subdomains(loss_fn=loss_fn, blocks=blocks,
                             num_subdomains=num_subdomains, axis_name=axis_name,
                             dtype=state.radius.dtype, has_aux=has_aux)
     return _update(method, sub, grads, state, params, n_local)

@@ -284,3 +284,16 @@ def test_apts_step_within_scaled_region(second_order):
       euclid.append(np.linalg.norm(step) / radius)
   assert boundary >= 1
   assert max(abs(e - 1.0) for e in euclid) > 0.05   # the region is not the Euclidean one
+
+
+def test_numpy_batch_closed_over_in_a_jit():
+  """A NumPy batch captured by the caller's jit works (the local loop indexes subdomains with a
+  traced index) and gives the same update as the same batch passed as JAX arrays."""
+  params, (x, y) = problem()
+  host = (np.asarray(x), np.asarray(y))
+  tx = aptsjax.apts(mlp_loss, 4, local_solver="trust_region")
+  closed, _ = jax.jit(lambda p, s: tx.update(None, s, p, batch=host))(params, tx.init(params))
+  passed, _ = jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b))(
+      params, tx.init(params), (x, y))
+  for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(passed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
