@@ -33,7 +33,7 @@ RadiusGrowth = Literal["always", "boundary"]
 Norm = Literal["l2", "rms"]
 LocalRadius = Literal["bound", "split"]
 Combine = Literal["sum", "mean"]
-LocalMethod = Literal["trust_region", "adam"]
+LocalMethod = Literal["trust_region", "adam", "adam_tr"]
 BlockBound = Literal["equal", "size"]
 
 
@@ -110,7 +110,8 @@ class APTSConfig(NamedTuple):
     combine: the APTS step from the local steps: ``"sum"`` (the paper: s~ = sum_i s_i, each
       |s_i| <= Delta / N) or ``"mean"`` (s~ = the mean of the s_i, each |s_i| <= Delta).
     local_solver: the local iterations: ``"trust_region"`` (the paper's local TR), ``"adam"``
-      (``optax.adam(local_lr)`` projected into the local region), any optax
+      (``optax.adam(local_lr)`` projected into the local region), ``"adam_tr"`` (Adam's
+      direction with the local trust region's length, no learning rate), any optax
       ``GradientTransformation`` (projected the same way) or a ``aptsjax.LocalSolver``.
     local_lr: the learning rate of ``local_solver="adam"`` (Adam's own default; the region
       bounds the steps); read only for that choice.

@@ -119,9 +119,8 @@ def trust_region_local_solver(cfg: TrustRegionConfig, second_order: bool, memory
   split = local_radius == "split"
 
   def start(params, loss, grad, state, bound):
-    # "split": bound / nu, but never below the local floor (a rejection must not grow it).
-    radius = jnp.minimum(bound, jnp.maximum(bound / local_steps, cfg.min_radius)) if split else bound
-    return LocalCarry(params=params, loss=loss, state=state, extra=(grad, radius))
+    return LocalCarry(params=params, loss=loss, state=state,
+                      extra=(grad, _start_radius(cfg, bound, local_steps, split)))
 
   def step(value_and_grad, carry, anchor, bound, active):
     grad, radius = carry.extra
@@ -136,6 +135,67 @@ def trust_region_local_solver(cfg: TrustRegionConfig, second_order: bool, memory
     return lsr1.rescale(state, ratio) if second_order else state
 
   return LocalSolver(init=init, start=start, step=step, rescale=rescale)
+
+
+def _start_radius(cfg: TrustRegionConfig, bound: jax.Array, local_steps: int, split: bool
+                  ) -> jax.Array:
+  """The local radius at the start of an update: the bound, or ("split") bound / nu but never
+  below the local floor (a rejection must not grow it)."""
+  if not split:
+    return bound
+  return jnp.minimum(bound, jnp.maximum(bound / local_steps, cfg.min_radius))
+
+
+def adam_trust_region_local_solver(cfg: TrustRegionConfig, local_steps: int = 1,
+                                   local_radius: str = "bound", b1: float = 0.9,
+                                   b2: float = 0.999, eps: float = 1e-8) -> LocalSolver:
+  """Adam's direction with the local trust region's length: a local solver with no learning rate.
+
+  Each local iteration takes Adam's direction d = m_hat / (sqrt(v_hat) + eps) (the moments of
+  ``optax.scale_by_adam``, advanced by the gradient at the current point, persistent across
+  updates) and the step s = -r d / |d| of length r = min(local radius, room left in the local
+  bound). The step is judged by the local ratio test against the linear model, predicted
+  reduction -g.s (``trust_region.commit``), and the local radius follows the rules (7) of
+  ``cfg``; a rejected step keeps the point and shrinks the radius. ``done`` once
+  |theta_i - theta^k| >= (1 - 1e-3) bound or the loss stops being finite.
+
+  Args:
+    cfg: the local constants (radii already divided by the share of the bound).
+    local_steps: nu (read by ``local_radius="split"``).
+    local_radius: ``"bound"`` or ``"split"``, as for ``trust_region_local_solver``.
+    b1, b2, eps: Adam's moment decays and epsilon (optax's defaults).
+
+  Returns:
+    A ``LocalSolver`` whose state is Adam's (mu, nu, count) and whose ``extra`` is (gradient,
+    local radius).
+  """
+  adam = optax.scale_by_adam(b1, b2, eps)
+  split = local_radius == "split"
+
+  def start(params, loss, grad, state, bound):
+    return LocalCarry(params=params, loss=loss, state=state,
+                      extra=(grad, _start_radius(cfg, bound, local_steps, split)))
+
+  def step(value_and_grad, carry, anchor, bound, active):
+    grad, radius = carry.extra
+    direction, moments = adam.update(grad, carry.state)
+    length = jnp.minimum(radius, bound - distance(carry.params, anchor))
+    norm = _stack.norm(direction)
+    scale = -length / jnp.where(norm > 0, norm, 1.0)
+    trial_step = jax.tree.map(lambda d, p: (scale * d).astype(p.dtype), direction, carry.params)
+    predicted = -_stack.vdot(grad, trial_step).astype(carry.loss.dtype)
+    loss_t, grad_t = value_and_grad(optax.apply_updates(carry.params, trial_step))
+    trial = tr.Trial(trial_step, predicted, loss_t, grad_t,
+                     on_boundary=length >= (1.0 - LOCAL_STOP) * radius)
+    out = tr.commit(carry.params, carry.loss, grad, radius, None, trial, cfg)
+    new = LocalCarry(params=out.params, loss=out.loss, state=moments,
+                     extra=(out.grad, out.radius))
+    carry = keep_inactive(active, new, carry)
+    done = ((distance(carry.params, anchor) >= (1.0 - LOCAL_STOP) * bound)
+            | ~jnp.isfinite(carry.loss))
+    return carry, done
+
+  return LocalSolver(init=adam.init, start=start, step=step)
 
 
 def optax_local_solver(tx: optax.GradientTransformation) -> LocalSolver:
@@ -191,15 +251,19 @@ def solver_for(cfg: APTSConfig, share: float, second_order: bool, memory: int) -
 
   Returns:
     ``"trust_region"``: ``trust_region_local_solver`` with the radii of ``cfg.trust_region``
-    divided by ``share``; ``"adam"``: ``optax_local_solver(optax.adam(cfg.local_lr))``; an optax
+    divided by ``share``; ``"adam_tr"``: ``adam_trust_region_local_solver`` with those radii;
+    ``"adam"``: ``optax_local_solver(optax.adam(cfg.local_lr))``; an optax
     transformation: ``optax_local_solver`` of it; a ``LocalSolver``: itself.
   """
   choice = cfg.local_solver
   if isinstance(choice, str):
     if choice == "adam":
       return optax_local_solver(optax.adam(cfg.local_lr))
-    return trust_region_local_solver(cfg.trust_region.scaled(share), second_order, memory,
-                                     cfg.local_steps, cfg.local_radius)
+    local_cfg = cfg.trust_region.scaled(share)
+    if choice == "adam_tr":
+      return adam_trust_region_local_solver(local_cfg, cfg.local_steps, cfg.local_radius)
+    return trust_region_local_solver(local_cfg, second_order, memory, cfg.local_steps,
+                                     cfg.local_radius)
   if isinstance(choice, optax.GradientTransformation):
     return optax_local_solver(choice)
   return choice
