@@ -163,7 +163,9 @@ def adam_trust_region_local_solver(cfg: TrustRegionConfig, local_steps: int = 1,
     cfg: the local constants (radii already divided by the share of the bound).
     local_steps: nu (read by ``local_radius="split"``).
     local_radius: ``"bound"`` or ``"split"``, as for ``trust_region_local_solver``.
-    b1, b2, eps: Adam's moment decays and epsilon (optax's defaults).
+    b1: Adam's first-moment decay (optax's default).
+    b2: Adam's second-moment decay (optax's default).
+    eps: Adam's epsilon (optax's default).
 
   Returns:
     A ``LocalSolver`` whose state is Adam's (mu, nu, count) and whose ``extra`` is (gradient,
