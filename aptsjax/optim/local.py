@@ -116,12 +116,6 @@ def trust_region_local_solver(cfg: TrustRegionConfig, second_order: bool, memory
   def init(params):
     return lsr1.init(params, memory) if second_order else None
 
-  split = local_radius == "split"
-
-  def start(params, loss, grad, state, bound):
-    return LocalCarry(params=params, loss=loss, state=state,
-                      extra=(grad, _start_radius(cfg, bound, local_steps, split)))
-
   def step(value_and_grad, carry, anchor, bound, active):
     grad, radius = carry.extra
     out = tr.iterate(value_and_grad, carry.params, carry.loss, grad, radius, carry.state, cfg,
@@ -134,16 +128,21 @@ def trust_region_local_solver(cfg: TrustRegionConfig, second_order: bool, memory
   def rescale(state, ratio):
     return lsr1.rescale(state, ratio) if second_order else state
 
-  return LocalSolver(init=init, start=start, step=step, rescale=rescale)
+  return LocalSolver(init=init, start=radius_start(cfg, local_steps, local_radius), step=step,
+                     rescale=rescale)
 
 
-def _start_radius(cfg: TrustRegionConfig, bound: jax.Array, local_steps: int, split: bool
-                  ) -> jax.Array:
-  """The local radius at the start of an update: the bound, or ("split") bound / nu but never
-  below the local floor (a rejection must not grow it)."""
-  if not split:
-    return bound
-  return jnp.minimum(bound, jnp.maximum(bound / local_steps, cfg.min_radius))
+def radius_start(cfg: TrustRegionConfig, local_steps: int, local_radius: str
+                 ) -> Callable[..., LocalCarry]:
+  """A ``LocalSolver.start`` whose ``extra`` is (gradient, local radius): the radius starts at
+  the bound (``"bound"``), or (``"split"``) at bound / nu but never below the local floor (a
+  rejection must not grow it)."""
+  def start(params, loss, grad, state, bound):
+    radius = bound
+    if local_radius == "split":
+      radius = jnp.minimum(bound, jnp.maximum(bound / local_steps, cfg.min_radius))
+    return LocalCarry(params=params, loss=loss, state=state, extra=(grad, radius))
+  return start
 
 
 def adam_trust_region_local_solver(cfg: TrustRegionConfig, local_steps: int = 1,
@@ -172,11 +171,6 @@ def adam_trust_region_local_solver(cfg: TrustRegionConfig, local_steps: int = 1,
     local radius).
   """
   adam = optax.scale_by_adam(b1, b2, eps)
-  split = local_radius == "split"
-
-  def start(params, loss, grad, state, bound):
-    return LocalCarry(params=params, loss=loss, state=state,
-                      extra=(grad, _start_radius(cfg, bound, local_steps, split)))
 
   def step(value_and_grad, carry, anchor, bound, active):
     grad, radius = carry.extra
@@ -197,7 +191,8 @@ def adam_trust_region_local_solver(cfg: TrustRegionConfig, local_steps: int = 1,
             | ~jnp.isfinite(carry.loss))
     return carry, done
 
-  return LocalSolver(init=adam.init, start=start, step=step)
+  return LocalSolver(init=adam.init, start=radius_start(cfg, local_steps, local_radius),
+                     step=step)
 
 
 def optax_local_solver(tx: optax.GradientTransformation) -> LocalSolver:
