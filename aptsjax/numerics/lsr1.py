@@ -40,7 +40,6 @@ import numpy as np
 from aptsjax.numerics import tree as _stack
 from aptsjax.numerics import compact
 from aptsjax.numerics.compact import Spectral
-from aptsjax.numerics.compact import r_tol
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST

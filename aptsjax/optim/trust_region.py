@@ -342,10 +342,8 @@ def value_and_grad_from_state(loss_fn: LossFn, has_aux: bool = False
       return (loss.astype(value.dtype), new_aux), g
 
     if has_aux and aux is None:   # before the first update there is no aux to reuse
-      (loss, aux), g = compute()
-      return (loss, aux), g
-    reuse = lambda: ((value, aux), grad)
-    (loss, aux), g = jax.lax.cond(jnp.isfinite(value), reuse, compute)
+      return compute()
+    (loss, aux), g = jax.lax.cond(jnp.isfinite(value), lambda: ((value, aux), grad), compute)
     return ((loss, aux) if has_aux else loss), g
 
   return fn
