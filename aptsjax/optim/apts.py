@@ -169,6 +169,15 @@ class _Method(NamedTuple):
     spec = pblocks.resolve(self.param_blocks, params)
     return spec, pblocks.count(spec), pblocks.share(self.local_share, spec)
 
+  def sized(self, params: PyTree) -> "_Method":
+    """The method for ``params``: with ``radius_units="per_parameter"`` every radius of the
+    table multiplied by sqrt(n) (Euclidean lengths from then on); else itself."""
+    if self.cfg.radius_units == "absolute":
+      return self
+    n = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(params))
+    region = self.cfg.trust_region.scaled(1.0 / float(np.sqrt(n)))
+    return self._replace(cfg=self.cfg._replace(trust_region=region))
+
   def reads(self, streaming: bool) -> tuple[bool, bool]:
     """(the trial point's gradient, g^k): which gradients an update must all-reduce besides s~.
 
@@ -328,7 +337,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
                    weight=1.0 if total else 1.0 / num_subdomains)
 
   def init_fn(params: PyTree) -> APTSState:
-    return _init(method, num_subdomains, params)
+    return _init(method.sized(params), num_subdomains, params)
 
   def update_fn(grads: PyTree, state: APTSState, params: PyTree | None = None, *,
                 batch: Any = None, **extra_args: Any) -> tuple[PyTree, APTSState]:
@@ -353,6 +362,9 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
                             num_subdomains=num_subdomains, axis_name=axis_name,
                             dtype=state.radius.dtype, has_aux=has_aux,
                             stream=rows if streaming else None)
-    return _update(method, sub, grads, state, params, n_local)
+    this = method.sized(params)
+    if streaming:   # one local iteration per minibatch: nu = H
+      this = this._replace(cfg=this.cfg._replace(local_steps=batch.length))
+    return _update(this, sub, grads, state, params, n_local)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -224,14 +224,13 @@ def local_phase(sub: Subdomains, ev: Evaluation, params: PyTree, coords: scaling
 
   repeat = lambda x: x if plan.repeat == 1 else jnp.repeat(x, plan.repeat, axis=0)
   losses = repeat(ev.losses)
-  solver, value_and_grad, steps = plan.solver, local_value_and_grad, plan.local_steps
-  if sub.stream is not None:
+  solver, value_and_grad = plan.solver, local_value_and_grad
+  if sub.stream is not None:   # plan.local_steps is then the stream's length H
     solver, value_and_grad = local_stream.streamed(solver), minibatch_value_and_grad
-    steps = jax.tree.leaves(sub.stream)[0].shape[2]
   start_grad = (coords.grad_to_u(g_k) if plan.consistency
                 else jax.vmap(coords.grad_to_u)(jax.tree.map(repeat, ev.block_grads)))
   outcome = local.run(solver, value_and_grad, inputs, u_k, losses.astype(sub.dtype), start_grad,
-                      states, plan.bound, steps, project=project,
+                      states, plan.bound, plan.local_steps, project=project,
                       shared_grad=plan.consistency)
   return LocalPhase(outcome=outcome, start_losses=losses, anchor=u_k)
 

@@ -35,6 +35,7 @@ LocalRadius = Literal["bound", "split"]
 Combine = Literal["sum", "mean"]
 LocalMethod = Literal["trust_region", "adam", "adam_tr"]
 BlockBound = Literal["equal", "size"]
+RadiusUnits = Literal["absolute", "per_parameter"]
 
 
 MINIMUM = {"local_steps": 1, "global_steps": 0}  # the integer options and their least values
@@ -126,6 +127,11 @@ class APTSConfig(NamedTuple):
       <g^k - g_i, theta - theta^k> (3)-(4) (the paper). False: each subdomain minimises its own
       loss, as local SGD and DiLoCo do, and with a ``Stream`` and a first-order global phase of
       no steps an update all-reduces no gradient at all (docs/method.md, "Streams").
+    radius_units: what the radii of ``trust_region`` measure: ``"absolute"`` (the paper: the
+      Euclidean length |s|_2) or ``"per_parameter"`` (the root mean square of the step's
+      coordinates, |s|_2 / sqrt(n) for n parameters: the radii are multiplied by sqrt(n) when
+      the parameters are known, so one table fits models of any size, as a per-coordinate step
+      size does; ``state.radius`` holds the Euclidean radius).
   """
   trust_region: TrustRegionConfig = TrustRegionConfig.paper()
   combine: Combine = "mean"
@@ -136,6 +142,7 @@ class APTSConfig(NamedTuple):
   global_steps: int = 1
   block_bound: BlockBound = "equal"
   consistency: bool = True
+  radius_units: RadiusUnits = "absolute"
 
   @classmethod
   def paper(cls) -> "APTSConfig":
