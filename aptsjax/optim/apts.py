@@ -63,6 +63,7 @@ from aptsjax.optim import apts_stages as stages
 from aptsjax.optim import blocks as pblocks
 from aptsjax.optim import guard
 from aptsjax.optim import local
+from aptsjax.optim import local_solvers
 from aptsjax.optim.apts_stages import local_objective  # re-exported  # pylint: disable=unused-import
 from aptsjax.optim.apts_stages import to_varying  # re-exported  # pylint: disable=unused-import
 from aptsjax.optim.config import APTSConfig
@@ -190,7 +191,7 @@ class _Method(NamedTuple):
     return trial, trial or cfg.consistency or cfg.trust_region.norm == "rms"
 
   def solver(self, share: float) -> local.LocalSolver:
-    return local.solver_for(self.cfg, share, self.second_order, self.memory)
+    return local_solvers.solver_for(self.cfg, share, self.second_order, self.memory)
 
   def plan(self, params: PyTree, radius: jax.Array, ok: jax.Array, n_local: int
            ) -> stages.LocalPlan:
@@ -262,6 +263,29 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
       local_state=phase.outcome.state, global_memory=end.memory, scaling=begin.scaling,
       aux=None if ev.aux is None else guard.keep(ok, end.aux, guard.previous_aux(state, ev.aux)))
   return guard.updates_if(ok, coords.to_theta(optax.tree.sub(end.params, u_start))), new_state
+
+
+def exchanged_vectors(second_order: bool = False, streaming: bool = False,
+                      base: APTSConfig | None = None, **options: Any) -> int:
+  """The parameter-sized all-reduces of one ``apts`` update across devices (``grads=None``).
+
+  g^k (unless nothing reads it), s~, the gradient at the trial point (unless nothing reads it)
+  and one per global step; a few scalars come on top (docs/method.md, "Communication").
+
+  Args:
+    second_order: as for ``apts``.
+    streaming: whether the batch is a ``aptsjax.data.Stream``.
+    base: as for ``apts``.
+    **options: as for ``apts``.
+
+  Returns:
+    The number of all-reduces of n floats (n parameters) per update.
+  """
+  cfg = configure_apts(base, **options)
+  method = _Method(cfg=cfg, second_order=second_order, memory=1, param_blocks=None,
+                   local_share=1, weight=1.0)
+  trial, global_grad = method.reads(streaming)
+  return int(global_grad) + 1 + int(trial) + cfg.global_steps
 
 
 def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False,
