@@ -232,6 +232,13 @@ def local_phase(sub: Subdomains, ev: Evaluation, params: PyTree, coords: scaling
   outcome = local.run(solver, value_and_grad, inputs, u_k, losses.astype(sub.dtype), start_grad,
                       states, plan.bound, plan.local_steps, project=project,
                       shared_grad=plan.consistency)
+  if sub.stream is not None:   # (6) on the exchange's data: f_{i,0} at theta_i
+    def end_value(inp, u):
+      blk, r_i = pick(inp)
+      f_i = local_objective(sub.loss_fn, stream_lib.minibatch(blk, 0, axis=1), theta_k, r_i,
+                            sub.has_aux)
+      return f_i(coords.to_theta(u)).astype(sub.dtype)
+    outcome = outcome._replace(loss=jax.vmap(end_value)(inputs, outcome.params))
   return LocalPhase(outcome=outcome, start_losses=losses, anchor=u_k)
 
 

@@ -31,7 +31,7 @@ GENERAL_MIN_RADIUS = 1e-10
 
 RadiusGrowth = Literal["always", "boundary"]
 Norm = Literal["l2", "rms"]
-LocalRadius = Literal["bound", "split"]
+LocalRadius = Literal["bound", "split", "carry"]
 Combine = Literal["sum", "mean"]
 LocalMethod = Literal["trust_region", "adam", "adam_tr"]
 BlockBound = Literal["equal", "size"]
@@ -116,9 +116,10 @@ class APTSConfig(NamedTuple):
       ``GradientTransformation`` (projected the same way) or a ``aptsjax.LocalSolver``.
     local_lr: the learning rate of ``local_solver="adam"`` (Adam's own default; the region
       bounds the steps); read only for that choice.
-    local_radius: ``"bound"`` (the paper: the local radius starts at the local bound) or
-      ``"split"`` (it starts at the bound / ``local_steps``); read by the trust-region local
-      solver.
+    local_radius: where each update's local radius starts: ``"bound"`` (the paper: at the
+      local bound), ``"split"`` (at the bound / ``local_steps``) or ``"carry"`` (where the
+      subdomain's last update left it, at most the bound; the first update as ``"split"``);
+      read by the trust-region and ``"adam_tr"`` local solvers.
     local_steps: nu, the most local iterations per update (>= 1).
     global_steps: global TR iterations after the APTS step (>= 0; the paper: 1).
     block_bound: how the local bound is split over J parameter blocks
