@@ -64,6 +64,7 @@ from aptsjax.optim import blocks as pblocks
 from aptsjax.optim import guard
 from aptsjax.optim import local
 from aptsjax.optim import local_solvers
+from aptsjax.optim import outer
 from aptsjax.optim.apts_stages import local_objective  # re-exported  # pylint: disable=unused-import
 from aptsjax.optim.apts_stages import to_varying  # re-exported  # pylint: disable=unused-import
 from aptsjax.optim.config import APTSConfig
@@ -94,6 +95,8 @@ class APTSState(NamedTuple):
     global_memory: the L-SR1 memory of the global steps (None for first order).
     scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.numerics.scaling``), None
       otherwise; with it, every L-SR1 memory holds its pairs in the variables u = D theta.
+    momentum: with ``outer_momentum``, the last accepted APTS step (zeros after a rejection;
+      ``aptsjax.optim.outer``), None otherwise.
     aux: with ``has_aux``, each subdomain's auxiliary output at the parameters after the
       update (leaves with a leading axis N); None after ``init`` and without it.
   """
@@ -111,6 +114,7 @@ class APTSState(NamedTuple):
   local_state: PyTree
   global_memory: lsr1.LSR1State | None
   scaling: ScaleState | None = None
+  momentum: PyTree = None
   aux: PyTree = None
 
   PER_SUBDOMAIN = ("local_steps", "local_state", "aux")
@@ -224,7 +228,8 @@ def _init(method: _Method, num_subdomains: int, params: PyTree) -> APTSState:
       actual_reduction=zero, local_steps=jnp.zeros((num_subdomains * count,), jnp.int32),
       local_state=local_state,
       global_memory=lsr1.init(params, method.memory) if method.second_order else None,
-      scaling=scaling.init(params) if method.cfg.trust_region.norm == "rms" else None)
+      scaling=scaling.init(params) if method.cfg.trust_region.norm == "rms" else None,
+      momentum=optax.tree.zeros_like(params) if method.cfg.outer_momentum else None)
 
 
 def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state: APTSState,
@@ -243,6 +248,9 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
     local_state = jax.vmap(plan.solver.rescale, in_axes=(0, None))(local_state, begin.ratio)
   phase = stages.local_phase(sub, ev, params, coords, local_state, plan)
   combined = stages.combine(sub, phase, state.radius, method.weight)
+  if cfg.outer_momentum:
+    combined = outer.extrapolate(sub, phase, combined, coords.to_u(state.momentum), state.radius,
+                                 cfg.outer_momentum, method.weight)
   u_start = coords.to_u(params)
   false = jnp.array(False)
   start = stages.GlobalCarry(
@@ -261,6 +269,8 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
       **shared, apts_accepted=ok & end.apts_accepted,
       local_steps=jnp.where(ok, phase.outcome.num_steps, 0).astype(jnp.int32),
       local_state=phase.outcome.state, global_memory=end.memory, scaling=begin.scaling,
+      momentum=None if state.momentum is None else guard.keep(
+          ok, guard.updates_if(end.apts_accepted, coords.to_theta(combined.step)), state.momentum),
       aux=None if ev.aux is None else guard.keep(ok, end.aux, guard.previous_aux(state, ev.aux)))
   return guard.updates_if(ok, coords.to_theta(optax.tree.sub(end.params, u_start))), new_state
 
@@ -282,6 +292,7 @@ def exchanged_vectors(second_order: bool = False, streaming: bool = False,
     The number of all-reduces of n floats (n parameters) per update.
   """
   cfg = configure_apts(base, **options)
+  cfg = cfg._replace(global_steps=cfg.steps_after(streaming))
   method = _Method(cfg=cfg, second_order=second_order, memory=1, param_blocks=None,
                    local_share=1, weight=1.0)
   trial, global_grad = method.reads(streaming)
@@ -387,6 +398,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
                             dtype=state.radius.dtype, has_aux=has_aux,
                             stream=rows if streaming else None)
     this = method.sized(params)
+    this = this._replace(cfg=this.cfg._replace(global_steps=this.cfg.steps_after(streaming)))
     if streaming:   # one local iteration per minibatch: nu = H
       this = this._replace(cfg=this.cfg._replace(local_steps=batch.length))
     return _update(this, sub, grads, state, params, n_local)

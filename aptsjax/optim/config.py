@@ -121,7 +121,8 @@ class APTSConfig(NamedTuple):
       subdomain's last update left it, at most the bound; the first update as ``"split"``);
       read by the trust-region and ``"adam_tr"`` local solvers.
     local_steps: nu, the most local iterations per update (>= 1).
-    global_steps: global TR iterations after the APTS step (>= 0; the paper: 1).
+    global_steps: global TR iterations after the APTS step (>= 0; the paper: 1), or None: 1 on
+      a plain batch, 0 on a ``aptsjax.data.Stream`` (``steps_after``).
     block_bound: how the local bound is split over J parameter blocks
       (``aptsjax.optim.blocks.divisors``): ``"equal"`` (/ sqrt(J)) or ``"size"`` (x sqrt(n_j/n)).
     consistency: whether the local objectives carry the first-order consistency term
@@ -133,22 +134,35 @@ class APTSConfig(NamedTuple):
       coordinates, |s|_2 / sqrt(n) for n parameters: the radii are multiplied by sqrt(n) when
       the parameters are known, so one table fits models of any size, as a per-coordinate step
       size does; ``state.radius`` holds the Euclidean radius).
+    outer_momentum: mu in [0, 1): the step judged by the global test is s~ plus mu times the
+      last accepted APTS step, cut to the region (``aptsjax.optim.outer``); 0 (the paper): s~.
   """
-  trust_region: TrustRegionConfig = TrustRegionConfig.paper()
+  trust_region: TrustRegionConfig = TrustRegionConfig(min_radius=1e-6, radius_growth="always")
   combine: Combine = "mean"
-  local_solver: Any = "adam"
+  local_solver: Any = "adam_tr"
   local_lr: float = 1e-3
-  local_radius: LocalRadius = "bound"
+  local_radius: LocalRadius = "carry"
   local_steps: int = 5
-  global_steps: int = 1
+  global_steps: int | None = None
   block_bound: BlockBound = "equal"
   consistency: bool = True
-  radius_units: RadiusUnits = "absolute"
+  radius_units: RadiusUnits = "per_parameter"
+  outer_momentum: float = 0.0
 
   @classmethod
   def paper(cls) -> "APTSConfig":
-    """The paper's APTS exactly: the summed local TR steps, each within Delta / N."""
-    return cls(combine="sum", local_solver="trust_region")
+    """The paper's APTS exactly: the summed local TR steps, each within Delta / N, radii in
+    Euclidean lengths (``TrustRegionConfig.paper()``), one global step."""
+    return cls(trust_region=TrustRegionConfig.paper(), combine="sum",
+               local_solver="trust_region", local_radius="bound", global_steps=1,
+               radius_units="absolute")
+
+  def steps_after(self, streaming: bool) -> int:
+    """The global steps an update takes: ``global_steps``, or when None 1 on a plain batch and
+    0 on a ``aptsjax.data.Stream`` (docs/method.md, "Global steps")."""
+    if self.global_steps is not None:
+      return self.global_steps
+    return 0 if streaming else 1
 
   def validate(self) -> "APTSConfig":
     """Returns self, or raises ValueError for a value of the wrong type or off its choices."""
@@ -157,9 +171,12 @@ class APTSConfig(NamedTuple):
                        f"{type(self.trust_region).__name__}.")
     self.trust_region.validate()
     for name, minimum in MINIMUM.items():
-      checks.as_int(name, getattr(self, name), minimum)
+      if getattr(self, name) is not None or name != "global_steps":
+        checks.as_int(name, getattr(self, name), minimum)
     if not isinstance(self.consistency, bool):
       raise ValueError(f"consistency must be True or False, got {self.consistency!r}.")
+    if not 0.0 <= self.outer_momentum < 1.0:
+      raise ValueError(f"need 0 <= outer_momentum < 1, got {self.outer_momentum}.")
     if not self.local_lr > 0.0:
       raise ValueError(f"need local_lr > 0, got {self.local_lr}.")
     if not (self.local_solver in typing.get_args(LocalMethod) or _is_solver(self.local_solver)):
@@ -209,7 +226,7 @@ def _coerce(config_type: type, name: str, value: Any) -> Any:
     if not isinstance(value, str):
       raise ValueError(f"{name} must be one of {typing.get_args(hint)}, got {value!r}.")
     return value
-  if hint is int:
+  if hint is int or (name == "global_steps" and value is not None):
     return checks.as_int(name, value, MINIMUM.get(name, 0))
   if hint is float:
     if isinstance(value, (str, bool)) or not isinstance(value, (int, float)):

@@ -186,7 +186,7 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
                                   **apts_options)
   settings = {k: v for k, v in apts_options.items()
               if k == "base" or k in APTSConfig._fields or k in TrustRegionConfig._fields}
-  global_steps = configure_apts(**settings).global_steps
+  global_steps = configure_apts(**settings).steps_after(streaming=False)
   train = (ds.x_train, ds.y_train)
   full = None if method.minibatch else trainer.shard_batch(train)
 
