@@ -292,7 +292,7 @@ def exchanged_vectors(second_order: bool = False, streaming: bool = False,
     The number of all-reduces of n floats (n parameters) per update.
   """
   cfg = configure_apts(base, **options)
-  cfg = cfg._replace(global_steps=cfg.steps_after(streaming))
+  cfg = cfg.resolve(streaming)
   method = _Method(cfg=cfg, second_order=second_order, memory=1, param_blocks=None,
                    local_share=1, weight=1.0)
   trial, global_grad = method.reads(streaming)
@@ -398,7 +398,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
                             dtype=state.radius.dtype, has_aux=has_aux,
                             stream=rows if streaming else None)
     this = method.sized(params)
-    this = this._replace(cfg=this.cfg._replace(global_steps=this.cfg.steps_after(streaming)))
+    this = this._replace(cfg=this.cfg.resolve(streaming))
     if streaming:   # one local iteration per minibatch: nu = H
       this = this._replace(cfg=this.cfg._replace(local_steps=batch.length))
     return _update(this, sub, grads, state, params, n_local)

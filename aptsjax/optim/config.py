@@ -128,7 +128,8 @@ class APTSConfig(NamedTuple):
     consistency: whether the local objectives carry the first-order consistency term
       <g^k - g_i, theta - theta^k> (3)-(4) (the paper). False: each subdomain minimises its own
       loss, as local SGD and DiLoCo do, and with a ``Stream`` and a first-order global phase of
-      no steps an update all-reduces no gradient at all (docs/method.md, "Streams").
+      no steps an update all-reduces no gradient at all. None: True on a plain batch, False on
+      a ``Stream`` (``resolve``; docs/method.md, "Streams").
     radius_units: what the radii of ``trust_region`` measure: ``"absolute"`` (the paper: the
       Euclidean length |s|_2) or ``"per_parameter"`` (the root mean square of the step's
       coordinates, |s|_2 / sqrt(n) for n parameters: the radii are multiplied by sqrt(n) when
@@ -145,7 +146,7 @@ class APTSConfig(NamedTuple):
   local_steps: int = 5
   global_steps: int | None = None
   block_bound: BlockBound = "equal"
-  consistency: bool = True
+  consistency: bool | None = None
   radius_units: RadiusUnits = "per_parameter"
   outer_momentum: float = 0.0
 
@@ -164,6 +165,13 @@ class APTSConfig(NamedTuple):
       return self.global_steps
     return 0 if streaming else 1
 
+  def resolve(self, streaming: bool) -> "APTSConfig":
+    """The options an update on a plain batch (``streaming=False``) or on a ``Stream`` runs:
+    ``global_steps`` as ``steps_after``, ``consistency`` when None True on a plain batch and
+    False on a stream (docs/method.md, "Streams")."""
+    consistency = (not streaming) if self.consistency is None else self.consistency
+    return self._replace(global_steps=self.steps_after(streaming), consistency=consistency)
+
   def validate(self) -> "APTSConfig":
     """Returns self, or raises ValueError for a value of the wrong type or off its choices."""
     if not isinstance(self.trust_region, TrustRegionConfig):
@@ -173,8 +181,8 @@ class APTSConfig(NamedTuple):
     for name, minimum in MINIMUM.items():
       if getattr(self, name) is not None or name != "global_steps":
         checks.as_int(name, getattr(self, name), minimum)
-    if not isinstance(self.consistency, bool):
-      raise ValueError(f"consistency must be True or False, got {self.consistency!r}.")
+    if not (self.consistency is None or isinstance(self.consistency, bool)):
+      raise ValueError(f"consistency must be True, False or None, got {self.consistency!r}.")
     if not 0.0 <= self.outer_momentum < 1.0:
       raise ValueError(f"need 0 <= outer_momentum < 1, got {self.outer_momentum}.")
     if not self.local_lr > 0.0:

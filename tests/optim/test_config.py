@@ -53,8 +53,11 @@ def test_paper_presets_are_the_paper_tables():
   # the global steps chosen by the batch (1 on a plain batch, 0 on a stream).
   assert APTSConfig() == paper._replace(
       trust_region=TrustRegionConfig.paper()._replace(min_radius=1e-6), combine="mean",
-      local_solver="adam_tr", local_radius="carry", global_steps=None,
+      local_solver="adam_tr", local_radius="carry", global_steps=None, consistency=None,
       radius_units="per_parameter")
+  plain, stream = APTSConfig().resolve(False), APTSConfig().resolve(True)
+  assert (plain.global_steps, plain.consistency, stream.global_steps, stream.consistency) == (
+      1, True, 0, False)
   assert (APTSConfig().steps_after(False), APTSConfig().steps_after(True)) == (1, 0)
   assert (paper.steps_after(False), paper.steps_after(True)) == (1, 1)
 
