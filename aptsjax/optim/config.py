@@ -156,7 +156,7 @@ class APTSConfig(NamedTuple):
     Euclidean lengths (``TrustRegionConfig.paper()``), one global step."""
     return cls(trust_region=TrustRegionConfig.paper(), combine="sum",
                local_solver="trust_region", local_radius="bound", global_steps=1,
-               radius_units="absolute")
+               consistency=True, radius_units="absolute")
 
   def steps_after(self, streaming: bool) -> int:
     """The global steps an update takes: ``global_steps``, or when None 1 on a plain batch and

@@ -135,7 +135,8 @@ def test_one_minibatch_is_the_plain_batch(x64):
   """A Stream of one minibatch is the plain batch: the same update."""
   xs, ys = data()
   batch = (jnp.asarray(xs[0]), jnp.asarray(ys[0]))
-  opts = dict(local_solver="adam_tr", local_steps=1, global_steps=0, init_radius=0.3)
+  opts = dict(local_solver="adam_tr", local_steps=1, global_steps=0, init_radius=0.3,
+              consistency=True)
   results = []
   for b in (batch, aptsjax.data.stream([batch])):
     tx = aptsjax.apts(loss_fn, N, **opts)
