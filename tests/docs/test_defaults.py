@@ -203,12 +203,13 @@ def test_defaults_page_matches_the_code():
 
 def test_the_defaults_differ_from_the_paper_where_the_pages_say():
   """What the pages say in words (README, index, choosing, method): the paper's region with the
-  floor 1e-6, the mean, adam_tr, the carried local radius, global steps by batch kind, radii per
-  parameter; no learning rate is read by default."""
+  floor 1e-6, the mean, adam_tr, the carried local radius, global steps and the consistency term
+  by batch kind, radii per parameter; no learning rate is read by default."""
   differ = [f for f in APTSConfig._fields if getattr(APTSConfig(), f) != getattr(
       APTSConfig.paper(), f)]
   assert differ == ["trust_region", "combine", "local_solver", "local_radius", "global_steps",
-                    "radius_units"]
+                    "consistency", "radius_units"]
+  assert APTSConfig().resolve(False).consistency and not APTSConfig().resolve(True).consistency
   assert APTSConfig().trust_region == TrustRegionConfig.paper()._replace(min_radius=1e-6)
   assert APTSConfig().local_solver == "adam_tr" and APTSConfig().local_lr == 1e-3
 
