@@ -15,33 +15,35 @@ One ``update`` at theta^k with global gradient g^k = ``grads`` and global radius
 3. s~ = sum_i (theta_i - theta^k), so |s~| <= Delta^k                                        (5)
    rho = (f(theta^k) - f(theta^k + s~)) / sum_i (f_i(theta^k) - f_i(theta_i))              (6)
    accept when rho > eta_accept; radius update (7).
-4. ``global_steps`` TR iterations on the global objective from there (default 1). Steps 3 and
-   4 are one loop of 1 + ``global_steps`` trips sharing one trial evaluation and one
+4. ``global_steps`` TR iterations on the global objective from there (the paper: 1). Steps 3
+   and 4 are one loop of 1 + ``global_steps`` trips sharing one trial evaluation and one
    ``trust_region.commit``.
 
 Each step is a function of ``aptsjax.optim.apts_stages`` (evaluate, local phase, combine,
 global phase); ``update`` below calls them in order and commits the state through
 ``aptsjax.optim.guard``, the path ``aptsjax.trust_region`` shares.
 
-Communication per update with ``axis_name`` set: one all-reduce of s~ (n floats), one of the
-gradient at theta^k + s~ (n), one per global step (n), plus a few scalars; with the caller's
-all-reduce of g^k that is 4 n + O(1) floats for global_steps = 1, independent of local_steps.
+Communication per update with ``axis_name`` set (docs/method.md, "Communication"): the
+all-reduce of g^k (n floats; the caller's or, with ``grads=None``, apts's own), one of s~ (n),
+one of the gradient at theta^k + s~ (n), one per global step (n), plus a few scalars: 4 n + O(1)
+floats for the paper's global_steps = 1, independent of local_steps. What nothing reads is not
+all-reduced (``exchanged_vectors``): on a ``Stream`` with the defaults only s~ is.
 Forward and backward passes over the batch per update: 1 (theta^k) + up to ``local_steps`` (the
 local trials) + 1 (theta^k + s~) + ``global_steps``.
 
-Each subdomain keeps its own L-SR1 memory across updates: with the same data every iteration
-(APTS) its pairs stay pairs of the same f(.; D_i) (the linear term r_i cancels in y), so the
-curvature model keeps improving; with minibatches (SAPTS) it is the usual stochastic
-quasi-Newton memory. The local radius restarts at Delta^k / N each update.
+Each subdomain keeps its own local solver state across updates (its L-SR1 memory, or Adam's
+moments and, with ``local_radius="carry"``, its local radius).
 
-The steps above are the paper's method, ``APTSConfig.paper()``. The options of
-``aptsjax.APTSConfig`` (docs/method.md, "Options beyond the paper") change them: ``combine=
-"mean"`` takes s~ as the mean of the local steps, each bounded by Delta^k, and the denominator
-of (6) as the mean of the local decreases; ``local_solver="adam"`` runs Adam steps projected into
-the local region instead of local TR; ``norm="rms"`` runs every phase in u = D theta (the region
-|D s~| <= Delta^k); ``local_radius="split"`` starts the local radius at Delta^k / (N nu) (the
-bound divided by nu); ``radius_growth="boundary"`` grows the radius only after steps on the
-boundary.
+The steps above are the paper's method, ``APTSConfig.paper()``. The defaults and options of
+``aptsjax.APTSConfig`` (docs/method.md, "Options beyond the paper"; docs/defaults.md) change
+them: ``combine="mean"`` takes s~ as the mean of the local steps, each bounded by Delta^k, and
+the denominator of (6) as the mean of the local decreases; ``local_solver="adam_tr"`` (the
+default) takes Adam's direction with the local trust region's length; ``radius_units=
+"per_parameter"`` (the default) measures the radii per parameter; ``local_radius="carry"`` (the
+default) starts each update's local radius where the last one ended; a ``Stream`` batch gives
+each local step its own minibatch (``aptsjax.optim.local_stream``); ``outer_momentum`` adds a
+momentum of the accepted steps (``aptsjax.optim.outer``); ``norm="rms"`` runs every phase in
+u = D theta; ``radius_growth="boundary"`` grows the radius only after steps on the boundary.
 """
 
 from __future__ import annotations
@@ -335,9 +337,9 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch.
     num_subdomains: N, the total number of subdomains (in every mode), an integer >= 1.
-    second_order: L-SR1 models (local and global; with an optax local solver, the global
-      steps) or first-order models. False by default: with the default options first order
-      was better on the validation split in every setting of the study (docs/method.md,
+    second_order: L-SR1 models (local and global; with an optax or Adam-direction local
+      solver, the global steps) or first-order models. False by default (first order was
+      better on the validation split in every setting of the options study, docs/method.md,
       "Defaults"); True with ``base=APTSConfig.paper()`` is the paper's second-order APTS.
     axis_name: None on one device; the mesh/pmap axis name across devices (its size D must
       divide N; each device's shard of the batch holds its N / D subdomains).
@@ -349,13 +351,14 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
     has_aux: ``loss_fn`` returns ``(loss, aux)``; each subdomain's aux at the parameters after
       the update is kept in ``state.aux`` (leading axis N, sharded like the other
       per-subdomain fields; None after ``init``: the first update adds it).
-    **options: overrides of ``APTSConfig`` fields (``local_steps`` nu = 5, ``global_steps`` 1,
-      ``combine``, ``local_solver``, ``local_lr``, ``local_radius``, ``block_bound``) and of
-      its ``trust_region``'s (``init_radius`` 0.01, ``min_radius`` 1e-3, ``max_radius`` 4,
-      ``eta_accept`` 0, ``eta1`` 0.25, ``eta2`` 0.75, ``alpha`` 0.5, ``beta`` 2,
-      ``radius_growth``, ``norm``, ``rms_decay``, ``rms_eps``); an unknown name raises
-      ValueError. With ``combine="sum"`` the local radii are the radii divided by N, with
-      ``"mean"`` the radii.
+    **options: overrides of ``APTSConfig`` fields (``local_steps`` nu = 5, ``global_steps``
+      None = 1 on a plain batch and 0 on a ``Stream``, ``combine``, ``local_solver``,
+      ``local_lr``, ``local_radius``, ``block_bound``, ``consistency``, ``radius_units``,
+      ``outer_momentum``) and of its ``trust_region``'s (``init_radius`` 0.01, ``min_radius``
+      1e-6, ``max_radius`` 4, all per parameter by default, ``eta_accept`` 0, ``eta1`` 0.25,
+      ``eta2`` 0.75, ``alpha`` 0.5, ``beta`` 2, ``radius_growth``, ``norm``, ``rms_decay``,
+      ``rms_eps``); docs/defaults.md lists them all. An unknown name raises ValueError. With
+      ``combine="sum"`` the local radii are the radii divided by N, with ``"mean"`` the radii.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``APTSState``.

@@ -2,14 +2,12 @@
 ``APTSConfig`` (APTS's options, holding the ``TrustRegionConfig`` of its global region).
 
 The trust-region constants hold no learning rate; the one learning rate is ``local_lr``, read
-only by the Adam local solver (``local_solver="adam"``, the default), whose steps the local
-region bounds. ``TrustRegionConfig()`` is ``aptsjax.trust_region``'s
-default (a general optimizer: radius floor ``GENERAL_MIN_RADIUS``, growth only after steps that
-reach the boundary); ``TrustRegionConfig.paper()`` is the paper's TR (floor 1e-3, growth after
-every very good step, rule (7)). ``APTSConfig()`` is ``aptsjax.apts``'s default and
-``APTSConfig.paper()`` the paper's APTS exactly; the two differ only in the options that the
-validation study (``benchmarks/options``) chose: ``combine="mean"`` and the Adam local solver
-(docs/defaults.md).
+only by the optional Adam local solver (``local_solver="adam"``). ``TrustRegionConfig()`` is
+``aptsjax.trust_region``'s default (a general optimizer: radius floor ``GENERAL_MIN_RADIUS``,
+growth only after steps that reach the boundary); ``TrustRegionConfig.paper()`` is the paper's
+TR (floor 1e-3, growth after every very good step, rule (7)). ``APTSConfig()`` is
+``aptsjax.apts``'s default and ``APTSConfig.paper()`` the paper's APTS exactly; where they
+differ, and the validation runs that chose the defaults, is in docs/defaults.md.
 
 Both methods take the settings the same way: ``base=`` (a config, used as it is) and keyword
 overrides of its fields. ``configure_trust_region`` and ``configure_apts`` route the keywords:
