@@ -224,3 +224,25 @@ def apts(task: Task, workers: int, period: int) -> Method:
   return Method(APTS, {"H": period}, workers, period, lambda p: (p, tx.init(p)),
                 lambda state, minibatches: jitted(state, apts_batch(minibatches)),
                 lambda s: s[0], apts_diagnostics)
+
+
+def build(name: str, task: Task, workers: int, config: Row) -> Method:
+  """A method by name and settings (``Method.config``'s keys).
+
+  Args:
+    name: ``DDP_ADAM`` (config ``lr``), ``DILOCO`` (``inner_lr``, ``H``, ``outer_lr``) or
+      ``APTS`` (``H``).
+    task: the task.
+    workers: W.
+    config: the settings.
+
+  Returns:
+    The Method.
+  """
+  if name == DDP_ADAM:
+    return ddp_adam(task, workers, config["lr"])
+  if name == DILOCO:
+    return diloco(task, workers, config["inner_lr"], config["H"], config["outer_lr"])
+  if name == APTS:
+    return apts(task, workers, config["H"])
+  raise ValueError(f"unknown method {name!r}")
