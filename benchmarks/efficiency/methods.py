@@ -20,6 +20,7 @@ that the communication is read off (``benchmarks.efficiency.programs``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -76,9 +77,21 @@ def no_diagnostics(state: Any) -> Row:
   return {}
 
 
+@functools.cache
 def has_stream() -> bool:
-  """Whether this aptsjax takes a stream of minibatches per APTS update."""
-  return hasattr(aptsjax.data, "stream")
+  """Whether this aptsjax takes a stream of minibatches per APTS update: ``aptsjax.data.stream``
+  exists and an APTS update of a tiny least-squares problem on a stream of two minibatches traces
+  (``jax.eval_shape``, nothing runs)."""
+  if not hasattr(aptsjax.data, "stream"):
+    return False
+  loss = lambda p, b: jnp.mean((b[0] @ p - b[1]) ** 2)
+  tx, params = aptsjax.apts(loss, num_subdomains=2), jnp.zeros(3)
+  batch = aptsjax.data.stream([(np.ones((4, 3), np.float32), np.ones(4, np.float32))] * 2)
+  try:
+    jax.eval_shape(lambda: tx.update(None, tx.init(params), params, batch=batch))
+  except Exception:  # pylint: disable=broad-exception-caught  (any failure: no stream support)
+    return False
+  return True
 
 
 def apts_periods(grid: tuple[int, ...]) -> tuple[int, ...]:

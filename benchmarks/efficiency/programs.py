@@ -68,7 +68,7 @@ def ddp_program(task: Task, workers: int, batch: int) -> Any:
 
   step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(AXIS)),
                                out_specs=(P(), P())))
-  params = jax.eval_shape(task.init, 0)
+  params = jax.eval_shape(lambda: task.init(0))
   rows = jax.tree.map(lambda x: x[0], example_minibatches(task, batch, 1))
   return step.lower(placed(params, mesh, P()), placed(jax.eval_shape(tx.init, params), mesh, P()),
                     placed(rows, mesh, P(AXIS))).compile()
@@ -89,7 +89,7 @@ def diloco_program(task: Task, workers: int, batch: int, period: int) -> Any:
 
   step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
                                out_specs=(P(), P(), P(AXIS))))
-  params = jax.eval_shape(task.init, 0)
+  params = jax.eval_shape(lambda: task.init(0))
   inner_opt = jax.eval_shape(lambda p: jax.vmap(lambda _: inner.init(p))(np.arange(workers)),
                              params)
   shards = streams.worker_view(example_minibatches(task, batch, period), workers)
@@ -101,7 +101,7 @@ def diloco_program(task: Task, workers: int, batch: int, period: int) -> Any:
 def apts_program(task: Task, workers: int, batch: int, period: int) -> Any:
   """APTS's update compiled on W devices by ``aptsjax.parallel.apts_trainer`` (defaults)."""
   trainer = aptsjax.parallel.apts_trainer(task.loss_fn, workers, num_devices=workers)
-  params = jax.eval_shape(task.init, 0)
+  params = jax.eval_shape(lambda: task.init(0))
   state = jax.eval_shape(trainer.init, params)
   state_sh = jax.tree.map(lambda s: NamedSharding(trainer.mesh, s),
                           aptsjax.state_specs(state, AXIS))
@@ -137,6 +137,6 @@ def exchange_stats(task: Task, method: str, workers: int, batch: int, period: in
     compiled = diloco_program(task, workers, batch, period)
   else:
     compiled = apts_program(task, workers, batch, period)
-  n = models.count_params(jax.eval_shape(task.init, 0))
+  n = models.count_params(jax.eval_shape(lambda: task.init(0)))
   return {"method": method, "W": workers, "H": period, **hlo_stats(compiled, n),
           "constructed": constructed(method, n), "compile_s": time.perf_counter() - start}
