@@ -150,9 +150,9 @@ def tune(ctx: Context, workers: int) -> tuple[dict[str, Row], list[Row], list[Ro
   for name in (DDP_ADAM, DILOCO, APTS):
     grid = configs(ctx, name, minibatches)
     runs = sweep(ctx, name, grid, workers, split)
-    if target is None:   # DDP-Adam's runs fix the validation target
-      best = train.best_metric(runs[train.choose(
-          [train.score(r, task, 0.0) for r in runs], task.higher_is_better, False)], task)
+    if target is None:   # DDP-Adam's best run fixes the validation target
+      bests = [train.best_metric(r, task) for r in runs]
+      best = bests[train.choose([{"best": b} for b in bests], task.higher_is_better, False)]
       target = train.target_of(best, task.higher_is_better)
     scores = [train.score(r, task, target) for r in runs]
     pick = train.choose(scores, task.higher_is_better, by_exchanges=name != DDP_ADAM)
