@@ -3,7 +3,7 @@ minibatches and streams of minibatches.
 
 * ``aptsjax.data.layout``: the split of a batch into N subdomain blocks and the overlap layout;
 * ``aptsjax.data.minibatches``: one epoch's SAPTS minibatches;
-* ``aptsjax.data.stream``: ``Stream``, H minibatches read one after the other by the local steps.
+* ``aptsjax.data.streams``: ``Stream``, H minibatches read one after the other by the local steps.
 """
 
 from aptsjax.data.layout import REMAINDER_ACTIONS
@@ -22,9 +22,9 @@ from aptsjax.data.layout import trim_rows
 from aptsjax.data.minibatches import iterate_minibatches
 from aptsjax.data.minibatches import minibatches
 from aptsjax.data.minibatches import num_minibatches
-from aptsjax.data.stream import Stream
-from aptsjax.data.stream import minibatch
-from aptsjax.data.stream import stream
+from aptsjax.data.streams import Stream
+from aptsjax.data.streams import minibatch
+from aptsjax.data.streams import stream
 
 __all__ = [
     "REMAINDER_ACTIONS", "Stream", "as_overlap", "check_batch", "check_remainder",

@@ -169,6 +169,26 @@ class _Method(NamedTuple):
     spec = pblocks.resolve(self.param_blocks, params)
     return spec, pblocks.count(spec), pblocks.share(self.local_share, spec)
 
+  def sized(self, params: PyTree) -> "_Method":
+    """The method for ``params``: with ``radius_units="per_parameter"`` every radius of the
+    table multiplied by sqrt(n) (Euclidean lengths from then on); else itself."""
+    if self.cfg.radius_units == "absolute":
+      return self
+    n = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(params))
+    region = self.cfg.trust_region.scaled(1.0 / float(np.sqrt(n)))
+    return self._replace(cfg=self.cfg._replace(trust_region=region))
+
+  def reads(self, streaming: bool) -> tuple[bool, bool]:
+    """(the trial point's gradient, g^k): which gradients an update must all-reduce besides s~.
+
+    The trial gradient is read by the global steps, the global L-SR1 pair and, on a plain
+    batch, the next update on the same batch (``state.grad``); g^k by those, the consistency
+    term and the RMS scaling. With a ``Stream`` the next update has other data.
+    """
+    cfg = self.cfg
+    trial = not streaming or self.second_order or cfg.global_steps > 0
+    return trial, trial or cfg.consistency or cfg.trust_region.norm == "rms"
+
   def solver(self, share: float) -> local.LocalSolver:
     return local.solver_for(self.cfg, share, self.second_order, self.memory)
 
@@ -184,7 +204,7 @@ class _Method(NamedTuple):
         solver=self.solver(share), bound=jnp.where(ok, radius / per_problem, 0.0),
         local_steps=self.cfg.local_steps,
         problems=lambda per_subdomain: pblocks.problems(per_subdomain, n_local, spec),
-        repeat=count)
+        repeat=count, consistency=self.cfg.consistency)
 
 
 def _init(method: _Method, num_subdomains: int, params: PyTree) -> APTSState:
@@ -210,8 +230,11 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
             params: PyTree, n_local: int) -> tuple[PyTree, APTSState]:
   """One APTS iteration: the stages in order, then the guarded commit."""
   cfg = method.cfg
-  ev = stages.evaluate(sub, params, grads)
+  trial_grad, global_grad = method.reads(sub.stream is not None)
+  ev = stages.evaluate(sub, params, grads, form_grad=global_grad)
   begin = guard.start(ev.value, ev.grad, params, state.scaling, cfg.trust_region)
+  if ev.finite is not None:
+    begin = begin._replace(ok=begin.ok & ev.finite)
   ev, coords = ev._replace(grad=begin.grad), begin.coords
   plan = method.plan(params, state.radius, begin.ok, n_local)
   local_state = state.local_state
@@ -225,8 +248,9 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
       params=u_start, value=ev.value, grad=coords.grad_to_u(begin.grad), radius=state.radius,
       memory=guard.rescale_memory(state.global_memory, begin.ratio), stalled=false,
       changed=false, apts_accepted=false, apts_actual=jnp.zeros((), sub.dtype), aux=ev.aux)
+  value_only = None if trial_grad else lambda u: sub.global_value(coords.to_theta(u))
   end = stages.global_phase(coords.value_and_grad(sub.global_value_and_grad), start, combined,
-                            params, cfg.trust_region, cfg.global_steps, begin.ok)
+                            params, cfg.trust_region, cfg.global_steps, begin.ok, value_only)
   ok = begin.ok
   shared = guard.finish(ok, guard.Outcome(
       radius=end.radius, value=end.value, grad=coords.grad_to_theta(end.grad),
@@ -313,7 +337,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
                    weight=1.0 if total else 1.0 / num_subdomains)
 
   def init_fn(params: PyTree) -> APTSState:
-    return _init(method, num_subdomains, params)
+    return _init(method.sized(params), num_subdomains, params)
 
   def update_fn(grads: PyTree, state: APTSState, params: PyTree | None = None, *,
                 batch: Any = None, **extra_args: Any) -> tuple[PyTree, APTSState]:
@@ -330,10 +354,17 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
     _check_state(state, n_local, method.blocks(params)[1])
     # As JAX arrays: the local loop indexes a subdomain's rows with a traced index, which a
     # NumPy batch (closed over in the caller's jit) cannot take.
-    blocks = data.split_subdomains(jax.tree.map(jnp.asarray, batch), n_local)
-    sub = stages.Subdomains(loss_fn=loss_fn, blocks=blocks,
+    streaming = isinstance(batch, data.Stream)
+    rows = data.split_subdomains(
+        jax.tree.map(jnp.asarray, batch.minibatches if streaming else batch), n_local)
+    sub = stages.Subdomains(loss_fn=loss_fn,
+                            blocks=data.minibatch(rows, 0, axis=2) if streaming else rows,
                             num_subdomains=num_subdomains, axis_name=axis_name,
-                            dtype=state.radius.dtype, has_aux=has_aux)
-    return _update(method, sub, grads, state, params, n_local)
+                            dtype=state.radius.dtype, has_aux=has_aux,
+                            stream=rows if streaming else None)
+    this = method.sized(params)
+    if streaming:   # one local iteration per minibatch: nu = H
+      this = this._replace(cfg=this.cfg._replace(local_steps=batch.length))
+    return _update(this, sub, grads, state, params, n_local)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from aptsjax.data import streams as stream_lib
 from aptsjax.numerics import lsr1
 from aptsjax.numerics import scaling
 from aptsjax.numerics import tree as tree_lib
 from aptsjax.optim import local
+from aptsjax.optim import local_stream
 from aptsjax.optim import objective
 from aptsjax.optim import trust_region as tr
 from aptsjax.optim.config import TrustRegionConfig
@@ -58,10 +60,13 @@ def local_objective(loss_fn: LossFn, block: Any, theta_k: PyTree, r: PyTree,
   With r_i = g^k - grad f(theta^k; D_i), grad f_i(theta^k) = g^k (first-order consistency): the
   term is part of the function that is differentiated, not added after the backward pass as in
   the authors' reference code (docs/method.md, "Departures from the reference code"). r_i is
-  constant, so it cancels in L-SR1 pairs. With ``has_aux`` the loss's aux is dropped here.
+  constant, so it cancels in L-SR1 pairs. ``r=None`` (``consistency=False``) leaves the term
+  out: f_i is the subdomain's loss. With ``has_aux`` the loss's aux is dropped here.
   """
   def f_i(theta):
     loss = objective.scalar_loss(loss_fn, theta, block, has_aux)
+    if r is None:
+      return loss
     return (loss + tree_lib.vdot(r, optax.tree.sub(theta, theta_k))).astype(loss.dtype)
   return f_i
 
@@ -76,6 +81,9 @@ class Subdomains(NamedTuple):
     axis_name: the device axis (None on one device).
     dtype: the parameters' dtype (losses are cast to it).
     has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux is kept per subdomain.
+    stream: with a ``aptsjax.data.Stream``, this device's subdomain blocks of all its
+      minibatches (leaves ``(subdomains, rows, H, ...)``), read by the local iterations;
+      ``blocks`` is then minibatch 0. None for a plain batch.
   """
   loss_fn: LossFn
   blocks: Any
@@ -83,6 +91,7 @@ class Subdomains(NamedTuple):
   axis_name: str | None
   dtype: Any
   has_aux: bool = False
+  stream: Any = None
 
   def total(self, x: jax.Array) -> jax.Array:
     """The sum over this device's subdomains (leading axis), then over the devices."""
@@ -103,6 +112,16 @@ class Subdomains(NamedTuple):
     (losses, aux), grads = jax.vmap(one)(self.blocks)
     return losses, aux, grads
 
+  def global_value(self, params: PyTree) -> Any:
+    """f at ``params`` without its gradient (a scalar all-reduce); ``(f, aux per subdomain)``
+    with ``has_aux``."""
+    def one(blk):
+      value = self.loss_fn(to_varying(params, self.axis_name), blk)
+      return objective.split(value, self.has_aux)
+    losses, aux = jax.vmap(one)(self.blocks)
+    value = (self.total(losses) / self.num_subdomains).astype(self.dtype)
+    return (value, aux) if self.has_aux else value
+
   def global_value_and_grad(self, params: PyTree) -> tuple[Any, PyTree]:
     """f and its gradient at ``params``: the means of the subdomain ones (one all-reduce);
     with ``has_aux`` the value is ``(f, aux per subdomain)``."""
@@ -112,23 +131,36 @@ class Subdomains(NamedTuple):
 
 
 class Evaluation(NamedTuple):
-  """Stage 1: the objective at theta^k (``losses``, ``aux`` and ``block_grads`` per subdomain)."""
+  """Stage 1: the objective at theta^k (``losses``, ``aux`` and ``block_grads`` per subdomain).
+
+  ``finite`` is None when g^k was formed (its finiteness is then checked by the guard), else
+  whether every subdomain's gradient is finite (a scalar all-reduce) and ``grad`` is zeros.
+  """
   losses: jax.Array
   block_grads: PyTree
   value: jax.Array
   grad: PyTree
   aux: PyTree = None
+  finite: jax.Array | None = None
 
 
-def evaluate(sub: Subdomains, params: PyTree, grads: PyTree | None) -> Evaluation:
+def evaluate(sub: Subdomains, params: PyTree, grads: PyTree | None,
+             form_grad: bool = True) -> Evaluation:
   """Stage 1: f_i and g_i of every subdomain at theta^k, f(theta^k), and g^k (unless given).
 
-  ``grads=None`` forms g^k as the mean of the g_i (one all-reduce, no extra pass).
+  ``grads=None`` forms g^k as the mean of the g_i (one all-reduce, no extra pass), unless
+  ``form_grad`` is False (nothing reads it: no consistency term, no global gradient step), when
+  it is left at zeros and only the finiteness of the g_i is all-reduced.
   """
   losses, aux, block_grads = sub.block_value_and_grad(params)
   value = (sub.total(losses) / sub.num_subdomains).astype(sub.dtype)
-  grad = sub.mean(block_grads) if grads is None else grads
-  return Evaluation(losses=losses, block_grads=block_grads, value=value, grad=grad, aux=aux)
+  if grads is not None or form_grad:
+    grad = sub.mean(block_grads) if grads is None else grads
+    return Evaluation(losses=losses, block_grads=block_grads, value=value, grad=grad, aux=aux)
+  finite = jax.vmap(tree_lib.all_finite)(block_grads).astype(sub.dtype)
+  return Evaluation(losses=losses, block_grads=block_grads, value=value,
+                    grad=optax.tree.zeros_like(params), aux=aux,
+                    finite=sub.total(finite) == sub.num_subdomains)
 
 
 class LocalPlan(NamedTuple):
@@ -142,12 +174,14 @@ class LocalPlan(NamedTuple):
     problems: ``aptsjax.optim.blocks.problems``'s ``(inputs, pick, project)`` builder, applied
       to the per-subdomain data and consistency terms.
     repeat: local problems per subdomain (J, 1 without parameter blocks).
+    consistency: whether the local objectives carry the first-order consistency term.
   """
   solver: local.LocalSolver
   bound: jax.Array
   local_steps: int
   problems: Callable[[PyTree], tuple[PyTree, Callable, Callable | None]]
   repeat: int
+  consistency: bool = True
 
 
 class LocalPhase(NamedTuple):
@@ -173,18 +207,31 @@ def local_phase(sub: Subdomains, ev: Evaluation, params: PyTree, coords: scaling
   theta_k = to_varying(params, sub.axis_name)
   u_k = coords.to_u(theta_k)
   g_k = to_varying(ev.grad, sub.axis_name)
-  r = jax.tree.map(lambda g, gi: g[None] - gi, g_k, ev.block_grads)
-  inputs, pick, project = plan.problems((sub.blocks, r))
+  r = (jax.tree.map(lambda g, gi: g[None] - gi, g_k, ev.block_grads) if plan.consistency
+       else None)
+  inputs, pick, project = plan.problems((sub.blocks if sub.stream is None else sub.stream, r))
 
-  def local_value_and_grad(inp, u):
-    blk, r_i = pick(inp)
+  def on_block(blk, r_i, u):
     f_i = jax.value_and_grad(local_objective(sub.loss_fn, blk, theta_k, r_i, sub.has_aux))
     return coords.value_and_grad(f_i)(u)
 
-  losses = ev.losses if plan.repeat == 1 else jnp.repeat(ev.losses, plan.repeat)
-  outcome = local.run(plan.solver, local_value_and_grad, inputs, u_k, losses.astype(sub.dtype),
-                      coords.grad_to_u(g_k), states, plan.bound, plan.local_steps,
-                      project=project)
+  def local_value_and_grad(inp, u):
+    return on_block(*pick(inp), u)
+
+  def minibatch_value_and_grad(inp, h, u):   # local iteration h reads minibatch h
+    blk, r_i = pick(inp)
+    return on_block(stream_lib.minibatch(blk, h, axis=1), r_i, u)
+
+  repeat = lambda x: x if plan.repeat == 1 else jnp.repeat(x, plan.repeat, axis=0)
+  losses = repeat(ev.losses)
+  solver, value_and_grad = plan.solver, local_value_and_grad
+  if sub.stream is not None:   # plan.local_steps is then the stream's length H
+    solver, value_and_grad = local_stream.streamed(solver), minibatch_value_and_grad
+  start_grad = (coords.grad_to_u(g_k) if plan.consistency
+                else jax.vmap(coords.grad_to_u)(jax.tree.map(repeat, ev.block_grads)))
+  outcome = local.run(solver, value_and_grad, inputs, u_k, losses.astype(sub.dtype), start_grad,
+                      states, plan.bound, plan.local_steps, project=project,
+                      shared_grad=plan.consistency)
   return LocalPhase(outcome=outcome, start_losses=losses, anchor=u_k)
 
 
@@ -252,12 +299,16 @@ class GlobalCarry(NamedTuple):
 
 def global_phase(value_and_grad: Callable[[PyTree], tuple[Any, PyTree]], start: GlobalCarry,
                  combined: Combined, dtypes: PyTree, cfg: TrustRegionConfig, global_steps: int,
-                 store_pair: jax.Array) -> GlobalCarry:
+                 store_pair: jax.Array, value: Callable[[PyTree], Any] | None = None
+                 ) -> GlobalCarry:
   """Stage 4: 1 + ``global_steps`` trips; trip 0 proposes s~, the others the model minimiser.
 
   Args:
     value_and_grad: u -> (f, grad f) of the global objective (one all-reduce each); ``(f, aux)``
       in place of f when ``start.aux`` is not None.
+    value: u -> f alone (a scalar all-reduce), for a first-order phase of no global steps whose
+      gradient at the trial point nothing reads (a ``Stream``: the next update has other
+      data); the carry's gradient then stays as it is. None: ``value_and_grad``.
     start: the carry at theta^k.
     combined: stage 3.
     dtypes: a pytree like the parameters whose leaves give the step dtypes.
@@ -266,6 +317,9 @@ def global_phase(value_and_grad: Callable[[PyTree], tuple[Any, PyTree]], start: 
     store_pair: False keeps the L-SR1 memory as it is (a skipped update).
   """
   cast = lambda step: jax.tree.map(lambda x, p: x.astype(p.dtype), step, dtypes)
+  evaluate_value = value
+  if value is not None and global_steps:
+    raise ValueError("a value-only global phase has no gradient for its global steps.")
 
   def trip(i, c: GlobalCarry) -> GlobalCarry:
     first = i == 0
@@ -276,7 +330,9 @@ def global_phase(value_and_grad: Callable[[PyTree], tuple[Any, PyTree]], start: 
 
     step, pred, edge = jax.lax.cond(
         first, lambda: (cast(combined.step), combined.predicted, combined.on_boundary), model)
-    value, trial_grad = value_and_grad(optax.apply_updates(c.params, step))
+    trial = optax.apply_updates(c.params, step)
+    value, trial_grad = (value_and_grad(trial) if evaluate_value is None
+                         else (evaluate_value(trial), c.grad))
     trial_loss, trial_aux = value if c.aux is not None else (value, None)
     out = tr.commit(c.params, c.value, c.grad, c.radius, c.memory,
                     tr.Trial(step, pred, trial_loss, trial_grad, edge, trial_aux), cfg,

@@ -35,6 +35,7 @@ LocalRadius = Literal["bound", "split"]
 Combine = Literal["sum", "mean"]
 LocalMethod = Literal["trust_region", "adam", "adam_tr"]
 BlockBound = Literal["equal", "size"]
+RadiusUnits = Literal["absolute", "per_parameter"]
 
 
 MINIMUM = {"local_steps": 1, "global_steps": 0}  # the integer options and their least values
@@ -122,6 +123,15 @@ class APTSConfig(NamedTuple):
     global_steps: global TR iterations after the APTS step (>= 0; the paper: 1).
     block_bound: how the local bound is split over J parameter blocks
       (``aptsjax.optim.blocks.divisors``): ``"equal"`` (/ sqrt(J)) or ``"size"`` (x sqrt(n_j/n)).
+    consistency: whether the local objectives carry the first-order consistency term
+      <g^k - g_i, theta - theta^k> (3)-(4) (the paper). False: each subdomain minimises its own
+      loss, as local SGD and DiLoCo do, and with a ``Stream`` and a first-order global phase of
+      no steps an update all-reduces no gradient at all (docs/method.md, "Streams").
+    radius_units: what the radii of ``trust_region`` measure: ``"absolute"`` (the paper: the
+      Euclidean length |s|_2) or ``"per_parameter"`` (the root mean square of the step's
+      coordinates, |s|_2 / sqrt(n) for n parameters: the radii are multiplied by sqrt(n) when
+      the parameters are known, so one table fits models of any size, as a per-coordinate step
+      size does; ``state.radius`` holds the Euclidean radius).
   """
   trust_region: TrustRegionConfig = TrustRegionConfig.paper()
   combine: Combine = "mean"
@@ -131,6 +141,8 @@ class APTSConfig(NamedTuple):
   local_steps: int = 5
   global_steps: int = 1
   block_bound: BlockBound = "equal"
+  consistency: bool = True
+  radius_units: RadiusUnits = "absolute"
 
   @classmethod
   def paper(cls) -> "APTSConfig":
@@ -145,6 +157,8 @@ class APTSConfig(NamedTuple):
     self.trust_region.validate()
     for name, minimum in MINIMUM.items():
       checks.as_int(name, getattr(self, name), minimum)
+    if not isinstance(self.consistency, bool):
+      raise ValueError(f"consistency must be True or False, got {self.consistency!r}.")
     if not self.local_lr > 0.0:
       raise ValueError(f"need local_lr > 0, got {self.local_lr}.")
     if not (self.local_solver in typing.get_args(LocalMethod) or _is_solver(self.local_solver)):

@@ -20,6 +20,7 @@ subdomain would pay for the one that still needs it). On CPU the sequential shap
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -75,11 +76,16 @@ class LocalSolver(NamedTuple):
       u' = ratio * u when the scaled trust region (``norm="rms"``) changes D; with ``norm="rms"``
       APTS runs the local iterations in u = D theta (``aptsjax.scaling``). None keeps the
       state as it is.
+    refresh: optional ``(carry, loss, grad) -> carry``: the carry with the local objective's
+      value and gradient at ``carry.params`` replaced, when the next iteration reads another
+      minibatch (a ``Stream``, ``aptsjax.optim.local_stream``). None: the solver cannot read
+      streams.
   """
   init: Callable[[PyTree], PyTree]
   start: Callable[..., LocalCarry]
   step: Callable[..., tuple[LocalCarry, jax.Array]]
   rescale: Callable[[PyTree, PyTree], PyTree] | None = None
+  refresh: Callable[[LocalCarry, jax.Array, PyTree], LocalCarry] | None = None
 
 
 def keep_inactive(active: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -129,7 +135,12 @@ def trust_region_local_solver(cfg: TrustRegionConfig, second_order: bool, memory
     return lsr1.rescale(state, ratio) if second_order else state
 
   return LocalSolver(init=init, start=radius_start(cfg, local_steps, local_radius), step=step,
-                     rescale=rescale)
+                     rescale=rescale, refresh=refresh_gradient)
+
+
+def refresh_gradient(carry: LocalCarry, loss: jax.Array, grad: PyTree) -> LocalCarry:
+  """``LocalSolver.refresh`` of the solvers whose ``extra`` is (gradient, local radius)."""
+  return carry._replace(loss=loss, extra=(grad, carry.extra[1]))
 
 
 def radius_start(cfg: TrustRegionConfig, local_steps: int, local_radius: str
@@ -192,7 +203,7 @@ def adam_trust_region_local_solver(cfg: TrustRegionConfig, local_steps: int = 1,
     return carry, done
 
   return LocalSolver(init=adam.init, start=radius_start(cfg, local_steps, local_radius),
-                     step=step)
+                     step=step, refresh=refresh_gradient)
 
 
 def optax_local_solver(tx: optax.GradientTransformation) -> LocalSolver:
@@ -233,7 +244,10 @@ def optax_local_solver(tx: optax.GradientTransformation) -> LocalSolver:
     done = (jnp.minimum(length, bound) >= (1.0 - LOCAL_STOP) * bound) | ~jnp.isfinite(loss)
     return carry, done
 
-  return LocalSolver(init=tx.init, start=start, step=step)
+  def refresh(carry, loss, grad):
+    return carry._replace(loss=loss, extra=grad)
+
+  return LocalSolver(init=tx.init, start=start, step=step, refresh=refresh)
 
 
 def solver_for(cfg: APTSConfig, share: float, second_order: bool, memory: int) -> LocalSolver:
@@ -284,17 +298,20 @@ class LocalOutcome(NamedTuple):
 def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any], inputs: PyTree,
         anchor: PyTree, losses: jax.Array, grad: PyTree, states: PyTree, bound: jax.Array,
         num_steps: int, vectorize: bool | None = None,
-        project: Callable[[Any, PyTree], PyTree] | None = None) -> LocalOutcome:
+        project: Callable[[Any, PyTree], PyTree] | None = None,
+        shared_grad: bool = True) -> LocalOutcome:
   """The local iterations of this device's subdomains (see the module docstring).
 
   Args:
     solver: the ``LocalSolver``.
     local_value_and_grad: ``(input_i, params) -> (f_i, grad f_i)``, the local objective of the
-      subdomain with ``input_i`` (a slice of ``inputs``).
+      subdomain with ``input_i`` (a slice of ``inputs``); for a streamed solver
+      (``aptsjax.optim.local_stream``) ``(input_i, h, params)``, on minibatch h.
     inputs: per-subdomain data of the local objectives, leaves with a leading subdomain axis.
     anchor: theta^k.
     losses: ``(n,)`` f_i(theta^k).
-    grad: g^k, the gradient of every f_i at theta^k.
+    grad: g^k, the gradient of every f_i at theta^k; with ``shared_grad=False`` each f_i's
+      own gradient there (leaves with a leading subdomain axis).
     states: the solvers' persistent states, leaves with a leading subdomain axis.
     bound: Delta^k / N, a scalar, or one per subdomain ``(n,)`` (APTS's parameter blocks);
       not positive: no iterations.
@@ -304,6 +321,8 @@ def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any],
     project: optional ``(input_i, gradient) -> gradient``: what subdomain i sees of every
       gradient, the start gradient ``grad`` included (APTS's parameter blocks: the gradient
       masked to the block, ``aptsjax.blocks.mask``). None: the gradients as they are.
+    shared_grad: whether ``grad`` is one gradient for every subdomain (the first-order
+      consistency term makes it g^k) or one per subdomain.
 
   Returns:
     A ``LocalOutcome``.
@@ -311,20 +330,23 @@ def run(solver: LocalSolver, local_value_and_grad: Callable[[Any, PyTree], Any],
   if vectorize is None:
     vectorize = jax.default_backend() != "cpu"
   if project is None:
-    start_grad, value_and_grad = lambda inp: grad, local_value_and_grad
+    start_grad, value_and_grad = lambda inp, g: g, local_value_and_grad
   else:
-    start_grad = lambda inp: project(inp, grad)
+    start_grad = project
 
-    def value_and_grad(inp, p):
-      value, g = local_value_and_grad(inp, p)
+    def value_and_grad(inp, *point):
+      value, g = local_value_and_grad(inp, *point)
       return value, project(inp, g)
-  # Each subdomain's bound travels with its inputs: (input_i, bound_i).
-  inputs = (inputs, jnp.broadcast_to(jnp.asarray(bound), losses.shape))
+  # Each subdomain's bound (and its own start gradient) travels with its inputs:
+  # (input_i, bound_i, grad_i or None).
+  inputs = (inputs, jnp.broadcast_to(jnp.asarray(bound), losses.shape),
+            None if shared_grad else grad)
   one_step = lambda inp, carry, active: solver.step(
-      lambda p: value_and_grad(inp[0], p), carry, anchor, inp[1], active)
+      functools.partial(value_and_grad, inp[0]), carry, anchor, inp[1], active)
   loop = _vectorized if vectorize else _sequential
-  return loop(solver, one_step, lambda inp: start_grad(inp[0]), inputs, anchor, losses, states,
-              num_steps)
+  return loop(solver, one_step,
+              lambda inp: start_grad(inp[0], grad if shared_grad else inp[2]),
+              inputs, anchor, losses, states, num_steps)
 
 
 StepFn = Callable[[Any, LocalCarry, jax.Array], tuple[LocalCarry, jax.Array]]
@@ -336,7 +358,7 @@ def _vectorized(solver: LocalSolver, one_step: StepFn, start_grad: StartGrad,
                 num_steps: int) -> LocalOutcome:
   """One loop for all subdomains: vmapped masked steps, one scalar trip condition.
 
-  ``inputs`` pairs each subdomain's input with its bound (see ``run``).
+  ``inputs`` holds each subdomain's input with its bound (see ``run``).
   """
   start = jax.vmap(lambda inp, f, s: solver.start(anchor, f, start_grad(inp), s, inp[1]))(
       inputs, losses, states)
@@ -362,7 +384,7 @@ def _sequential(solver: LocalSolver, one_step: StepFn, start_grad: StartGrad,
                 num_steps: int) -> LocalOutcome:
   """One subdomain after the other, each with its own while_loop; states updated in place.
 
-  ``inputs`` pairs each subdomain's input with its bound (see ``run``).
+  ``inputs`` holds each subdomain's input with its bound (see ``run``).
   """
   take = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
 
