@@ -13,10 +13,11 @@ DDP-Adam and DiLoCo cross-checked against n, the parameter count), summed until 
 first reaches the target: tuned DDP-Adam's best test accuracy (mean over seeds, per W) - 0.5
 points (a loss: + 2%).
 
-Selection, on the validation split at the first W only (the choice is reused at the others):
-DDP-Adam's learning rate by the best validation metric; DiLoCo's (inner lr, H, outer lr) and
-APTS's period H by the fewest exchanges to DDP-Adam's best validation metric - 0.5 points (ties,
-or nobody reaching it: the best validation metric). APTS is reported at every H on the test split.
+Selection, on the validation split at every W (``--tune-once``: at the first W only, reused at
+the others): DDP-Adam's learning rate by the best validation metric; DiLoCo's (inner lr, H, outer
+lr) and APTS's period H by the fewest exchanges to DDP-Adam's best validation metric - 0.5 points
+(ties, or nobody reaching it: the best validation metric). APTS is reported at every H of the grid
+on the test split.
 
 Compute time per exchange: the median wall time of one exchange of the same method built for ONE
 worker (W = 1) on worker 0's b-row minibatches (what one device computes between two all-reduces),
@@ -87,6 +88,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; quick 0)")
   parser.add_argument("--epochs", type=int, help="epochs per run (default 30; quick 3)")
   parser.add_argument("--batch", type=int, help="global minibatch rows B (default 1000; quick 200)")
+  parser.add_argument("--tune-once", action="store_true",
+                      help="select the settings at the first W only and reuse them at the others")
   args = parser.parse_args(argv)
   defaults = ((2,), (0,), 3, 200) if args.quick else ((2, 4, 8), (0, 1, 2), 30, 1000)
   for key, value in zip(("workers", "seeds", "epochs", "batch"), defaults):
@@ -165,25 +168,40 @@ def tune(ctx: Context, workers: int) -> tuple[dict[str, Row], list[Row], list[Ro
   return chosen, grid_rows, all_rows
 
 
-def test_runs(ctx: Context, chosen: dict[str, Row], workers: Sequence[int],
-              seeds: Sequence[int]) -> tuple[list[Row], dict[int, float]]:
-  """The reported runs on the test split: every W and seed, DDP-Adam first (it fixes the
-  target of its W), then DiLoCo, then APTS at every period of the grid.
+def tune_all(ctx: Context, workers: Sequence[int], once: bool
+             ) -> tuple[dict[int, dict[str, Row]], list[Row], list[Row]]:
+  """Selects the settings at every W, or at the first W only (``once``) for every W.
+
+  Returns:
+    (the settings by W and method, the selection grids' rows, the selection runs' rows).
+  """
+  chosen, grid_rows, val_rows = {}, [], []
+  for w in workers[:1] if once else workers:
+    chosen[w], grid, rows = tune(ctx, w)
+    grid_rows, val_rows = grid_rows + grid, val_rows + rows
+  return {w: chosen.get(w, chosen[workers[0]]) for w in workers}, grid_rows, val_rows
+
+
+def test_runs(ctx: Context, chosen: dict[int, dict[str, Row]], seeds: Sequence[int]
+              ) -> tuple[list[Row], dict[int, float]]:
+  """The reported runs on the test split: every W (the keys of ``chosen``, the settings by W
+  and method) and seed, DDP-Adam first (it fixes the target of its W), then DiLoCo, then APTS at
+  every period of the grid.
 
   Returns:
     (every run's rows, the target per W).
   """
   split, task = train.make_split(ctx.task, validation=False), ctx.task
-  minibatches = len(streams.make_stream(task.rows(split.train), min(workers), ctx.batch, 0,
-                                        ctx.epochs).indices)
   rows, targets = [], {}
-  for w in workers:
-    ddp = [run(ctx, DDP_ADAM, chosen[DDP_ADAM], w, split, s) for s in seeds]
+  for w in chosen:
+    minibatches = len(streams.make_stream(task.rows(split.train), w, ctx.batch, 0,
+                                          ctx.epochs).indices)
+    ddp = [run(ctx, DDP_ADAM, chosen[w][DDP_ADAM], w, split, s) for s in seeds]
     targets[w] = train.target_of(statistics.mean(train.best_metric(r, task) for r in ddp),
                                  task.higher_is_better)
     log(f"[target] W={w}: {task.metric} {targets[w]:.4f}")
     rows += [row for r in ddp for row in r]
-    rows += [row for s in seeds for row in run(ctx, DILOCO, chosen[DILOCO], w, split, s)]
+    rows += [row for s in seeds for row in run(ctx, DILOCO, chosen[w][DILOCO], w, split, s)]
     for config in configs(ctx, APTS, minibatches):
       rows += [row for s in seeds for row in run(ctx, APTS, config, w, split, s)]
   return rows, targets
@@ -241,7 +259,7 @@ def planned(args: argparse.Namespace) -> float:
             * WORK[APTS])
   testing = len(args.workers) * len(args.seeds) * (
       WORK[DDP_ADAM] + WORK[DILOCO] + len(methods.apts_periods(grid.periods)) * WORK[APTS])
-  return args.epochs * (tuning + testing)
+  return args.epochs * (tuning * (1 if args.tune_once else len(args.workers)) + testing)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
@@ -260,11 +278,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
   start = time.perf_counter()
   ctx = Context(task, args.batch, args.epochs, QUICK if args.quick else FULL,
                 Progress(planned(args)), {})
-  chosen, grid_rows, val_rows = tune(ctx, args.workers[0])
-  test_rows, targets = test_runs(ctx, chosen, args.workers, args.seeds)
+  chosen, grid_rows, val_rows = tune_all(ctx, args.workers, args.tune_once)
+  test_rows, targets = test_runs(ctx, chosen, args.seeds)
   ctx.bars.close()
-  compute = {(name, w): worker_seconds(ctx, name, chosen[name], w)
-             for name in chosen for w in args.workers}
+  compute = {(name, w): worker_seconds(ctx, name, config, w)
+             for w in args.workers for name, config in chosen[w].items()}
   summary = report.write(out, task, chosen, grid_rows, val_rows, test_rows, targets,
                          list(ctx.counts.values()), compute, stream_notes(ctx, args.workers))
   log(f"\nefficiency: done in {time.perf_counter() - start:.0f} s; wrote {out}/")

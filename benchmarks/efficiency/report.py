@@ -130,7 +130,7 @@ def mean_curve(runs: list[list[Row]], key: str, metric: str) -> tuple[list[float
   return xs, [statistics.mean(r[k][metric] for r in runs) for k in range(length)]
 
 
-def plot(rows: Sequence[Row], chosen: dict[str, Row], targets: dict[int, float], task: Task,
+def plot(rows: Sequence[Row], chosen: dict[int, dict[str, Row]], targets: dict[int, float], task: Task,
          path: Path) -> None:
   """Test metric vs all-reduced bytes and vs exchanges (log x), one column per W, the mean over
   seeds of each method's chosen configuration."""
@@ -143,7 +143,7 @@ def plot(rows: Sequence[Row], chosen: dict[str, Row], targets: dict[int, float],
   for col, w in enumerate(workers):
     for row, key in enumerate(("bytes", "exchange")):
       ax = axes[row][col]
-      for name, config in chosen.items():
+      for name, config in chosen[w].items():
         runs = runs_of(rows, name, w, config)
         if runs and all(runs):
           xs, ys = mean_curve(runs, key, task.metric)
@@ -185,7 +185,7 @@ LATENCY_COLS = ((("model W", "model_W", ""), ("measured W", "measured_W", ""),
                 + tuple((f"/ DDP-Adam @{g} Gb/s", f"ratio_{g}G", ".3f") for g in GBPS))
 
 
-def write(out: Path, task: Task, chosen: dict[str, Row], grid_rows: list[Row],
+def write(out: Path, task: Task, chosen: dict[int, dict[str, Row]], grid_rows: list[Row],
           val_rows: list[Row], test_rows: list[Row], targets: dict[int, float],
           counts: list[Row], compute: dict[tuple[str, int], float], notes: Sequence[str]
           ) -> list[Row]:
@@ -194,7 +194,7 @@ def write(out: Path, task: Task, chosen: dict[str, Row], grid_rows: list[Row],
   Args:
     out: the output directory.
     task: the task.
-    chosen: the selected settings by method.
+    chosen: the selected settings by W and method.
     grid_rows: the selection grid (one row per configuration).
     val_rows, test_rows: the runs' rows on the validation and test splits.
     targets: the test target by W.
@@ -206,8 +206,8 @@ def write(out: Path, task: Task, chosen: dict[str, Row], grid_rows: list[Row],
     The summary rows.
   """
   workers = sorted(targets)
-  summary = [summarize(task, name, w, chosen[name], runs_of(test_rows, name, w, chosen[name]),
-                       targets[w]) for w in workers for name in chosen]
+  summary = [summarize(task, name, w, config, runs_of(test_rows, name, w, config), targets[w])
+             for w in workers for name, config in chosen[w].items()]
   summary = with_ratios(summary, summary)
   periods = sorted({r["H"] for r in test_rows if r["method"] == APTS})
   by_period = with_ratios([summarize(task, APTS, w, {"H": h},
@@ -219,7 +219,8 @@ def write(out: Path, task: Task, chosen: dict[str, Row], grid_rows: list[Row],
                      ("latency", latency)):
     write_csv(rectangular(rows), out / f"{name}.csv")
   plot(test_rows, chosen, targets, task, out / "efficiency.png")
-  chosen_text = "; ".join(f"{name} {train.settings(c)}" for name, c in chosen.items())
+  chosen_text = "; ".join(f"W={w}: " + ", ".join(f"{name} {train.settings(c)}"
+                                                 for name, c in chosen[w].items()) for w in workers)
   log("\n".join([
       "", *notes, "", "## Selection on the validation split",
       markdown_table(grid_rows, SELECTION_COLS, UNSET), "", f"Chosen: {chosen_text}.", "",
