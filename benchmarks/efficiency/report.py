@@ -65,8 +65,8 @@ def summarize(task: Task, name: str, workers: int, config: Row, runs: list[list[
   exchanges, exchanges_sd = mean_std([s["exchanges"] for s in hits])
   nbytes, bytes_sd = mean_std([s["bytes"] for s in hits])
   return {"method": name, "W": workers, **flat(config), "settings": train.settings(config),
-          "seeds": len(runs), "best": best,
-          "best_sd": best_sd, "target": target, "reached": f"{len(hits)}/{len(runs)}",
+          "seeds": len(runs), "best": best, "best_sd": best_sd, "target": target,
+          "reached": f"{len(hits)}/{len(runs)}",
           "exchanges": exchanges, "exchanges_sd": exchanges_sd, "bytes": nbytes,
           "bytes_sd": bytes_sd, "epoch": mean_std([s["epoch"] for s in hits])[0],
           "mb": None if nbytes is None else nbytes / 1e6,
