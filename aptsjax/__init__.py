@@ -33,8 +33,8 @@ from aptsjax.optim.blocks import leaf_blocks
 from aptsjax.optim.blocks import shard_blocks
 from aptsjax.optim.local import LocalCarry
 from aptsjax.optim.local import LocalSolver
-from aptsjax.optim.local import optax_local_solver
-from aptsjax.optim.local import trust_region_local_solver
+from aptsjax.optim.local_solvers import optax_local_solver
+from aptsjax.optim.local_solvers import trust_region_local_solver
 from aptsjax.optim.config import APTSConfig
 from aptsjax.optim.config import GENERAL_MIN_RADIUS
 from aptsjax.optim.config import TrustRegionConfig

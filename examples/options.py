@@ -4,8 +4,9 @@ Every constructor takes ``base=`` (a config: ``aptsjax.APTSConfig()``, the defau
 ``aptsjax.APTSConfig.paper()``, the paper's method exactly; ``aptsjax.TrustRegionConfig`` for
 ``aptsjax.trust_region``) and keyword overrides of its fields. This
 script trains SAPTS (N = 4, 5% overlap) with the defaults, the paper's method, the scaled trust
-region, local trust region in place of local Adam, and local SGD with momentum as the local
-solver, then the paper's plain trust region, and prints each test loss.
+region, local trust region in place of the default local steps (Adam's direction at the local
+trust region's length), and local SGD with momentum as the local solver, then the paper's plain
+trust region, and prints each test loss.
 
 The problem: the 2-16-2 MLP and circle data of the other examples (``circle.py``).
 
@@ -14,9 +15,11 @@ Run from the repository root::
     python examples/options.py             # 3 epochs of 8,192 points, minibatches of 660
     python examples/options.py --quick     # 3 epochs of 1,024 points, minibatches of 129
 
-On this 66-parameter network trained for a few dozen updates, the defaults are the slowest of the
-five: Adam's learning rate (1e-3) bounds every local step, and far fewer local steps are taken
-than on the benchmark networks. The paper's method and local trust region have no learning rate.
+None of these has a learning rate except local SGD, which brings its own (1e-2, not tuned): an
+optax local solver's steps are projected into the local region, so the region bounds them, but
+their length below the bound is the optimizer's. On this 66-parameter network trained for a few
+dozen updates the defaults, the paper's method and local trust region end close together, and
+local SGD is the slowest.
 """
 from __future__ import annotations
 

@@ -15,33 +15,35 @@ One ``update`` at theta^k with global gradient g^k = ``grads`` and global radius
 3. s~ = sum_i (theta_i - theta^k), so |s~| <= Delta^k                                        (5)
    rho = (f(theta^k) - f(theta^k + s~)) / sum_i (f_i(theta^k) - f_i(theta_i))              (6)
    accept when rho > eta_accept; radius update (7).
-4. ``global_steps`` TR iterations on the global objective from there (default 1). Steps 3 and
-   4 are one loop of 1 + ``global_steps`` trips sharing one trial evaluation and one
+4. ``global_steps`` TR iterations on the global objective from there (the paper: 1). Steps 3
+   and 4 are one loop of 1 + ``global_steps`` trips sharing one trial evaluation and one
    ``trust_region.commit``.
 
 Each step is a function of ``aptsjax.optim.apts_stages`` (evaluate, local phase, combine,
 global phase); ``update`` below calls them in order and commits the state through
 ``aptsjax.optim.guard``, the path ``aptsjax.trust_region`` shares.
 
-Communication per update with ``axis_name`` set: one all-reduce of s~ (n floats), one of the
-gradient at theta^k + s~ (n), one per global step (n), plus a few scalars; with the caller's
-all-reduce of g^k that is 4 n + O(1) floats for global_steps = 1, independent of local_steps.
+Communication per update with ``axis_name`` set (docs/method.md, "Communication"): the
+all-reduce of g^k (n floats; the caller's or, with ``grads=None``, apts's own), one of s~ (n),
+one of the gradient at theta^k + s~ (n), one per global step (n), plus a few scalars: 4 n + O(1)
+floats for the paper's global_steps = 1, independent of local_steps. What nothing reads is not
+all-reduced (``exchanged_vectors``): on a ``Stream`` with the defaults only s~ is.
 Forward and backward passes over the batch per update: 1 (theta^k) + up to ``local_steps`` (the
 local trials) + 1 (theta^k + s~) + ``global_steps``.
 
-Each subdomain keeps its own L-SR1 memory across updates: with the same data every iteration
-(APTS) its pairs stay pairs of the same f(.; D_i) (the linear term r_i cancels in y), so the
-curvature model keeps improving; with minibatches (SAPTS) it is the usual stochastic
-quasi-Newton memory. The local radius restarts at Delta^k / N each update.
+Each subdomain keeps its own local solver state across updates (its L-SR1 memory, or Adam's
+moments and, with ``local_radius="carry"``, its local radius).
 
-The steps above are the paper's method, ``APTSConfig.paper()``. The options of
-``aptsjax.APTSConfig`` (docs/method.md, "Options beyond the paper") change them: ``combine=
-"mean"`` takes s~ as the mean of the local steps, each bounded by Delta^k, and the denominator
-of (6) as the mean of the local decreases; ``local_solver="adam"`` runs Adam steps projected into
-the local region instead of local TR; ``norm="rms"`` runs every phase in u = D theta (the region
-|D s~| <= Delta^k); ``local_radius="split"`` starts the local radius at Delta^k / (N nu) (the
-bound divided by nu); ``radius_growth="boundary"`` grows the radius only after steps on the
-boundary.
+The steps above are the paper's method, ``APTSConfig.paper()``. The defaults and options of
+``aptsjax.APTSConfig`` (docs/method.md, "Options beyond the paper"; docs/defaults.md) change
+them: ``combine="mean"`` takes s~ as the mean of the local steps, each bounded by Delta^k, and
+the denominator of (6) as the mean of the local decreases; ``local_solver="adam_tr"`` (the
+default) takes Adam's direction with the local trust region's length; ``radius_units=
+"per_parameter"`` (the default) measures the radii per parameter; ``local_radius="carry"`` (the
+default) starts each update's local radius where the last one ended; a ``Stream`` batch gives
+each local step its own minibatch (``aptsjax.optim.local_stream``); ``outer_momentum`` adds a
+momentum of the accepted steps (``aptsjax.optim.outer``); ``norm="rms"`` runs every phase in
+u = D theta; ``radius_growth="boundary"`` grows the radius only after steps on the boundary.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ from aptsjax.optim import apts_stages as stages
 from aptsjax.optim import blocks as pblocks
 from aptsjax.optim import guard
 from aptsjax.optim import local
+from aptsjax.optim import local_solvers
+from aptsjax.optim import outer
 from aptsjax.optim.apts_stages import local_objective  # re-exported  # pylint: disable=unused-import
 from aptsjax.optim.apts_stages import to_varying  # re-exported  # pylint: disable=unused-import
 from aptsjax.optim.config import APTSConfig
@@ -93,6 +97,8 @@ class APTSState(NamedTuple):
     global_memory: the L-SR1 memory of the global steps (None for first order).
     scaling: the diagonal scaling D of ``norm="rms"`` (``aptsjax.numerics.scaling``), None
       otherwise; with it, every L-SR1 memory holds its pairs in the variables u = D theta.
+    momentum: with ``outer_momentum``, the last accepted APTS step (zeros after a rejection;
+      ``aptsjax.optim.outer``), None otherwise.
     aux: with ``has_aux``, each subdomain's auxiliary output at the parameters after the
       update (leaves with a leading axis N); None after ``init`` and without it.
   """
@@ -110,6 +116,7 @@ class APTSState(NamedTuple):
   local_state: PyTree
   global_memory: lsr1.LSR1State | None
   scaling: ScaleState | None = None
+  momentum: PyTree = None
   aux: PyTree = None
 
   PER_SUBDOMAIN = ("local_steps", "local_state", "aux")
@@ -190,7 +197,7 @@ class _Method(NamedTuple):
     return trial, trial or cfg.consistency or cfg.trust_region.norm == "rms"
 
   def solver(self, share: float) -> local.LocalSolver:
-    return local.solver_for(self.cfg, share, self.second_order, self.memory)
+    return local_solvers.solver_for(self.cfg, share, self.second_order, self.memory)
 
   def plan(self, params: PyTree, radius: jax.Array, ok: jax.Array, n_local: int
            ) -> stages.LocalPlan:
@@ -223,7 +230,8 @@ def _init(method: _Method, num_subdomains: int, params: PyTree) -> APTSState:
       actual_reduction=zero, local_steps=jnp.zeros((num_subdomains * count,), jnp.int32),
       local_state=local_state,
       global_memory=lsr1.init(params, method.memory) if method.second_order else None,
-      scaling=scaling.init(params) if method.cfg.trust_region.norm == "rms" else None)
+      scaling=scaling.init(params) if method.cfg.trust_region.norm == "rms" else None,
+      momentum=optax.tree.zeros_like(params) if method.cfg.outer_momentum else None)
 
 
 def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state: APTSState,
@@ -242,6 +250,9 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
     local_state = jax.vmap(plan.solver.rescale, in_axes=(0, None))(local_state, begin.ratio)
   phase = stages.local_phase(sub, ev, params, coords, local_state, plan)
   combined = stages.combine(sub, phase, state.radius, method.weight)
+  if cfg.outer_momentum:
+    combined = outer.extrapolate(sub, phase, combined, coords.to_u(state.momentum), state.radius,
+                                 cfg.outer_momentum, method.weight)
   u_start = coords.to_u(params)
   false = jnp.array(False)
   start = stages.GlobalCarry(
@@ -260,8 +271,34 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
       **shared, apts_accepted=ok & end.apts_accepted,
       local_steps=jnp.where(ok, phase.outcome.num_steps, 0).astype(jnp.int32),
       local_state=phase.outcome.state, global_memory=end.memory, scaling=begin.scaling,
+      momentum=None if state.momentum is None else guard.keep(
+          ok, guard.updates_if(end.apts_accepted, coords.to_theta(combined.step)), state.momentum),
       aux=None if ev.aux is None else guard.keep(ok, end.aux, guard.previous_aux(state, ev.aux)))
   return guard.updates_if(ok, coords.to_theta(optax.tree.sub(end.params, u_start))), new_state
+
+
+def exchanged_vectors(second_order: bool = False, streaming: bool = False,
+                      base: APTSConfig | None = None, **options: Any) -> int:
+  """The parameter-sized all-reduces of one ``apts`` update across devices (``grads=None``).
+
+  g^k (unless nothing reads it), s~, the gradient at the trial point (unless nothing reads it)
+  and one per global step; a few scalars come on top (docs/method.md, "Communication").
+
+  Args:
+    second_order: as for ``apts``.
+    streaming: whether the batch is a ``aptsjax.data.Stream``.
+    base: as for ``apts``.
+    **options: as for ``apts``.
+
+  Returns:
+    The number of all-reduces of n floats (n parameters) per update.
+  """
+  cfg = configure_apts(base, **options)
+  cfg = cfg.resolve(streaming)
+  method = _Method(cfg=cfg, second_order=second_order, memory=1, param_blocks=None,
+                   local_share=1, weight=1.0)
+  trial, global_grad = method.reads(streaming)
+  return int(global_grad) + 1 + int(trial) + cfg.global_steps
 
 
 def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False,
@@ -300,9 +337,9 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over the rows of batch.
     num_subdomains: N, the total number of subdomains (in every mode), an integer >= 1.
-    second_order: L-SR1 models (local and global; with an optax local solver, the global
-      steps) or first-order models. False by default: with the default options first order
-      was better on the validation split in every setting of the study (docs/method.md,
+    second_order: L-SR1 models (local and global; with an optax or Adam-direction local
+      solver, the global steps) or first-order models. False by default (first order was
+      better on the validation split in every setting of the options study, docs/method.md,
       "Defaults"); True with ``base=APTSConfig.paper()`` is the paper's second-order APTS.
     axis_name: None on one device; the mesh/pmap axis name across devices (its size D must
       divide N; each device's shard of the batch holds its N / D subdomains).
@@ -314,13 +351,14 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
     has_aux: ``loss_fn`` returns ``(loss, aux)``; each subdomain's aux at the parameters after
       the update is kept in ``state.aux`` (leading axis N, sharded like the other
       per-subdomain fields; None after ``init``: the first update adds it).
-    **options: overrides of ``APTSConfig`` fields (``local_steps`` nu = 5, ``global_steps`` 1,
-      ``combine``, ``local_solver``, ``local_lr``, ``local_radius``, ``block_bound``) and of
-      its ``trust_region``'s (``init_radius`` 0.01, ``min_radius`` 1e-3, ``max_radius`` 4,
-      ``eta_accept`` 0, ``eta1`` 0.25, ``eta2`` 0.75, ``alpha`` 0.5, ``beta`` 2,
-      ``radius_growth``, ``norm``, ``rms_decay``, ``rms_eps``); an unknown name raises
-      ValueError. With ``combine="sum"`` the local radii are the radii divided by N, with
-      ``"mean"`` the radii.
+    **options: overrides of ``APTSConfig`` fields (``local_steps`` nu = 5, ``global_steps``
+      None = 1 on a plain batch and 0 on a ``Stream``, ``combine``, ``local_solver``,
+      ``local_lr``, ``local_radius``, ``block_bound``, ``consistency``, ``radius_units``,
+      ``outer_momentum``) and of its ``trust_region``'s (``init_radius`` 0.01, ``min_radius``
+      1e-6, ``max_radius`` 4, all per parameter by default, ``eta_accept`` 0, ``eta1`` 0.25,
+      ``eta2`` 0.75, ``alpha`` 0.5, ``beta`` 2, ``radius_growth``, ``norm``, ``rms_decay``,
+      ``rms_eps``); docs/defaults.md lists them all. An unknown name raises ValueError. With
+      ``combine="sum"`` the local radii are the radii divided by N, with ``"mean"`` the radii.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``APTSState``.
@@ -363,6 +401,7 @@ def apts(loss_fn: LossFn, num_subdomains: int = 2, *, second_order: bool = False
                             dtype=state.radius.dtype, has_aux=has_aux,
                             stream=rows if streaming else None)
     this = method.sized(params)
+    this = this._replace(cfg=this.cfg.resolve(streaming))
     if streaming:   # one local iteration per minibatch: nu = H
       this = this._replace(cfg=this.cfg._replace(local_steps=batch.length))
     return _update(this, sub, grads, state, params, n_local)

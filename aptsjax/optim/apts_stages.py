@@ -185,10 +185,16 @@ class LocalPlan(NamedTuple):
 
 
 class LocalPhase(NamedTuple):
-  """Stage 2's result: the local outcome, each problem's start loss and the anchor u^k."""
+  """Stage 2's result: the local outcome, each problem's start loss and the anchor u^k.
+
+  ``end_values(points)`` evaluates every problem's local objective on the data of the exchange
+  (minibatch 0 of a stream) at its point of ``points`` (leaves with a leading problem axis):
+  what (6) compares, read again by the outer momentum (``aptsjax.optim.outer``).
+  """
   outcome: local.LocalOutcome
   start_losses: jax.Array
   anchor: PyTree
+  end_values: Callable[[PyTree], jax.Array] | None = None
 
 
 def local_phase(sub: Subdomains, ev: Evaluation, params: PyTree, coords: scaling.Coordinates,
@@ -232,7 +238,16 @@ def local_phase(sub: Subdomains, ev: Evaluation, params: PyTree, coords: scaling
   outcome = local.run(solver, value_and_grad, inputs, u_k, losses.astype(sub.dtype), start_grad,
                       states, plan.bound, plan.local_steps, project=project,
                       shared_grad=plan.consistency)
-  return LocalPhase(outcome=outcome, start_losses=losses, anchor=u_k)
+  def end_value(inp, u):   # the local objective on the exchange's data: f_i, or f_{i,0}
+    blk, r_i = pick(inp)
+    blk = blk if sub.stream is None else stream_lib.minibatch(blk, 0, axis=1)
+    f_i = local_objective(sub.loss_fn, blk, theta_k, r_i, sub.has_aux)
+    return f_i(coords.to_theta(u)).astype(sub.dtype)
+
+  end_values = lambda points: jax.vmap(end_value)(inputs, points)
+  if sub.stream is not None:   # (6) on the exchange's data: f_{i,0} at theta_i
+    outcome = outcome._replace(loss=end_values(outcome.params))
+  return LocalPhase(outcome=outcome, start_losses=losses, anchor=u_k, end_values=end_values)
 
 
 class Combined(NamedTuple):

@@ -2,14 +2,12 @@
 ``APTSConfig`` (APTS's options, holding the ``TrustRegionConfig`` of its global region).
 
 The trust-region constants hold no learning rate; the one learning rate is ``local_lr``, read
-only by the Adam local solver (``local_solver="adam"``, the default), whose steps the local
-region bounds. ``TrustRegionConfig()`` is ``aptsjax.trust_region``'s
-default (a general optimizer: radius floor ``GENERAL_MIN_RADIUS``, growth only after steps that
-reach the boundary); ``TrustRegionConfig.paper()`` is the paper's TR (floor 1e-3, growth after
-every very good step, rule (7)). ``APTSConfig()`` is ``aptsjax.apts``'s default and
-``APTSConfig.paper()`` the paper's APTS exactly; the two differ only in the options that the
-validation study (``benchmarks/options``) chose: ``combine="mean"`` and the Adam local solver
-(docs/defaults.md).
+only by the optional Adam local solver (``local_solver="adam"``). ``TrustRegionConfig()`` is
+``aptsjax.trust_region``'s default (a general optimizer: radius floor ``GENERAL_MIN_RADIUS``,
+growth only after steps that reach the boundary); ``TrustRegionConfig.paper()`` is the paper's
+TR (floor 1e-3, growth after every very good step, rule (7)). ``APTSConfig()`` is
+``aptsjax.apts``'s default and ``APTSConfig.paper()`` the paper's APTS exactly; where they
+differ, and the validation runs that chose the defaults, is in docs/defaults.md.
 
 Both methods take the settings the same way: ``base=`` (a config, used as it is) and keyword
 overrides of its fields. ``configure_trust_region`` and ``configure_apts`` route the keywords:
@@ -31,7 +29,7 @@ GENERAL_MIN_RADIUS = 1e-10
 
 RadiusGrowth = Literal["always", "boundary"]
 Norm = Literal["l2", "rms"]
-LocalRadius = Literal["bound", "split"]
+LocalRadius = Literal["bound", "split", "carry"]
 Combine = Literal["sum", "mean"]
 LocalMethod = Literal["trust_region", "adam", "adam_tr"]
 BlockBound = Literal["equal", "size"]
@@ -116,38 +114,61 @@ class APTSConfig(NamedTuple):
       ``GradientTransformation`` (projected the same way) or a ``aptsjax.LocalSolver``.
     local_lr: the learning rate of ``local_solver="adam"`` (Adam's own default; the region
       bounds the steps); read only for that choice.
-    local_radius: ``"bound"`` (the paper: the local radius starts at the local bound) or
-      ``"split"`` (it starts at the bound / ``local_steps``); read by the trust-region local
-      solver.
+    local_radius: where each update's local radius starts: ``"bound"`` (the paper: at the
+      local bound), ``"split"`` (at the bound / ``local_steps``) or ``"carry"`` (where the
+      subdomain's last update left it, at most the bound; the first update as ``"split"``);
+      read by the trust-region and ``"adam_tr"`` local solvers.
     local_steps: nu, the most local iterations per update (>= 1).
-    global_steps: global TR iterations after the APTS step (>= 0; the paper: 1).
+    global_steps: global TR iterations after the APTS step (>= 0; the paper: 1), or None: 1 on
+      a plain batch, 0 on a ``aptsjax.data.Stream`` (``steps_after``).
     block_bound: how the local bound is split over J parameter blocks
       (``aptsjax.optim.blocks.divisors``): ``"equal"`` (/ sqrt(J)) or ``"size"`` (x sqrt(n_j/n)).
     consistency: whether the local objectives carry the first-order consistency term
       <g^k - g_i, theta - theta^k> (3)-(4) (the paper). False: each subdomain minimises its own
       loss, as local SGD and DiLoCo do, and with a ``Stream`` and a first-order global phase of
-      no steps an update all-reduces no gradient at all (docs/method.md, "Streams").
+      no steps an update all-reduces no gradient at all. None: True on a plain batch, False on
+      a ``Stream`` (``resolve``; docs/method.md, "Streams").
     radius_units: what the radii of ``trust_region`` measure: ``"absolute"`` (the paper: the
       Euclidean length |s|_2) or ``"per_parameter"`` (the root mean square of the step's
       coordinates, |s|_2 / sqrt(n) for n parameters: the radii are multiplied by sqrt(n) when
       the parameters are known, so one table fits models of any size, as a per-coordinate step
       size does; ``state.radius`` holds the Euclidean radius).
+    outer_momentum: mu in [0, 1): the step judged by the global test is s~ plus mu times the
+      last accepted APTS step, cut to the region (``aptsjax.optim.outer``); 0 (the paper): s~.
   """
-  trust_region: TrustRegionConfig = TrustRegionConfig.paper()
+  trust_region: TrustRegionConfig = TrustRegionConfig(min_radius=1e-6, radius_growth="always")
   combine: Combine = "mean"
-  local_solver: Any = "adam"
+  local_solver: Any = "adam_tr"
   local_lr: float = 1e-3
-  local_radius: LocalRadius = "bound"
+  local_radius: LocalRadius = "carry"
   local_steps: int = 5
-  global_steps: int = 1
+  global_steps: int | None = None
   block_bound: BlockBound = "equal"
-  consistency: bool = True
-  radius_units: RadiusUnits = "absolute"
+  consistency: bool | None = None
+  radius_units: RadiusUnits = "per_parameter"
+  outer_momentum: float = 0.0
 
   @classmethod
   def paper(cls) -> "APTSConfig":
-    """The paper's APTS exactly: the summed local TR steps, each within Delta / N."""
-    return cls(combine="sum", local_solver="trust_region")
+    """The paper's APTS exactly: the summed local TR steps, each within Delta / N, radii in
+    Euclidean lengths (``TrustRegionConfig.paper()``), one global step."""
+    return cls(trust_region=TrustRegionConfig.paper(), combine="sum",
+               local_solver="trust_region", local_radius="bound", global_steps=1,
+               consistency=True, radius_units="absolute")
+
+  def steps_after(self, streaming: bool) -> int:
+    """The global steps an update takes: ``global_steps``, or when None 1 on a plain batch and
+    0 on a ``aptsjax.data.Stream`` (docs/method.md, "Global steps")."""
+    if self.global_steps is not None:
+      return self.global_steps
+    return 0 if streaming else 1
+
+  def resolve(self, streaming: bool) -> "APTSConfig":
+    """The options an update on a plain batch (``streaming=False``) or on a ``Stream`` runs:
+    ``global_steps`` as ``steps_after``, ``consistency`` when None True on a plain batch and
+    False on a stream (docs/method.md, "Streams")."""
+    consistency = (not streaming) if self.consistency is None else self.consistency
+    return self._replace(global_steps=self.steps_after(streaming), consistency=consistency)
 
   def validate(self) -> "APTSConfig":
     """Returns self, or raises ValueError for a value of the wrong type or off its choices."""
@@ -156,9 +177,12 @@ class APTSConfig(NamedTuple):
                        f"{type(self.trust_region).__name__}.")
     self.trust_region.validate()
     for name, minimum in MINIMUM.items():
-      checks.as_int(name, getattr(self, name), minimum)
-    if not isinstance(self.consistency, bool):
-      raise ValueError(f"consistency must be True or False, got {self.consistency!r}.")
+      if getattr(self, name) is not None or name != "global_steps":
+        checks.as_int(name, getattr(self, name), minimum)
+    if not (self.consistency is None or isinstance(self.consistency, bool)):
+      raise ValueError(f"consistency must be True, False or None, got {self.consistency!r}.")
+    if not 0.0 <= self.outer_momentum < 1.0:
+      raise ValueError(f"need 0 <= outer_momentum < 1, got {self.outer_momentum}.")
     if not self.local_lr > 0.0:
       raise ValueError(f"need local_lr > 0, got {self.local_lr}.")
     if not (self.local_solver in typing.get_args(LocalMethod) or _is_solver(self.local_solver)):
@@ -208,7 +232,7 @@ def _coerce(config_type: type, name: str, value: Any) -> Any:
     if not isinstance(value, str):
       raise ValueError(f"{name} must be one of {typing.get_args(hint)}, got {value!r}.")
     return value
-  if hint is int:
+  if hint is int or (name == "global_steps" and value is not None):
     return checks.as_int(name, value, MINIMUM.get(name, 0))
   if hint is float:
     if isinstance(value, (str, bool)) or not isinstance(value, (int, float)):

@@ -12,14 +12,15 @@ and gradient at the current point are evaluated on minibatch h (iteration 0 has 
 evaluation at theta^k), the trial point is evaluated on the same minibatch, and the local ratio
 test compares those two values, so every local test is on one function.
 
-The decrease a subdomain reports for the global test (6) is the sum over its iterations of
-f_{i,h}(before) - f_{i,h}(after), each on its own minibatch. With a single minibatch the sum
-telescopes to f_i(theta^k) - f_i(theta_i), the paper's denominator. The streamed carry's ``loss``
-is f_i(theta^k) minus that sum, so that APTS's combine stage reads it as it reads a fixed-data
-end loss; the wrapped solver's real loss travels in ``extra``.
+The global test (6) is the paper's on the exchange's data: APTS evaluates each subdomain's first
+local objective f_{i,0} at its end point theta_i (one forward pass per subdomain, no
+communication) and takes sum_i f_{i,0}(theta^k) - f_{i,0}(theta_i) as the predicted reduction
+of f(.; B_0) (``apts_stages.local_phase``). The later minibatches only help each subdomain find
+theta_i, as a preconditioner would; the ratio then measures how well the combined step s~
+keeps the subdomains' decreases on the data of the exchange.
 
-A minibatch on which the loss is not finite stops its subdomain and makes its decrease NaN:
-APTS then drops that subdomain's step (``apts_stages.combine``).
+A minibatch on which the loss at the current point is not finite stops its subdomain there (its
+point so far is kept and judged on minibatch 0 like any other).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from aptsjax.optim.local import LocalCarry
 from aptsjax.optim.local import LocalSolver
 from aptsjax.optim.local import keep_inactive
 
@@ -37,8 +37,8 @@ from aptsjax.optim.local import keep_inactive
 def streamed(solver: LocalSolver) -> LocalSolver:
   """``solver`` with iteration h on minibatch h of a stream.
 
-  The returned solver's ``step`` takes ``value_and_grad(h, params)``; its carry's ``extra`` is
-  (the solver's extra, the solver's loss on the current minibatch, h).
+  The returned solver's ``step`` takes ``value_and_grad(h, params)``; its carry's ``loss`` is
+  the local objective on the current minibatch and its ``extra`` is (the solver's extra, h).
 
   Args:
     solver: a ``LocalSolver`` with a ``refresh``.
@@ -56,21 +56,16 @@ def streamed(solver: LocalSolver) -> LocalSolver:
 
   def start(params, loss, grad, state, bound):
     inner = solver.start(params, loss, grad, state, bound)
-    return LocalCarry(params=inner.params, loss=loss, state=inner.state,
-                      extra=(inner.extra, inner.loss, jnp.zeros((), jnp.int32)))
+    return inner._replace(extra=(inner.extra, jnp.zeros((), jnp.int32)))
 
   def step(value_and_grad, carry, anchor, bound, active):
-    extra, loss, h = carry.extra
+    extra, h = carry.extra
     on_h = functools.partial(value_and_grad, h)
-    inner = LocalCarry(params=carry.params, loss=loss, state=carry.state, extra=extra)
     inner = jax.lax.cond((h > 0) & active, lambda c: solver.refresh(c, *on_h(c.params)),
-                         lambda c: c, inner)
-    before = inner.loss
-    finite = jnp.isfinite(before)
+                         lambda c: c, carry._replace(extra=extra))
+    finite = jnp.isfinite(inner.loss)
     inner, done = solver.step(on_h, inner, anchor, bound, active & finite)
-    decrease = jnp.where(active, before - inner.loss, 0.0).astype(carry.loss.dtype)
-    new = LocalCarry(params=inner.params, loss=carry.loss - decrease, state=inner.state,
-                     extra=(inner.extra, inner.loss, h + 1))
+    new = inner._replace(extra=(inner.extra, h + 1))
     kept = keep_inactive(active, (new.loss, new.extra), (carry.loss, carry.extra))
     return new._replace(loss=kept[0], extra=kept[1]), done | ~finite
 

@@ -106,6 +106,10 @@ OPTIONS = {  # add a single option here; any "+" combination of them is then a v
     "adam-local": Variant("adam-local", local_solver="adam"),
     "mean": Variant("mean", {"combine": "mean"}),
     "adam-region": Variant("adam-region", local_solver="adam-region"),
+    "adam-tr": Variant("adam-tr", {"local_solver": "adam_tr"}),
+    "carry": Variant("carry", {"local_radius": "carry"}),
+    "per-param": Variant("per-param", {"radius_units": "per_parameter", "min_radius": 1e-6}),
+    "g0": Variant("g0", {"global_steps": 0}),
 }
 DEFAULT_VARIANTS = ("paper", "boundary", "split", "rms", "adam-local", "mean", "mean+adam-local",
                     "mean+adam-local+rms", "boundary+mean+adam-local")

@@ -36,13 +36,14 @@ import optax
 
 import aptsjax
 from aptsjax import data, parallel
+from aptsjax.optim.apts import exchanged_vectors
+from aptsjax.optim.config import APTSConfig, TrustRegionConfig, configure_apts
 from aptsjax.tools import comm
 from benchmarks.common import datasets, models
 
 BATCH_FRACTION = 6   # minibatch = 1/6 of the training rows (the paper: 10,000 of 60,000) ...
 BATCH_MULTIPLE = 12  # ... rounded down to a multiple of 12 so that N = 2, 4, 6 divide it
 OVERLAP = 0.05       # SAPTS: subdomain overlap and overlap between consecutive minibatches
-GLOBAL_STEPS = 1     # aptsjax.apts default
 Carry = tuple[Any, Any]
 
 
@@ -181,8 +182,11 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
     apts_options = {"param_blocks": method.param_blocks, "block_bound": method.block_bound,
                     **apts_options}
   trainer = parallel.apts_trainer(loss_fn, method.num_subdomains, overlap=overlap,
-                                  second_order=method.second_order, global_steps=GLOBAL_STEPS,
-                                  remainder="drop", **apts_options)
+                                  second_order=method.second_order, remainder="drop",
+                                  **apts_options)
+  settings = {k: v for k, v in apts_options.items()
+              if k == "base" or k in APTSConfig._fields or k in TrustRegionConfig._fields}
+  global_steps = configure_apts(**settings).steps_after(streaming=False)
   train = (ds.x_train, ds.y_train)
   full = None if method.minibatch else trainer.shard_batch(train)
 
@@ -198,7 +202,7 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
   def warmup() -> None:
     jax.block_until_ready(trainer.step(*init(0), sample()))
 
-  floats = 4.0 * nparams + 4.0
+  floats = float(exchanged_vectors(method.second_order, **settings)) * nparams + 4.0
   if trainer.mesh is not None:
     floats = float(hlo_floats(trainer.lower(*init(0), sample()).compile()))
 
@@ -217,7 +221,7 @@ def apts_runner(method: Method, module: Any, ds: datasets.Dataset, nparams: int,
     steps = stat("local_steps")                     # (iterations, N x J)
     local, radius = steps.max(axis=1), stat("radius")
     num_blocks = steps.shape[1] // method.num_subdomains
-    passes = float(np.sum(2 + GLOBAL_STEPS + num_blocks * local)) * rows
+    passes = float(np.sum(2 + global_steps + num_blocks * local)) * rows
     return (params, state), Work(len(metrics), passes, passes, floats * len(metrics), seconds,
                                  float(local.mean()), float(stat("apts_accepted").mean()),
                                  float(radius.mean()), float(radius[-1]))

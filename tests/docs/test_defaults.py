@@ -201,13 +201,17 @@ def test_defaults_page_matches_the_code():
                         + "\n".join(problems))
 
 
-def test_the_defaults_differ_from_the_paper_in_combine_and_local_solver():
-  """What the pages say in words (README, index, choosing, method): exactly two options."""
+def test_the_defaults_differ_from_the_paper_where_the_pages_say():
+  """What the pages say in words (README, index, choosing, method): the paper's region with the
+  floor 1e-6, the mean, adam_tr, the carried local radius, global steps and the consistency term
+  by batch kind, radii per parameter; no learning rate is read by default."""
   differ = [f for f in APTSConfig._fields if getattr(APTSConfig(), f) != getattr(
       APTSConfig.paper(), f)]
-  assert differ == ["combine", "local_solver"]
-  assert APTSConfig().trust_region == TrustRegionConfig.paper()
-  assert APTSConfig().local_solver == "adam" and APTSConfig().local_lr == 1e-3
+  assert differ == ["trust_region", "combine", "local_solver", "local_radius", "global_steps",
+                    "consistency", "radius_units"]
+  assert APTSConfig().resolve(False).consistency and not APTSConfig().resolve(True).consistency
+  assert APTSConfig().trust_region == TrustRegionConfig.paper()._replace(min_radius=1e-6)
+  assert APTSConfig().local_solver == "adam_tr" and APTSConfig().local_lr == 1e-3
 
 
 def _replace_in_row(text: str, field: str, old: str, new: str) -> str:

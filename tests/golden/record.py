@@ -100,7 +100,8 @@ TR_DEFAULTS = dict(init_radius=0.01, min_radius=1e-10, max_radius=4.0, eta_accep
 TR_PAPER = dict(TR_DEFAULTS, min_radius=1e-3, radius_growth="always")
 APTS_DEFAULTS = dict(init_radius=0.01, min_radius=1e-3, max_radius=4.0, eta_accept=0.0, eta1=0.25,
                      eta2=0.75, alpha=0.5, beta=2.0, radius_growth="always", norm="l2",
-                     local_radius="bound", combine="mean", local_solver="adam", local_lr=1e-3)
+                     local_radius="bound", combine="mean", local_solver="adam", local_lr=1e-3,
+                     radius_units="absolute")
 APTS_PAPER = dict(APTS_DEFAULTS, combine="sum", local_solver="trust_region")
 
 

@@ -94,7 +94,7 @@ def test_single_subdomain_matches_first_order_trust_region():
 def test_combined_step_within_global_radius(second_order):
   params, batch = problem()
   tx = aptsjax.apts(mlp_loss, num_subdomains=4, second_order=second_order, global_steps=0,
-                    init_radius=0.5)
+                    init_radius=0.5, radius_units="absolute")
   g = jax.grad(mlp_loss)(params, batch)
   updates, state = jax.jit(tx.update)(g, tx.init(params), params, batch=batch)
   if bool(state.apts_accepted):
@@ -115,10 +115,12 @@ def test_nonfinite_local_loss_is_contained():
   batch = (x, y, marker)
   tx = aptsjax.apts(loss, num_subdomains=4, second_order=False)
   g = jax.grad(loss)(params, batch)
-  updates, state = jax.jit(tx.update)(g, tx.init(params), params, batch=batch)
+  state = tx.init(params)
+  updates, new = jax.jit(tx.update)(g, state, params, batch=batch)
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
-  assert not bool(state.apts_accepted)       # the global trial loss is NaN: rejected
-  assert float(state.radius) < 0.01          # and the radius shrank
+  assert not bool(new.apts_accepted)         # the global trial loss is NaN: rejected
+  assert float(new.radius) < float(state.radius)   # and the radius shrank
+  state = new
   assert np.isfinite(float(state.value))
 
 

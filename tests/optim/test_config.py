@@ -25,7 +25,8 @@ from tests.problems import quadratic
 
 # The paper's options of APTS beyond the trust-region constants, spelled out.
 PAPER_OPTIONS = dict(combine="sum", local_solver="trust_region", local_lr=1e-3,
-                     local_radius="bound", local_steps=5, global_steps=1, block_bound="equal")
+                     local_radius="bound", local_steps=5, global_steps=1, block_bound="equal",
+                     consistency=True, radius_units="absolute", outer_momentum=0.0)
 
 # ----------------------------------------------------------------------------
 # The presets
@@ -47,8 +48,18 @@ def test_paper_presets_are_the_paper_tables():
   paper = APTSConfig.paper()
   assert paper == APTSConfig(trust_region=TrustRegionConfig.paper(), **PAPER_OPTIONS)
   assert paper.validate() is paper
-  # apts's default: the paper's region, the mean of the local steps and local Adam.
-  assert APTSConfig() == paper._replace(combine="mean", local_solver="adam")
+  # apts's default: the paper's region with a per-parameter floor of 1e-6, radii per parameter,
+  # the mean of the local steps, Adam's direction at the local radius kept across updates, and
+  # the global steps chosen by the batch (1 on a plain batch, 0 on a stream).
+  assert APTSConfig() == paper._replace(
+      trust_region=TrustRegionConfig.paper()._replace(min_radius=1e-6), combine="mean",
+      local_solver="adam_tr", local_radius="carry", global_steps=None, consistency=None,
+      radius_units="per_parameter")
+  plain, stream = APTSConfig().resolve(False), APTSConfig().resolve(True)
+  assert (plain.global_steps, plain.consistency, stream.global_steps, stream.consistency) == (
+      1, True, 0, False)
+  assert (APTSConfig().steps_after(False), APTSConfig().steps_after(True)) == (1, 0)
+  assert (paper.steps_after(False), paper.steps_after(True)) == (1, 1)
 
 
 def test_configure_accepts_the_options_and_keeps_the_rest():
@@ -183,7 +194,7 @@ def test_base_sets_radius_ceiling_and_norm_of_both_methods():
   assert float(state.actual_reduction) > 0.75 * float(state.predicted_reduction)
   assert float(state.radius) == pytest.approx(0.05)
   params, batch = problem()
-  base = APTSConfig(trust_region=region)
+  base = APTSConfig(trust_region=region, radius_units="absolute")
   tx = aptsjax.apts(mlp_loss, num_subdomains=2, local_steps=1, second_order=False, base=base)
   state = tx.init(params)
   assert float(state.radius) == pytest.approx(0.05) and state.scaling is not None
@@ -199,7 +210,8 @@ def test_apts_paper_preset_is_bitwise_the_options_spelled_out():
   spelled-out options beat a base that says otherwise."""
   params, batch = problem()
   paper = dict(radius_growth="always", min_radius=1e-3, norm="l2", local_radius="bound",
-               combine="sum", local_solver="trust_region")
+               combine="sum", local_solver="trust_region", global_steps=1,
+               radius_units="absolute")
   other = APTSConfig(trust_region=TrustRegionConfig(radius_growth="boundary", norm="rms"),
                      local_radius="split")
   kw = dict(num_subdomains=2, local_steps=3, init_radius=0.1, second_order=False)

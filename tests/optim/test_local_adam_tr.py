@@ -62,7 +62,7 @@ def test_steps_match_the_numpy_oracle(x64, radius):
 
 def test_apts_with_adam_tr_trains_without_a_learning_rate():
   params, batch = problem()
-  tx = aptsjax.apts(mlp_loss, 4, local_solver="adam_tr")
+  tx = aptsjax.apts(mlp_loss, 4, local_solver="adam_tr", local_radius="split")
   state = tx.init(params)
   step = jax.jit(lambda p, s: tx.update(None, s, p, batch=batch))
   first = float(mlp_loss(params, batch))
