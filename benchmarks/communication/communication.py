@@ -268,6 +268,23 @@ def target_table(rows: list[Row]) -> tuple[list[Row], float, Row]:
   return out, target, ref
 
 
+def allreduce_seconds(calls: int, floats: float, devices: int, gbps: float,
+                      alpha_s: float = ALPHA_S) -> float:
+  """Ring all-reduce time of one iteration: ``calls`` x alpha + 2 (N-1)/N x bytes / bandwidth.
+
+  Args:
+    calls: all-reduce calls per iteration (each pays the latency alpha).
+    floats: float32 elements all-reduced per iteration, over all calls.
+    devices: N, the devices in the ring.
+    gbps: the link bandwidth in Gb/s.
+    alpha_s: the latency per call in seconds.
+
+  Returns:
+    Seconds per iteration.
+  """
+  return calls * alpha_s + 2 * (devices - 1) / devices * 4 * floats / (gbps * 1e9 / 8)
+
+
 def model_table(hlo: list[Row], targets: list[Row], adam_run: str) -> list[Row]:
   """Ring all-reduce time per epoch: sum over calls of alpha + 2 (N-1)/N bytes / B.
 
@@ -279,9 +296,7 @@ def model_table(hlo: list[Row], targets: list[Row], adam_run: str) -> list[Row]:
     if h["method"] == "sgd":
       continue
     calls, floats, n_dev = h["calls_per_iter"], h["floats_per_iter"], h["N"]
-    comm_s = {g: h["iters_per_epoch"] * (calls * ALPHA_S
-                                         + 2 * (n_dev - 1) / n_dev * 4 * floats / (g * 1e9 / 8))
-              for g in GBPS}
+    comm_s = {g: h["iters_per_epoch"] * allreduce_seconds(calls, floats, n_dev, g) for g in GBPS}
     run = f"{h['method']} N={n_dev}" if h["method"].startswith("apts") else adam_run
     cpu = next((t["epoch_s"] for t in targets if t["run"] == run and h["model"] == "mnist"), None)
     row = {"model": h["model"], "method": h["method"], "N": n_dev,
