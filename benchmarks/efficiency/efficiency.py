@@ -41,7 +41,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 
@@ -123,7 +123,7 @@ def configs(ctx: Context, name: str, minibatches: int) -> list[Row]:
   if name == DILOCO:
     grid = itertools.product(ctx.grids.inner_lrs, periods, ctx.grids.outer_lrs)
     return [{"inner_lr": i, "H": h, "outer_lr": o} for i, h, o in grid]
-  return [{"H": h} for h in methods.apts_periods(periods)]
+  return [{"H": h} for h in periods]
 
 
 def run(ctx: Context, name: str, config: Row, workers: int, split: train.Split,
@@ -257,10 +257,10 @@ def planned(args: argparse.Namespace) -> float:
   """The overall bar's total: the runs' weights (selection and test runs)."""
   grid = FULL if not args.quick else QUICK
   tuning = (len(grid.ddp_lrs) * WORK[DDP_ADAM] + len(grid.inner_lrs) * len(grid.periods)
-            * len(grid.outer_lrs) * WORK[DILOCO] + len(methods.apts_periods(grid.periods))
+            * len(grid.outer_lrs) * WORK[DILOCO] + len(grid.periods)
             * WORK[APTS])
   testing = len(args.workers) * len(args.seeds) * (
-      WORK[DDP_ADAM] + WORK[DILOCO] + len(methods.apts_periods(grid.periods)) * WORK[APTS])
+      WORK[DDP_ADAM] + WORK[DILOCO] + len(grid.periods) * WORK[APTS])
   return args.epochs * (tuning * (1 if args.tune_once else len(args.workers)) + testing)
 
 
@@ -275,8 +275,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     task = tasks.first_rows(task, QUICK_ROWS)
   log(f"efficiency: {task.name}, {task.rows(task.train)} training rows ({task.num_val} "
       f"validate), W={args.workers}, seeds {args.seeds}, {args.epochs} epochs, B={args.batch}, "
-      f"{len(jax.devices())} {jax.devices()[0].platform} devices, jax {jax.__version__}, "
-      f"APTS {'with' if methods.has_stream() else 'WITHOUT'} aptsjax.data.stream")
+      f"{len(jax.devices())} {jax.devices()[0].platform} devices, jax {jax.__version__}")
   start = time.perf_counter()
   ctx = Context(task, args.batch, args.epochs, QUICK if args.quick else FULL,
                 Progress(planned(args)), {})

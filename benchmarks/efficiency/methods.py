@@ -11,8 +11,7 @@ exchanges, then the exchange:
   the workers), then delta = theta - mean_i theta_i (the all-reduce) and the outer Nesterov SGD
   step theta <- theta - outer_lr nesterov(delta).
 * APTS: one update of ``aptsjax.apts(task.loss_fn, num_subdomains=W)`` with the library's
-  defaults on the H minibatches (``aptsjax.data.stream``), subdomain i = worker i; where
-  ``aptsjax.data.stream`` does not exist yet, on one minibatch (H = 1).
+  defaults on the H minibatches (``aptsjax.data.stream``), subdomain i = worker i.
 
 The inner pieces (``adam_step``, ``inner_round``, ``outer_step``) are shared with the programs
 that the communication is read off (``benchmarks.efficiency.programs``).
@@ -20,7 +19,6 @@ that the communication is read off (``benchmarks.efficiency.programs``).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -77,28 +75,6 @@ def no_diagnostics(state: Any) -> Row:
   return {}
 
 
-@functools.cache
-def has_stream() -> bool:
-  """Whether this aptsjax takes a stream of minibatches per APTS update: ``aptsjax.data.stream``
-  exists and an APTS update of a tiny least-squares problem on a stream of two minibatches traces
-  (``jax.eval_shape``, nothing runs)."""
-  if not hasattr(aptsjax.data, "stream"):
-    return False
-  loss = lambda p, b: jnp.mean((b[0] @ p - b[1]) ** 2)
-  tx, params = aptsjax.apts(loss, num_subdomains=2), jnp.zeros(3)
-  batch = aptsjax.data.stream([(np.ones((4, 3), np.float32), np.ones(4, np.float32))] * 2)
-  try:
-    jax.eval_shape(lambda: tx.update(None, tx.init(params), params, batch=batch))
-  except Exception:  # pylint: disable=broad-exception-caught  (any failure: no stream support)
-    return False
-  return True
-
-
-def apts_periods(grid: tuple[int, ...]) -> tuple[int, ...]:
-  """The exchange periods APTS can run here: ``grid``, or (1,) without ``aptsjax.data.stream``."""
-  return tuple(grid) if has_stream() else (1,)
-
-
 def adam_step(tx: optax.GradientTransformation, params: PyTree, opt: Any, grads: PyTree
               ) -> tuple[PyTree, Any]:
   """One optimizer step: ``(params, opt_state)`` after applying ``grads``."""
@@ -117,7 +93,7 @@ def ddp_adam(task: Task, workers: int, lr: float) -> Method:
   Returns:
     The Method (H = 1).
   """
-  tx = optax.adam(lr)
+  tx = optax.adamw(lr, weight_decay=task.weight_decay)
 
   def exchange(state: tuple[PyTree, Any], minibatches: Batch) -> tuple[PyTree, Any]:
     params, opt = state
@@ -156,10 +132,10 @@ def outer_step(outer: optax.GradientTransformation, theta: PyTree, outer_opt: An
   return adam_step(outer, theta, outer_opt, delta)
 
 
-def diloco_optimizers(inner_lr: float, outer_lr: float
+def diloco_optimizers(inner_lr: float, outer_lr: float, weight_decay: float = 0.0
                       ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-  """(inner Adam, outer Nesterov SGD with momentum 0.9)."""
-  return (optax.adam(inner_lr),
+  """(inner AdamW with the task's weight decay, 0: Adam; outer Nesterov SGD, momentum 0.9)."""
+  return (optax.adamw(inner_lr, weight_decay=weight_decay),
           optax.sgd(outer_lr, momentum=NESTEROV_MOMENTUM, nesterov=True))
 
 
@@ -176,7 +152,7 @@ def diloco(task: Task, workers: int, inner_lr: float, period: int, outer_lr: flo
   Returns:
     The Method; its state is (theta, outer state, inner states with a leading axis W).
   """
-  inner, outer = diloco_optimizers(inner_lr, outer_lr)
+  inner, outer = diloco_optimizers(inner_lr, outer_lr, task.weight_decay)
 
   def init(params: PyTree) -> tuple[PyTree, Any, Any]:
     inner_opt = jax.vmap(lambda _: inner.init(params))(jnp.arange(workers))
@@ -197,15 +173,10 @@ def diloco(task: Task, workers: int, inner_lr: float, period: int, outer_lr: flo
 
 
 def apts_batch(minibatches: Batch) -> Batch:
-  """APTS's batch of H global minibatches: ``aptsjax.data.stream`` of them, or the first
-  minibatch alone where the stream does not exist (then H must be 1)."""
+  """APTS's batch of H global minibatches (leaves (H, B, ...)): ``aptsjax.data.stream`` of them."""
   count = np.shape(jax.tree.leaves(minibatches)[0])[0]
-  parts = [jax.tree.map(lambda x, h=h: x[h], minibatches) for h in range(count)]
-  if has_stream():
-    return aptsjax.data.stream(parts)
-  if count != 1:
-    raise ValueError(f"aptsjax.data.stream does not exist here: APTS takes H=1, not {count}")
-  return parts[0]
+  return aptsjax.data.stream([jax.tree.map(lambda x, h=h: x[h], minibatches)
+                              for h in range(count)])
 
 
 def apts_diagnostics(state: tuple[PyTree, aptsjax.APTSState]) -> Row:
@@ -221,7 +192,7 @@ def apts(task: Task, workers: int, period: int) -> Method:
   Args:
     task: the task.
     workers: W, the number of subdomains.
-    period: H, global minibatches per update (1 without ``aptsjax.data.stream``).
+    period: H, global minibatches per update.
 
   Returns:
     The Method; its state is (params, APTSState).

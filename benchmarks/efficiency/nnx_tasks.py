@@ -58,6 +58,7 @@ Batch = tuple[jax.Array, jax.Array]
 Params = dict[str, Any]
 ModelMetric = Callable[[nnx.Module, Batch], jax.Array]
 
+ADAMW_DECAY = 1e-4   # optax.adamw's default weight decay, for the AdamW baselines
 CNN_NUM_VAL = datasets.MNIST5K_NUM_VAL
 CONTEXT = 64
 MAX_CHARS = 200_000
@@ -148,7 +149,7 @@ def mnist_cnn(seed: int = 0) -> Task:
   ds = datasets.load_mnist5k(seed=seed)
   init, loss_fn, metric_fn = nnx_functions(MnistCNN, cross_entropy, accuracy)
   return Task("mnist_cnn", init, loss_fn, metric_fn, "accuracy", True,
-              (ds.x_train, ds.y_train), (ds.x_test, ds.y_test), CNN_NUM_VAL)
+              (ds.x_train, ds.y_train), (ds.x_test, ds.y_test), CNN_NUM_VAL, ADAMW_DECAY)
 
 
 # The text.
@@ -299,7 +300,8 @@ def char_transformer(metric: str = "loss", seed: int = 0, context: int = CONTEXT
   init, loss_fn, metric_fn = nnx_functions(
       make, cross_entropy, cross_entropy if metric == "loss" else accuracy)
   return Task("char_transformer", init, loss_fn, metric_fn, metric, metric == "accuracy",
-              next_char_rows(train), next_char_rows(test), int(len(train) * VAL_FRACTION))
+              next_char_rows(train), next_char_rows(test), int(len(train) * VAL_FRACTION),
+              ADAMW_DECAY)
 
 
 # Measurement (python -m benchmarks.efficiency.nnx_tasks).

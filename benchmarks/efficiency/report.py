@@ -12,11 +12,9 @@ measured W not above the modelled one: only the ring factor 2 (W - 1) / W change
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from benchmarks.common.output import Row, log, markdown_table, write_csv
 from benchmarks.common.style import plot_method

@@ -30,6 +30,7 @@ class Task(NamedTuple):
     train: the training rows (the last ``num_val`` of them are the validation split).
     test: the test rows.
     num_val: rows at the end of ``train`` held out for selection.
+    weight_decay: the decoupled weight decay of the Adam baselines (AdamW; 0: Adam).
   """
   name: str
   init: Callable[[int], PyTree]
@@ -40,6 +41,7 @@ class Task(NamedTuple):
   train: Batch
   test: Batch
   num_val: int
+  weight_decay: float = 0.0
 
   def rows(self, batch: Batch) -> int:
     """The number of rows of a batch."""
