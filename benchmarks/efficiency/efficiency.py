@@ -26,7 +26,8 @@ all-reduce (``benchmarks.communication.communication.allreduce_seconds``) it giv
 time to target for 8 and 64 workers at 10 and 100 Gb/s (``benchmarks.efficiency.report``).
 
 Run from the repository root: ``python -m benchmarks.efficiency [--quick] [--out DIR]
-[--task mnist_mlp] [--workers 2 4 8] [--seeds 0 1 2] [--epochs 30] [--batch 1000] [--tune-once]``
+[--task mnist_mlp] [--workers 2 4 8] [--seeds 0 1 2] [--epochs 30] [--batch 1000] [--tune-once]
+[--grid full|small]``
 (8 simulated host devices unless ``XLA_FLAGS`` sets a count). ``--quick``: 2,000 training rows,
 200-row minibatches, 3 epochs, W = 2, seed 0, tiny grids. On a 2-core CPU (mnist_mlp, compilation
 included): ``--quick`` 40-50 s; the full run 22 min (selection at every W; ``--tune-once`` 11 min);
@@ -68,6 +69,8 @@ class Grids(NamedTuple):
 
 FULL = Grids((1e-4, 3e-4, 1e-3, 3e-3, 1e-2), (1e-3, 3e-3, 1e-2), (5, 10, 20, 40), (0.3, 0.7, 1.0))
 QUICK = Grids((1e-3, 3e-3), (1e-3, 3e-3), (2, 5), (0.7,))
+SMALL = Grids((1e-3, 3e-3, 1e-2), (3e-3, 1e-2), (5, 10), (0.7,))  # --grid small: larger models
+GRIDS = {"full": FULL, "small": SMALL}
 
 
 class Context(NamedTuple):
@@ -92,6 +95,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--batch", type=int, help="global minibatch rows B (default 1000; quick 200)")
   parser.add_argument("--tune-once", action="store_true",
                       help="select the settings at the first W only and reuse them at the others")
+  parser.add_argument("--grid", choices=tuple(GRIDS), default="full",
+                      help="the selection grids: full, or small (3 DDP-Adam rates, 2 inner rates x "
+                      "H in {5, 10} x outer rate 0.7 for DiLoCo) for the larger models")
   args = parser.parse_args(argv)
   defaults = ((2,), (0,), 3, 200) if args.quick else ((2, 4, 8), (0, 1, 2), 30, 1000)
   for key, value in zip(("workers", "seeds", "epochs", "batch"), defaults):
@@ -255,7 +261,7 @@ def stream_notes(ctx: Context, workers: Sequence[int]) -> list[str]:
 
 def planned(args: argparse.Namespace) -> float:
   """The overall bar's total: the runs' weights (selection and test runs)."""
-  grid = FULL if not args.quick else QUICK
+  grid = QUICK if args.quick else GRIDS[args.grid]
   tuning = (len(grid.ddp_lrs) * WORK[DDP_ADAM] + len(grid.inner_lrs) * len(grid.periods)
             * len(grid.outer_lrs) * WORK[DILOCO] + len(grid.periods)
             * WORK[APTS])
@@ -277,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
       f"validate), W={args.workers}, seeds {args.seeds}, {args.epochs} epochs, B={args.batch}, "
       f"{len(jax.devices())} {jax.devices()[0].platform} devices, jax {jax.__version__}")
   start = time.perf_counter()
-  ctx = Context(task, args.batch, args.epochs, QUICK if args.quick else FULL,
+  ctx = Context(task, args.batch, args.epochs, QUICK if args.quick else GRIDS[args.grid],
                 Progress(planned(args)), {})
   chosen, grid_rows, val_rows = tune_all(ctx, args.workers, args.tune_once)
   test_rows, targets = test_runs(ctx, chosen, args.seeds)
