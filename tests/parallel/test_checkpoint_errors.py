@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow   # saves and restores on disk (orbax): about 10 s
 def trainer(num_subdomains=2, memory=3, second_order=True):
   return parallel.apts_trainer(worker.mlp_loss, num_subdomains, num_devices=2,
                                second_order=second_order, memory=memory,
-                               local_solver="trust_region", remainder="drop")
+                               local_solver="trust_region", local_radius="bound", remainder="drop")
 
 
 def tree(t, hidden=8):
