@@ -214,3 +214,22 @@ def test_reusing_state_grad_on_the_same_batch_is_the_same_update(x64):
     runs.append(np.stack(out))
   np.testing.assert_allclose(runs[1], runs[0], rtol=1e-12, atol=1e-14)
   assert aptsjax.optim.apts.exchanged_vectors(global_steps=0) == 3
+
+
+def test_two_devices_match_one_on_a_stream(x64):
+  """The trainer on 2 devices (shard_map, the stream's rows sharded) takes the updates of
+  apts on one device (float64; the sums over subdomains only change order)."""
+  xs, ys = data()
+  runs = []
+  for devices in (1, 2):
+    trainer = aptsjax.parallel.apts_trainer(loss_fn, N, num_devices=devices,
+                                            outer_momentum=0.5)
+    params = jnp.asarray([0.5, -0.2, 0.1, 0.3])
+    state = trainer.init(params)
+    out = []
+    for k in range(3):
+      xk, yk = data(k)
+      params, state = trainer.step(params, state, trainer.shard_batch(stream_of(xk, yk)))
+      out.append(np.asarray(params))
+    runs.append(np.stack(out))
+  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-12, atol=1e-14)
