@@ -186,7 +186,7 @@ def test_selection_prefers_fewest_exchanges_then_best_metric():
 
 # (4) The quick mode, end to end (slow).
 
-QUICK = quick_job("efficiency.efficiency", "--quick")
+QUICK = quick_job("efficiency.efficiency", "--quick", "--epochs", "2")
 
 
 @pytest.mark.slow
