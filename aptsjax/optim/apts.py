@@ -162,6 +162,18 @@ def _check_state(state: "APTSState", n_local: int, count: int) -> None:
                      "or aptsjax.parallel.pmap_state (pmap).")
 
 
+def _reads(cfg: APTSConfig, second_order: bool, streaming: bool) -> tuple[bool, bool]:
+  """(the trial point's gradient, g^k): which gradients an update must all-reduce besides s~.
+
+  The trial gradient is read by the global steps, the global L-SR1 pair and, on a plain batch,
+  the next update on the same batch (``state.grad``); g^k by those, the consistency term and the
+  RMS scaling. With a ``Stream`` the next update has other data. ``cfg`` is resolved
+  (``APTSConfig.resolve``).
+  """
+  trial = not streaming or second_order or cfg.global_steps > 0
+  return trial, trial or cfg.consistency or cfg.trust_region.norm == "rms"
+
+
 class _Method(NamedTuple):
   """What ``apts`` fixed at construction: the options and the per-problem shares."""
   cfg: APTSConfig
@@ -181,20 +193,8 @@ class _Method(NamedTuple):
     table multiplied by sqrt(n) (Euclidean lengths from then on); else itself."""
     if self.cfg.radius_units == "absolute":
       return self
-    n = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(params))
-    region = self.cfg.trust_region.scaled(1.0 / float(np.sqrt(n)))
+    region = self.cfg.trust_region.scaled(1.0 / float(np.sqrt(optax.tree.size(params))))
     return self._replace(cfg=self.cfg._replace(trust_region=region))
-
-  def reads(self, streaming: bool) -> tuple[bool, bool]:
-    """(the trial point's gradient, g^k): which gradients an update must all-reduce besides s~.
-
-    The trial gradient is read by the global steps, the global L-SR1 pair and, on a plain
-    batch, the next update on the same batch (``state.grad``); g^k by those, the consistency
-    term and the RMS scaling. With a ``Stream`` the next update has other data.
-    """
-    cfg = self.cfg
-    trial = not streaming or self.second_order or cfg.global_steps > 0
-    return trial, trial or cfg.consistency or cfg.trust_region.norm == "rms"
 
   def solver(self, share: float) -> local.LocalSolver:
     return local_solvers.solver_for(self.cfg, share, self.second_order, self.memory)
@@ -238,7 +238,7 @@ def _update(method: _Method, sub: stages.Subdomains, grads: PyTree | None, state
             params: PyTree, n_local: int) -> tuple[PyTree, APTSState]:
   """One APTS iteration: the stages in order, then the guarded commit."""
   cfg = method.cfg
-  trial_grad, global_grad = method.reads(sub.stream is not None)
+  trial_grad, global_grad = _reads(cfg, method.second_order, sub.stream is not None)
   ev = stages.evaluate(sub, params, grads, form_grad=global_grad)
   begin = guard.start(ev.value, ev.grad, params, state.scaling, cfg.trust_region)
   if ev.finite is not None:
@@ -293,11 +293,8 @@ def exchanged_vectors(second_order: bool = False, streaming: bool = False,
   Returns:
     The number of all-reduces of n floats (n parameters) per update.
   """
-  cfg = configure_apts(base, **options)
-  cfg = cfg.resolve(streaming)
-  method = _Method(cfg=cfg, second_order=second_order, memory=1, param_blocks=None,
-                   local_share=1, weight=1.0)
-  trial, global_grad = method.reads(streaming)
+  cfg = configure_apts(base, **options).resolve(streaming)
+  trial, global_grad = _reads(cfg, second_order, streaming)
   return int(global_grad) + 1 + int(trial) + cfg.global_steps
 
 

@@ -98,6 +98,10 @@ class Subdomains(NamedTuple):
     x = tree_lib.sum_leading(x)
     return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
 
+  def mean_loss(self, losses: jax.Array) -> jax.Array:
+    """f, the mean over all N subdomains of their losses (a scalar all-reduce)."""
+    return (self.total(losses) / self.num_subdomains).astype(self.dtype)
+
   def mean(self, tree: PyTree) -> PyTree:
     """The mean over all N subdomains of per-subdomain leaves."""
     return jax.tree.map(lambda g: self.total(g) / self.num_subdomains, tree)
@@ -119,14 +123,14 @@ class Subdomains(NamedTuple):
       value = self.loss_fn(to_varying(params, self.axis_name), blk)
       return objective.split(value, self.has_aux)
     losses, aux = jax.vmap(one)(self.blocks)
-    value = (self.total(losses) / self.num_subdomains).astype(self.dtype)
+    value = self.mean_loss(losses)
     return (value, aux) if self.has_aux else value
 
   def global_value_and_grad(self, params: PyTree) -> tuple[Any, PyTree]:
     """f and its gradient at ``params``: the means of the subdomain ones (one all-reduce);
     with ``has_aux`` the value is ``(f, aux per subdomain)``."""
     losses, aux, grads = self.block_value_and_grad(params)
-    value = (self.total(losses) / self.num_subdomains).astype(self.dtype)
+    value = self.mean_loss(losses)
     return ((value, aux) if self.has_aux else value), self.mean(grads)
 
 
@@ -153,7 +157,7 @@ def evaluate(sub: Subdomains, params: PyTree, grads: PyTree | None,
   it is left at zeros and only the finiteness of the g_i is all-reduced.
   """
   losses, aux, block_grads = sub.block_value_and_grad(params)
-  value = (sub.total(losses) / sub.num_subdomains).astype(sub.dtype)
+  value = sub.mean_loss(losses)
   if grads is not None or form_grad:
     grad = sub.mean(block_grads) if grads is None else grads
     return Evaluation(losses=losses, block_grads=block_grads, value=value, grad=grad, aux=aux)
