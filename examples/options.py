@@ -5,7 +5,7 @@ Every constructor takes ``base=`` (a config: ``aptsjax.APTSConfig()``, the defau
 ``aptsjax.trust_region``) and keyword overrides of its fields. This
 script trains SAPTS (N = 4, 5% overlap) with the defaults, the paper's method, the scaled trust
 region, local trust region in place of the default local steps (Adam's direction at the local
-trust region's length), and local SGD with momentum as the local solver, then the paper's plain
+trust region's length), and an optax transformation as the local solver, then the paper's plain
 trust region, and prints each test loss.
 
 The problem: the 2-16-2 MLP and circle data of the other examples (``circle.py``).
@@ -15,11 +15,10 @@ Run from the repository root::
     python examples/options.py             # 3 epochs of 8,192 points, minibatches of 660
     python examples/options.py --quick     # 3 epochs of 1,024 points, minibatches of 129
 
-None of these has a learning rate except local SGD, which brings its own (1e-2, not tuned): an
-optax local solver's steps are projected into the local region, so the region bounds them, but
-their length below the bound is the optimizer's. On this 66-parameter network trained for a few
-dozen updates the defaults, the paper's method and local trust region end close together, and
-local SGD is the slowest.
+None of these has a learning rate. The optax local solver here is Adam's direction without a
+rate (``optax.scale_by_adam()`` then a sign flip); APTS projects every local point onto the local
+region, so the region, not a rate, bounds its steps (an optax optimizer with a rate, such as
+``optax.sgd(1e-2)``, works the same way, its steps below the bound then the rate's).
 """
 from __future__ import annotations
 
@@ -63,9 +62,11 @@ def main(argv: list[str] | None = None) -> None:
                                                              norm="rms"),
       "local trust region": aptsjax.parallel.apts_trainer(loss_fn, 4, overlap=0.05,
                                                           local_solver="trust_region"),
-      "local SGD, momentum": aptsjax.parallel.apts_trainer(
+      # Any optax transformation: Adam's direction unscaled (about one per coordinate), each
+      # local point projected onto the local region, so the region sets the step length.
+      "optax: Adam's direction at the bound": aptsjax.parallel.apts_trainer(
           loss_fn, 4, overlap=0.05,
-          local_solver=optax.sgd(1e-2, momentum=0.9)),
+          local_solver=optax.chain(optax.scale_by_adam(), optax.scale(-1.0))),
   }
   paper_tr = aptsjax.trust_region(loss_fn, base=aptsjax.TrustRegionConfig.paper())
   # --8<-- [end:options]
